@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Creates .venv with everything loraplex needs, on a machine with or without a GPU.
+#   - torch: the CPU build where no NVIDIA GPU is present (never the multi-GB CUDA wheels),
+#     a CUDA build where one is.
+#   - llama-cpp-python compiles from source (~10 min on 2 cores); the wheel is built once
+#     into $LORAPLEX_WHEEL_CACHE (default ~/.cache/loraplex/wheels) and reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${LORAPLEX_TORCH_VERSION:-2.13.0}
+LLAMA_VERSION=0.3.36
+WHEELS=${LORAPLEX_WHEEL_CACHE:-$HOME/.cache/loraplex/wheels}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+if [ ! -x .venv/bin/python ]; then
+  step "creating .venv"
+  "$PYTHON" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+PIP=(.venv/bin/python -m pip install -q)
+
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  index=()
+  [ -n "${LORAPLEX_TORCH_INDEX:-}" ] && index=(--index-url "$LORAPLEX_TORCH_INDEX")
+  if has_gpu; then
+    step "installing torch $TORCH_VERSION (CUDA build: an NVIDIA GPU is present)"
+  else
+    step "installing torch $TORCH_VERSION (CPU build: no GPU found)"
+    # Elsewhere than this project's machines, point LORAPLEX_TORCH_INDEX at
+    # https://download.pytorch.org/whl/cpu to get the CPU wheel.
+  fi
+  "${PIP[@]}" "${index[@]}" "torch==$TORCH_VERSION"
+fi
+
+mkdir -p "$WHEELS"
+if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+  step "building llama-cpp-python $LLAMA_VERSION from source (about 10 minutes, once)"
+  cmake_args=${CMAKE_ARGS:-}
+  has_gpu && cmake_args="${cmake_args} -DGGML_CUDA=on"
+  CMAKE_ARGS="$cmake_args" .venv/bin/python -m pip wheel -q --no-deps \
+    "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+fi
+
+step "installing loraplex and its dependencies"
+"${PIP[@]}" --find-links "$WHEELS" -e ".[gguf,bench,dev]"
+
+if ! has_gpu && .venv/bin/python -m pip list 2>/dev/null | grep -q '^nvidia-'; then
+  echo "warning: CUDA packages were installed on a machine without a GPU" >&2
+fi
+step "setup done: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')"

@@ -1,0 +1,110 @@
+"""The `loraplex` command: one subcommand per user task, each driven by its typed config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
+from loraplex.server.errors import LoraplexError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _model_prepare(args: argparse.Namespace) -> int:
+    from loraplex.server import models
+
+    config = config_from_args(ModelConfig, args)
+    source = models.resolve(config.model, config.cache_dir)
+    print(f"model {source.spec}: {source.format} at {source.path}", file=sys.stderr)
+    checkpoint = models.hf_checkpoint(source, config.cache_dir)
+    print(f"transformers checkpoint ready at {checkpoint}", file=sys.stderr)
+    return 0
+
+
+def _model_info(args: argparse.Namespace) -> int:
+    from loraplex.server import models
+
+    config = config_from_args(ModelConfig, args)
+    print(json.dumps(models.describe(config.model, config.cache_dir), indent=2))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from loraplex.server import models
+
+    config = config_from_args(ModelConfig, args)
+    source = models.resolve(config.model, config.cache_dir)
+    models.hf_checkpoint(source, config.cache_dir)
+    print(
+        f"model {source.spec} is prepared at {source.path}; the gRPC server is not built yet, "
+        "so `serve` stops here",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _not_built(name: str) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        print(
+            f"loraplex {name}: this command is not available in this version yet", file=sys.stderr
+        )
+        return 2
+
+    return run
+
+
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    model = commands.add_parser("model", help="prepare or describe a base model")
+    actions = model.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prepare = actions.add_parser(
+        "prepare",
+        help="assemble/download the base model and convert it for the hf backend",
+        description="Assemble, download or check the base model, then convert a GGUF file into "
+        "a transformers checkpoint in the cache. Later runs reuse the result.",
+    )
+    add_config_arguments(prepare, ModelConfig, positional="model")
+    prepare.set_defaults(run=_model_prepare)
+    info = actions.add_parser("info", help="print what a model spec resolves to, as JSON")
+    add_config_arguments(info, ModelConfig, positional="model")
+    info.set_defaults(run=_model_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraplex",
+        description="Multi-adapter LLM inference server: one quantized base model, many "
+        "LoRA/VeRA adapters per batch, hot-swapped over gRPC.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", help="run the gRPC server on a base model")
+    add_config_arguments(serve, ModelConfig)
+    serve.set_defaults(run=_serve)
+    _add_model_commands(commands)
+    for name, text in [
+        ("train-adapter", "train a LoRA/VeRA adapter with QLoRA SFT or DPO"),
+        ("generate", "generate text through a running server"),
+        ("adapters", "list, load, unload or pin adapters on a running server"),
+        ("bench", "run load benchmarks against a server"),
+    ]:
+        commands.add_parser(name, help=text).set_defaults(run=_not_built(name))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.run(args)
+    except (LoraplexError, ConfigError, FileNotFoundError) as err:
+        print(f"loraplex: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loraplex: interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

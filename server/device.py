@@ -1,0 +1,27 @@
+"""Run-time choice of the torch device: CUDA when present, else the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """Return `requested` (or $LORAPLEX_DEVICE) if given, else the best device present."""
+    name = requested or os.environ.get("LORAPLEX_DEVICE") or ""
+    if name and name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {name!r} was requested but CUDA is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively, fp32 elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

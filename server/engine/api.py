@@ -1,0 +1,116 @@
+"""The plain-data contract between the scheduler (which decides) and a backend (which executes).
+
+The scheduler hands the engine a `StepPlan` each step; the engine runs it and returns one
+`TokenEvent` per sequence that produced a token or finished. Nothing here imports torch or gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from loraplex.server.errors import InvalidRequest
+
+MAX_NEW_TOKENS_LIMIT = 1 << 16
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop sequence matched
+    EOS = "eos"  # the model emitted an end-of-sequence token
+    CONTEXT = "context"  # the context window is full
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+
+    def validate(self, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> None:
+        """Raise InvalidRequest naming the first field with a value that cannot be served."""
+        if not 1 <= self.max_new_tokens <= max_new_tokens_limit:
+            raise InvalidRequest(
+                "max_new_tokens",
+                f"must be between 1 and {max_new_tokens_limit}, got {self.max_new_tokens}",
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(
+                "temperature", f"must be a finite number >= 0, got {self.temperature}"
+            )
+        if self.top_k < 0:
+            raise InvalidRequest("top_k", f"must be >= 0 (0 disables it), got {self.top_k}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidRequest("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequest(
+                "repetition_penalty", f"must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop", "stop sequences must not be empty strings")
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """The adapter a sequence runs with, pinned to the version it started with."""
+
+    adapter_id: str
+    version: int
+    scale: float = 1.0
+
+
+@dataclass
+class SequenceRequest:
+    """A new sequence for the engine to prefill."""
+
+    seq_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    adapter: AdapterRef | None = None  # None: the base model
+
+
+@dataclass
+class StepPlan:
+    """What the engine runs in one step: new prefills, decodes of running ones, and frees."""
+
+    prefill: list[SequenceRequest] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    release: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    """One step's result for one sequence."""
+
+    seq_id: str
+    token_id: int | None  # None when the sequence ended without a new token
+    text: str = ""  # newly decoded text (may be empty while a UTF-8 character is incomplete)
+    logprob: float | None = None
+    finish: FinishReason | None = None
+
+
+class Engine(Protocol):
+    """What every backend offers the scheduler."""
+
+    max_context: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def step(self, plan: StepPlan) -> list[TokenEvent]: ...
+
+    def release(self, seq_id: str) -> None: ...
+
+    def running(self) -> list[str]: ...

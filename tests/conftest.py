@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny checkpoints built once per test session, and an isolated cache."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import save_tiny_checkpoint
+
+TINY_FAMILIES = ("gemma3", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Directories holding a tiny random Gemma-3-style and Llama-style model with a tokenizer."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: save_tiny_checkpoint(family, root / family) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_checkpoint(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]) -> Path:
+    return tiny_checkpoints[request.param]
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private, empty loraplex cache so tests never touch the user's."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LORAPLEX_CACHE", str(cache))
+    return cache
