@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
+from loraplex.server import models
+from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
+from loraplex.server.models import ModelSource
 from tiny import save_tiny_checkpoint
 
 TINY_FAMILIES = ("gemma3", "llama")
@@ -32,3 +31,15 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("LORAPLEX_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def real_model() -> ModelSource:
+    """The real default base (Gemma 3 270M Q4_K_M GGUF), assembled into the user's cache."""
+    return models.resolve(DEFAULT_MODEL, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(real_model: ModelSource) -> Path:
+    """The default base converted to a transformers checkpoint (converted once, then reused)."""
+    return models.hf_checkpoint(real_model, default_cache_dir())
