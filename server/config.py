@@ -71,7 +71,8 @@ class ModelConfig(CommandConfig):
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,
-        description="where models are assembled and converted ($LORAPLEX_CACHE, else ~/.cache/loraplex)",
+        description="where models are assembled and converted "
+        "($LORAPLEX_CACHE, else ~/.cache/loraplex)",
     )
 
 

@@ -42,7 +42,7 @@ class ModelSource:
 
 
 def resolve(spec: str, cache_dir: Path) -> ModelSource:
-    """Find or fetch the model a spec names; raises a ModelUnavailable subclass naming the problem."""
+    """Find or fetch the model a spec names; a ModelUnavailable subclass names any problem."""
     if spec in DEFAULT_ALIASES:
         return _default_gguf(cache_dir)
     path = Path(spec).expanduser()

@@ -114,3 +114,44 @@ class Engine(Protocol):
     def release(self, seq_id: str) -> None: ...
 
     def running(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What the server knows about one adapter."""
+
+    adapter_id: str
+    version: int  # increases each time a newer copy is loaded under the same id
+    peft_type: str  # "LORA" or "VERA"
+    rank: int
+    target_modules: tuple[str, ...]
+    nbytes: int
+    resident: bool
+    pinned: bool
+    in_use: int  # running sequences holding this adapter (any version)
+    path: str
+
+
+class AdapterAdmin(Protocol):
+    """Adapter management used by the gRPC service; thread-safe.
+
+    Errors: AdapterNotFound, InvalidAdapter, AdapterInUse (loraplex.adapters.errors).
+    """
+
+    def list(self) -> list[AdapterInfo]: ...
+
+    def load(self, adapter_id: str) -> AdapterInfo:
+        """Load the adapter, or a newer copy of it (new version); running sequences keep theirs."""
+        ...
+
+    def unload(self, adapter_id: str, wait: bool = True, timeout: float | None = None) -> None:
+        """Drop the adapter once no sequence uses it; with wait=False raise AdapterInUse instead."""
+        ...
+
+    def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo: ...
+
+    def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
+        """Reference the current version for a new sequence, loading it lazily."""
+        ...
+
+    def release(self, ref: AdapterRef) -> None: ...

@@ -1,0 +1,24 @@
+"""Typed adapter errors; each names the adapter and says what is wrong."""
+
+from __future__ import annotations
+
+
+class AdapterError(Exception):
+    """Base of every adapter error."""
+
+    def __init__(self, adapter_id: str, problem: str) -> None:
+        super().__init__(f"adapter {adapter_id!r}: {problem}")
+        self.adapter_id = adapter_id
+        self.problem = problem
+
+
+class AdapterNotFound(AdapterError):
+    """No adapter with this id exists under any adapter root."""
+
+
+class InvalidAdapter(AdapterError):
+    """The adapter's files are unreadable, unsupported or do not fit the resident base model."""
+
+
+class AdapterInUse(AdapterError):
+    """The adapter is used by running sequences and the caller asked not to wait."""
