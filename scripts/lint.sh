@@ -3,10 +3,12 @@
 # so it reads the subpackages through a folder of links named like the installed package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 view=build/typecheck/loraplex
 mkdir -p "$view"
-for pkg in server adapters clients bench proto; do ln -sfn "$PWD/$pkg" "$view/$pkg"; done
-MYPYPATH=build/typecheck .venv/bin/mypy -p loraplex.server -p loraplex.adapters \
-  -p loraplex.clients -p loraplex.bench -p loraplex.proto
+packages=(server adapters clients bench proto)
+for pkg in "${packages[@]}"; do ln -sfn "$root/$pkg" "$view/$pkg"; done
+cd build/typecheck
+"$root/.venv/bin/mypy" --config-file "$root/pyproject.toml" "${packages[@]/#/loraplex/}"
