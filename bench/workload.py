@@ -116,7 +116,7 @@ def generate(spec: WorkloadSpec) -> Trace:
     requests = [
         TraceRequest(
             index=i,
-            arrival_s=None if arrivals[i] is None else float(arrivals[i]),
+            arrival_s=arrivals[i],
             adapter_id="" if use_base[i] else adapters[picks[i]].adapter_id,
             prompt=_prompt(rng, int(prompt_lens[i])),
             prompt_tokens=int(prompt_lens[i]),
