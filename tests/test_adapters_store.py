@@ -92,7 +92,7 @@ def test_corrupt_and_missing_files_are_refused(root: Path, spec: BaseSpec, tmp_p
     with pytest.raises(InvalidAdapter, match="corrupt"):
         read_adapter("corrupt", bad, spec)
     (bad / "adapter_config.json").unlink()
-    with pytest.raises(InvalidAdapter, match="adapter_config.json is missing"):
+    with pytest.raises(InvalidAdapter, match=r"adapter_config\.json is missing"):
         read_adapter("corrupt", bad, spec)
 
 

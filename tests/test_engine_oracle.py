@@ -8,7 +8,7 @@ import pytest
 import torch
 from engine_driver import run
 from loraplex.adapters.store import AdapterStore
-from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest
+from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
@@ -132,7 +132,7 @@ def test_merged_mode_matches_peft(
 ) -> None:
     checkpoint, root = tiny_checkpoints[family], tiny_adapter_roots[family]
     engine = make_engine(checkpoint, root, "fp32", mode="merged")
-    original = {n: l.base_layer.weight.clone() for n, l in engine.base.layers.items()}
+    original = {n: layer.base_layer.weight.clone() for n, layer in engine.base.layers.items()}
     p = prompts(checkpoint)
     arrivals = {
         0: [
