@@ -14,10 +14,13 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
 from loraplex.adapters.peft_format import read_adapter
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
@@ -26,8 +29,6 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
 from loraplex.server.models import hf_checkpoint, resolve
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -48,8 +49,8 @@ def make_adapters(checkpoint: Path, root: Path, count: int) -> list[str]:
             for param in model.parameters():
                 if param.requires_grad:
                     param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-        model.save_pretrained(root / f"lora-{i}")
-        base = model.unload()
+        model.save_pretrained(str(root / f"lora-{i}"))
+        base = model.unload()  # type: ignore[assignment]
         names.append(f"lora-{i}")
     return names
 
@@ -61,7 +62,7 @@ def timed(fn: Callable[[], int]) -> float:
 
 
 def engine_run(
-    engine: HFEngine, prompts: list[list[int]], adapters: list[str | None], n: int
+    engine: HFEngine, prompts: list[list[int]], adapters: Sequence[str | None], n: int
 ) -> int:
     requests = []
     for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef

@@ -8,9 +8,10 @@ VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
 from loraplex.server.engine.routing import Routing, RoutingContext
-from torch import nn
 
 
 class MultiAdapterLinear(nn.Module):

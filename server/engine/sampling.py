@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 
 import torch
+
 from loraplex.server.engine.api import SamplingParams
 
 
