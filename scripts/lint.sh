@@ -8,5 +8,13 @@ cd "$(dirname "$0")/.."
 view=build/typecheck/loraplex
 mkdir -p "$view"
 for pkg in server adapters clients bench proto; do ln -sfn "$PWD/$pkg" "$view/$pkg"; done
-MYPYPATH=build/typecheck .venv/bin/mypy -p loraplex.server -p loraplex.adapters \
-  -p loraplex.clients -p loraplex.bench -p loraplex.proto
+# `mypy -p` does not descend into the linked folders, so every module is named explicitly.
+modules=()
+for pkg in server adapters clients bench proto; do
+  while IFS= read -r file; do
+    module="${file%.py}"
+    module="${module%/__init__}"
+    modules+=(-m "loraplex.${module//\//.}")
+  done < <(find "$pkg" -name '*.py' ! -name '*_pb2*.py' | sort)
+done
+MYPYPATH=build/typecheck .venv/bin/mypy "${modules[@]}"

@@ -91,6 +91,7 @@ class RequestHandle:
     submission: Submission
     adapter: AdapterRef | None
     timings: Timings
+    adapter_version: int = 0  # kept after the adapter reference is released
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
     error: LoraplexError | None = None
@@ -156,6 +157,7 @@ class Scheduler:
             submission=submission,
             adapter=ref,
             timings=Timings(submitted=self.clock()),
+            adapter_version=ref.version if ref else 0,
             _wake=self._notify,
         )
         with self._lock:
