@@ -22,3 +22,7 @@ class InvalidAdapter(AdapterError):
 
 class AdapterInUse(AdapterError):
     """The adapter is used by running sequences and the caller asked not to wait."""
+
+
+class AdapterCapacityExceeded(AdapterError):
+    """Residency limits are reached and every resident adapter is pinned or in use."""

@@ -11,7 +11,20 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from loraplex.adapters.types import AdapterInfo, AdapterRef
 from loraplex.server.errors import InvalidRequest
+
+__all__ = [
+    "AdapterAdmin",
+    "AdapterInfo",
+    "AdapterRef",
+    "Engine",
+    "FinishReason",
+    "SamplingParams",
+    "SequenceRequest",
+    "StepPlan",
+    "TokenEvent",
+]
 
 MAX_NEW_TOKENS_LIMIT = 1 << 16
 
@@ -61,15 +74,6 @@ class SamplingParams:
             raise InvalidRequest("stop", "stop sequences must not be empty strings")
 
 
-@dataclass(frozen=True)
-class AdapterRef:
-    """The adapter a sequence runs with, pinned to the version it started with."""
-
-    adapter_id: str
-    version: int
-    scale: float = 1.0
-
-
 @dataclass
 class SequenceRequest:
     """A new sequence for the engine to prefill."""
@@ -98,6 +102,7 @@ class TokenEvent:
     text: str = ""  # newly decoded text (may be empty while a UTF-8 character is incomplete)
     logprob: float | None = None
     finish: FinishReason | None = None
+    error: str | None = None  # with finish=ERROR: what went wrong, for the client
 
 
 class Engine(Protocol):
@@ -114,22 +119,6 @@ class Engine(Protocol):
     def release(self, seq_id: str) -> None: ...
 
     def running(self) -> list[str]: ...
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What the server knows about one adapter."""
-
-    adapter_id: str
-    version: int  # increases each time a newer copy is loaded under the same id
-    peft_type: str  # "LORA" or "VERA"
-    rank: int
-    target_modules: tuple[str, ...]
-    nbytes: int
-    resident: bool
-    pinned: bool
-    in_use: int  # running sequences holding this adapter (any version)
-    path: str
 
 
 class AdapterAdmin(Protocol):

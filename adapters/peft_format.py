@@ -1,0 +1,216 @@
+"""Read PEFT adapter directories (adapter_config.json + adapter_model.safetensors) into weights.
+
+Every problem is raised as InvalidAdapter naming the adapter; pickled `.bin` weights are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.weights import (
+    AdapterWeights,
+    LoraModule,
+    LoraWeights,
+    VeraModule,
+    VeraProjection,
+    VeraWeights,
+)
+from safetensors.torch import load_file
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+KEY_PREFIX = "base_model.model."
+LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
+VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
+VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """What an adapter must fit: the resident base's architecture and adaptable linear layers."""
+
+    model_type: str
+    linear_shapes: Mapping[str, tuple[int, int]]  # module name -> (in_features, out_features)
+    max_rank: int
+
+
+def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
+    """Parse and validate the adapter in `path` against `base`."""
+    config = _read_config(adapter_id, path)
+    tensors = _read_tensors(adapter_id, path)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "LORA":
+        return _parse_lora(adapter_id, config, tensors, base)
+    if peft_type == "VERA":
+        return _parse_vera(adapter_id, config, tensors, base)
+    raise InvalidAdapter(adapter_id, f"peft_type {peft_type!r} is not supported (LORA or VERA)")
+
+
+def _read_config(adapter_id: str, path: Path) -> dict[str, Any]:
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is missing in {path}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} must hold a JSON object")
+    return config
+
+
+def _read_tensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+    weights_path = path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        pickles = [name for name in PICKLED_WEIGHTS if (path / name).exists()]
+        if pickles:
+            raise InvalidAdapter(
+                adapter_id,
+                f"only {pickles[0]} found: pickled weights are never loaded; "
+                f"save the adapter as {WEIGHTS_FILE}",
+            )
+        raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} is missing in {path}")
+    try:
+        return load_file(str(weights_path))
+    except Exception as err:  # safetensors raises several types for truncated/corrupt files
+        raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} is corrupt: {err}") from None
+
+
+def _group_by_module(
+    adapter_id: str,
+    tensors: dict[str, torch.Tensor],
+    suffixes: dict[str, str],
+    skip: tuple[str, ...],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {part: tensor}}; any other tensor (DoRA, modules_to_save, ...) is refused."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key in skip:
+            continue
+        suffix = next((s for s in suffixes if key.endswith(s)), None)
+        if suffix is None or not key.startswith(KEY_PREFIX):
+            raise InvalidAdapter(adapter_id, f"unsupported tensor {key!r} in {WEIGHTS_FILE}")
+        name = key[len(KEY_PREFIX) : -len(suffix)]
+        modules.setdefault(name, {})[suffixes[suffix]] = tensor
+    if not modules:
+        raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} holds no adapter tensors")
+    return modules
+
+
+def _base_shape(adapter_id: str, name: str, base: BaseSpec) -> tuple[int, int]:
+    shape = base.linear_shapes.get(name)
+    if shape is None:
+        raise InvalidAdapter(
+            adapter_id,
+            f"targets {name!r}, which is not a linear layer of the resident "
+            f"{base.model_type} base model (wrong architecture or module name)",
+        )
+    return shape
+
+
+def _check_shape(adapter_id: str, what: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise InvalidAdapter(
+            adapter_id, f"{what} has shape {tuple(tensor.shape)}, the base model needs {shape}"
+        )
+    if not torch.is_floating_point(tensor) or not bool(torch.isfinite(tensor).all()):
+        raise InvalidAdapter(adapter_id, f"{what} must hold finite floating-point values")
+
+
+def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key matching a suffix of the name."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return pattern[key]
+    return default
+
+
+def _refuse_unsupported_lora(adapter_id: str, config: Mapping[str, Any]) -> None:
+    if config.get("use_dora"):
+        raise InvalidAdapter(adapter_id, "DoRA (use_dora) is not supported")
+    if config.get("modules_to_save"):
+        raise InvalidAdapter(adapter_id, "modules_to_save is not supported (LoRA layers only)")
+    if config.get("bias", "none") != "none":
+        raise InvalidAdapter(adapter_id, "trained biases (bias != 'none') are not supported")
+    if config.get("fan_in_fan_out"):
+        raise InvalidAdapter(adapter_id, "fan_in_fan_out layers are not supported")
+
+
+def _parse_lora(
+    adapter_id: str, config: Mapping[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
+) -> LoraWeights:
+    _refuse_unsupported_lora(adapter_id, config)
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    modules: dict[str, LoraModule] = {}
+    for name, parts in _group_by_module(adapter_id, tensors, LORA_SUFFIXES, ()).items():
+        if set(parts) != {"a", "b"}:
+            raise InvalidAdapter(adapter_id, f"{name} needs both lora_A and lora_B")
+        in_features, out_features = _base_shape(adapter_id, name, base)
+        rank = int(_pattern_value(rank_pattern, name, config.get("r", 8)))
+        if not 1 <= rank <= base.max_rank:
+            raise InvalidAdapter(
+                adapter_id, f"rank {rank} of {name} is over the limit of {base.max_rank}"
+            )
+        _check_shape(adapter_id, f"{name}.lora_A", parts["a"], (rank, in_features))
+        _check_shape(adapter_id, f"{name}.lora_B", parts["b"], (out_features, rank))
+        alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        modules[name] = LoraModule(a=parts["a"], b=parts["b"], scaling=scaling)
+    return LoraWeights(modules=modules)
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's VeRA init: Kaiming-uniform with gain sqrt(2) over fan_in, drawn from `generator`."""
+    bound = math.sqrt(3.0) * math.sqrt(2) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def regenerate_projection(key: int, rank: int, in_max: int, out_max: int) -> VeraProjection:
+    """Rebuild the shared projection as PEFT draws it: A then B from one seeded CPU generator."""
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    a = kaiming_uniform((rank, in_max), generator)
+    b = kaiming_uniform((out_max, rank), generator)
+    return VeraProjection(prng_key=key, a=a, b=b)
+
+
+def _parse_vera(
+    adapter_id: str, config: Mapping[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
+) -> VeraWeights:
+    if config.get("modules_to_save") or config.get("bias", "none") != "none":
+        raise InvalidAdapter(adapter_id, "VeRA with modules_to_save or biases is not supported")
+    rank = int(config.get("r", 256))
+    if not 1 <= rank <= base.max_rank:
+        raise InvalidAdapter(adapter_id, f"rank {rank} is over the limit of {base.max_rank}")
+    grouped = _group_by_module(adapter_id, tensors, VERA_SUFFIXES, VERA_PROJECTION_KEYS)
+    modules: dict[str, VeraModule] = {}
+    for name, parts in grouped.items():
+        if set(parts) != {"lambda_d", "lambda_b"}:
+            raise InvalidAdapter(adapter_id, f"{name} needs both vera_lambda_d and vera_lambda_b")
+        _, out_features = _base_shape(adapter_id, name, base)
+        _check_shape(adapter_id, f"{name}.vera_lambda_d", parts["lambda_d"], (rank,))
+        _check_shape(adapter_id, f"{name}.vera_lambda_b", parts["lambda_b"], (out_features,))
+        modules[name] = VeraModule(lambda_d=parts["lambda_d"], lambda_b=parts["lambda_b"])
+    # PEFT sizes the shared projection by the largest targeted layer in each dimension.
+    in_max = max(base.linear_shapes[name][0] for name in modules)
+    out_max = max(base.linear_shapes[name][1] for name in modules)
+    key = int(config.get("projection_prng_key", 0))
+    if all(k in tensors for k in VERA_PROJECTION_KEYS):
+        a, b = (tensors[k] for k in VERA_PROJECTION_KEYS)
+        _check_shape(adapter_id, "vera_A", a, (rank, in_max))
+        _check_shape(adapter_id, "vera_B", b, (out_max, rank))
+        projection = VeraProjection(prng_key=key, a=a, b=b)
+    elif config.get("save_projection", True):
+        raise InvalidAdapter(adapter_id, "save_projection is true but vera_A/vera_B are missing")
+    else:
+        projection = regenerate_projection(key, rank, in_max, out_max)
+    return VeraWeights(projection=projection, modules=modules)

@@ -1,0 +1,252 @@
+"""The adapter store: adapter roots, lazy loading, versions, pins and LRU residency limits.
+
+Thread-safe: the gRPC threads call list/load/unload/pin/acquire/release while the engine thread
+calls `get`. A version handed out by `acquire` stays alive until its last `release`, whatever
+loads, unloads or evictions happen meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraplex.adapters.errors import (
+    AdapterCapacityExceeded,
+    AdapterError,
+    AdapterInUse,
+    AdapterNotFound,
+    InvalidAdapter,
+)
+from loraplex.adapters.paths import resolve_adapter_dir, scan_adapter_ids
+from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, read_adapter
+from loraplex.adapters.types import AdapterInfo, AdapterRef
+from loraplex.adapters.weights import LoadedAdapter, tensors_nbytes
+
+Key = tuple[str, int]  # (adapter id, version)
+
+
+@dataclass
+class _Held:
+    adapter: LoadedAdapter
+    count: int = 0
+
+
+def _fingerprint(path: Path) -> tuple[float, int, float, int]:
+    """Changes whenever either adapter file is rewritten."""
+    config, weights = (path / CONFIG_FILE).stat(), (path / WEIGHTS_FILE).stat()
+    return (config.st_mtime, config.st_size, weights.st_mtime, weights.st_size)
+
+
+class AdapterStore:
+    """Implements AdapterAdmin (loraplex.server.engine.api) over PEFT adapter directories."""
+
+    def __init__(
+        self,
+        roots: Sequence[Path],
+        *,
+        max_resident: int = 64,
+        max_resident_bytes: int = 4 << 30,
+        base: BaseSpec | None = None,
+    ) -> None:
+        if max_resident < 1 or max_resident_bytes < 1:
+            raise ValueError("residency limits must be positive")
+        self.roots = [Path(root) for root in roots]
+        self.max_resident = max_resident
+        self.max_resident_bytes = max_resident_bytes
+        self._base = base
+        self._lock = threading.Condition(threading.RLock())
+        self._load_lock = threading.Lock()  # one disk load at a time; dedupes lazy loads
+        self._current: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
+        self._fingerprints: dict[Key, tuple[float, int, float, int]] = {}
+        self._held: dict[Key, _Held] = {}
+        self._pinned: set[str] = set()
+        self._last_version: dict[str, int] = {}
+
+    def attach_base(self, base: BaseSpec) -> None:
+        """Set the resident base that adapters are validated against (done by the engine)."""
+        with self._lock:
+            self._base = base
+
+    # ---- AdapterAdmin -------------------------------------------------------------------
+
+    def list(self) -> list[AdapterInfo]:
+        with self._lock:
+            infos = {a.adapter_id: self._info(a) for a in self._current.values()}
+        for adapter_id in scan_adapter_ids(self.roots):
+            if adapter_id not in infos:
+                infos[adapter_id] = self._disk_info(adapter_id)
+        return [infos[k] for k in sorted(infos)]
+
+    def load(self, adapter_id: str) -> AdapterInfo:
+        with self._load_lock:
+            adapter = self._load_locked(adapter_id, reuse_unchanged=True)
+        with self._lock:
+            return self._info(adapter)
+
+    def unload(self, adapter_id: str, wait: bool = True, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            known = adapter_id in self._current or self._in_use(adapter_id) > 0
+            if not known:
+                raise AdapterNotFound(adapter_id, "is not loaded")
+            if self._in_use(adapter_id) and not wait:
+                raise AdapterInUse(adapter_id, f"{self._in_use(adapter_id)} sequences use it")
+            self._current.pop(adapter_id, None)
+            self._pinned.discard(adapter_id)
+            while self._in_use(adapter_id):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise AdapterInUse(adapter_id, "still in use when the unload timed out")
+                self._lock.wait(left)
+
+    def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo:
+        if pinned:
+            self._ensure_loaded(adapter_id)
+        with self._lock:
+            adapter = self._current.get(adapter_id)
+            if adapter is None:
+                raise AdapterNotFound(adapter_id, "is not loaded")
+            if pinned:
+                self._pinned.add(adapter_id)
+            else:
+                self._pinned.discard(adapter_id)
+            return self._info(adapter)
+
+    def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
+        while True:
+            with self._lock:
+                adapter = self._current.get(adapter_id)
+                if adapter is not None:
+                    self._current.move_to_end(adapter_id)
+                    key = (adapter_id, adapter.version)
+                    self._held.setdefault(key, _Held(adapter)).count += 1
+                    return AdapterRef(adapter_id, adapter.version, scale)
+            self._ensure_loaded(adapter_id)
+
+    def release(self, ref: AdapterRef) -> None:
+        with self._lock:
+            key = (ref.adapter_id, ref.version)
+            held = self._held.get(key)
+            if held is None:
+                return  # releasing twice is harmless
+            held.count -= 1
+            if held.count <= 0:
+                del self._held[key]
+                self._lock.notify_all()
+
+    # ---- engine side --------------------------------------------------------------------
+
+    def get(self, ref: AdapterRef) -> LoadedAdapter:
+        """The exact version a sequence acquired; AdapterNotFound if it was never acquired."""
+        with self._lock:
+            held = self._held.get((ref.adapter_id, ref.version))
+            if held is None:
+                raise AdapterNotFound(
+                    ref.adapter_id, f"version {ref.version} is not held by any sequence"
+                )
+            return held.adapter
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return self._bytes_locked()
+
+    # ---- internals ----------------------------------------------------------------------
+
+    def _ensure_loaded(self, adapter_id: str) -> None:
+        with self._load_lock:
+            with self._lock:
+                if adapter_id in self._current:
+                    return
+            self._load_locked(adapter_id, reuse_unchanged=False)
+
+    def _load_locked(self, adapter_id: str, reuse_unchanged: bool) -> LoadedAdapter:
+        """Read from disk (outside the state lock) and install as the current version."""
+        path = resolve_adapter_dir(adapter_id, self.roots)
+        fingerprint = _fingerprint(path)
+        with self._lock:
+            current = self._current.get(adapter_id)
+            base = self._base
+        unchanged = current is not None and (
+            self._fingerprints.get((adapter_id, current.version)) == fingerprint
+        )
+        if current is not None and unchanged and reuse_unchanged:
+            return current
+        if base is None:
+            raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
+        weights = read_adapter(adapter_id, path, base)
+        with self._lock:
+            version = self._last_version.get(adapter_id, 0) + 1
+            nbytes = tensors_nbytes(weights)
+            adapter = LoadedAdapter(adapter_id, version, str(path), weights, nbytes)
+            self._current.pop(adapter_id, None)
+            self._make_room(adapter)
+            self._last_version[adapter_id] = version
+            self._current[adapter_id] = adapter
+            self._fingerprints[(adapter_id, version)] = fingerprint
+            return adapter
+
+    def _make_room(self, incoming: LoadedAdapter) -> None:
+        """Evict least recently used idle, unpinned adapters until `incoming` fits."""
+
+        def too_full() -> bool:
+            over_count = len(self._current) + 1 > self.max_resident
+            return over_count or self._bytes_locked() + incoming.nbytes > self.max_resident_bytes
+
+        while too_full():
+            victim = next(
+                (
+                    a
+                    for a in self._current.values()
+                    if a.adapter_id not in self._pinned
+                    and (a.adapter_id, a.version) not in self._held
+                ),
+                None,
+            )
+            if victim is None:
+                raise AdapterCapacityExceeded(
+                    incoming.adapter_id,
+                    f"residency limits ({self.max_resident} adapters, "
+                    f"{self.max_resident_bytes} bytes) reached and every resident adapter "
+                    "is pinned or in use",
+                )
+            del self._current[victim.adapter_id]
+
+    def _bytes_locked(self) -> int:
+        alive = {(a.adapter_id, a.version): a for a in self._current.values()}
+        alive.update({key: held.adapter for key, held in self._held.items()})
+        return sum(a.nbytes for a in alive.values())
+
+    def _in_use(self, adapter_id: str) -> int:
+        return sum(h.count for (aid, _), h in self._held.items() if aid == adapter_id)
+
+    def _info(self, adapter: LoadedAdapter) -> AdapterInfo:
+        aid = adapter.adapter_id
+        return AdapterInfo(
+            adapter_id=aid,
+            version=adapter.version,
+            peft_type=adapter.peft_type,
+            rank=adapter.weights.rank,
+            target_modules=adapter.target_modules,
+            nbytes=adapter.nbytes,
+            resident=self._current.get(aid) is adapter,
+            pinned=aid in self._pinned,
+            in_use=self._in_use(aid),
+            path=adapter.path,
+        )
+
+    def _disk_info(self, adapter_id: str) -> AdapterInfo:
+        """What the config file says about an adapter that is not loaded (best effort)."""
+        try:
+            path = resolve_adapter_dir(adapter_id, self.roots)
+            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+            targets = config.get("target_modules") or ()
+            targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
+            peft_type, rank = str(config.get("peft_type", "")), int(config.get("r", 0))
+        except (AdapterError, OSError, ValueError, TypeError, AttributeError):
+            path, targets, peft_type, rank = Path(), (), "", 0
+        return AdapterInfo(adapter_id, 0, peft_type, rank, targets, 0, False, False, 0, str(path))

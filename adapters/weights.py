@@ -1,0 +1,100 @@
+"""In-memory adapter weights, keyed by base module names (model.layers.0.mlp.up_proj)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA pair: delta W = scaling · B @ A."""
+
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scaling: float  # alpha/r, or alpha/sqrt(r) for rsLoRA, after rank/alpha patterns
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.b.float() @ self.a.float()) * self.scaling
+
+
+@dataclass(frozen=True)
+class VeraProjection:
+    """The frozen projection shared by every VeRA adapter made with the same key and rank."""
+
+    prng_key: int
+    a: torch.Tensor  # [r, largest in_features]
+    b: torch.Tensor  # [largest out_features, r]
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class VeraModule:
+    """Per-module VeRA vectors: delta W = diag(lambda_b) · B · diag(lambda_d) · A (sliced)."""
+
+    lambda_d: torch.Tensor  # [r]
+    lambda_b: torch.Tensor  # [out]
+
+    def delta_weight(self, projection: VeraProjection) -> torch.Tensor:
+        out_features = self.lambda_b.shape[0]
+        b = projection.b[:out_features].float() * self.lambda_b.float()[:, None]
+        return b @ (projection.a.float() * self.lambda_d.float()[:, None])
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    modules: dict[str, LoraModule]
+
+    peft_type = "LORA"
+
+    @property
+    def rank(self) -> int:
+        return max(int(m.a.shape[0]) for m in self.modules.values())
+
+
+@dataclass(frozen=True)
+class VeraWeights:
+    projection: VeraProjection
+    modules: dict[str, VeraModule]
+
+    peft_type = "VERA"
+
+    @property
+    def rank(self) -> int:
+        return self.projection.rank
+
+
+AdapterWeights = LoraWeights | VeraWeights
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One immutable version of an adapter, as validated against the resident base."""
+
+    adapter_id: str
+    version: int
+    path: str
+    weights: AdapterWeights
+    nbytes: int = field(default=0)
+
+    @property
+    def peft_type(self) -> str:
+        return self.weights.peft_type
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(sorted(self.weights.modules))
+
+
+def tensors_nbytes(weights: AdapterWeights) -> int:
+    tensors: list[torch.Tensor] = []
+    for module in weights.modules.values():
+        if isinstance(module, LoraModule):
+            tensors += [module.a, module.b]
+        else:
+            tensors += [module.lambda_d, module.lambda_b]
+    return sum(t.numel() * t.element_size() for t in tensors)

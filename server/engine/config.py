@@ -1,0 +1,41 @@
+"""Typed settings of the transformers ("hf") engine; the serve command embeds this model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Quantization = Literal["nf4", "int8", "bf16", "fp32"]
+AdapterMode = Literal["batched", "merged", "auto"]
+
+
+class EngineConfig(BaseModel):
+    """How the resident base is loaded and how adapters are applied to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: Path = Field(description="transformers checkpoint directory of the base model")
+    quantization: Quantization = Field(
+        default="nf4", description="resident base weights: nf4 (double quant), int8, bf16 or fp32"
+    )
+    device: str = Field(default="auto", description="torch device; auto picks CUDA when present")
+    adapter_mode: AdapterMode = Field(
+        default="auto",
+        description="batched: per-row deltas; merged: W+s·BA while one adapter owns the batch; "
+        "auto: merged only where measurement shows it pays (unquantized bases)",
+    )
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="largest adapter rank")
+    adapter_slots: int = Field(
+        default=16, ge=1, le=4096, description="distinct adapters the running batch can hold"
+    )
+    max_batch_size: int = Field(default=64, ge=1, description="sequences running at once")
+    max_context: int | None = Field(
+        default=None, ge=8, description="context limit; default: the model's own"
+    )
+    adapter_roots: list[Path] = Field(default_factory=list, description="adapter directories")
+    max_resident_adapters: int = Field(default=64, ge=1, description="adapters kept loaded")
+    max_resident_bytes: int = Field(
+        default=4 << 30, ge=1, description="bytes of adapter weights kept loaded"
+    )

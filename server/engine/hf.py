@@ -1,0 +1,313 @@
+"""The transformers ("hf") engine: one resident base, per-row adapters, continuous batching.
+
+Each step runs at most two forward passes, each batched across adapters: one decode token
+for every running sequence, and one prefill of the step's new sequences, whose cache rows
+then join the running batch. Finished sequences leave at the end of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from loraplex.adapters.errors import AdapterError
+from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.types import AdapterRef
+from loraplex.adapters.weights import LoadedAdapter
+from loraplex.server.device import pick_device
+from loraplex.server.engine.api import (
+    FinishReason,
+    SequenceRequest,
+    StepPlan,
+    TokenEvent,
+)
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.hf_model import LoadedBase, load_base
+from loraplex.server.engine.kv_cache import NO_TOKEN, BatchKVCache
+from loraplex.server.engine.merge import MergeState, can_merge
+from loraplex.server.engine.routing import RoutingContext
+from loraplex.server.engine.sampling import TokenSampler
+from loraplex.server.engine.slots import AdapterSlots
+from loraplex.server.engine.text import TextStream
+from loraplex.server.errors import InvalidRequest
+
+
+@dataclass
+class _Sequence:
+    request: SequenceRequest
+    sampler: TokenSampler
+    stream: TextStream
+    adapter: LoadedAdapter | None
+    slot: int
+    tokens: list[int]
+    generated: int = 0
+    finish: FinishReason | None = None
+    history: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    @property
+    def ref(self) -> AdapterRef | None:
+        return self.request.adapter
+
+
+class HFEngine:
+    """Implements Engine (loraplex.server.engine.api) on a transformers model."""
+
+    def __init__(self, base: LoadedBase, store: AdapterStore, config: EngineConfig,
+                 routing: RoutingContext, device: torch.device) -> None:  # fmt: skip
+        self.base, self.store, self.config = base, store, config
+        self.model, self.tokenizer = base.model, base.tokenizer
+        self.device, self.routing = device, routing
+        model_config = base.model.config
+        self.max_context = config.max_context or int(model_config.max_position_embeddings)
+        self.max_batch_size = config.max_batch_size
+        self.slots = AdapterSlots(base.layers, config.adapter_slots)
+        self.merges = MergeState(base.layers)
+        self._merge_allowed = all(can_merge(layer.base_layer) for layer in base.layers.values())
+        self.adapter_mode = self._resolve_mode(config)
+        self.eos_ids = _eos_ids(base)
+        self._layer_windows = _layer_windows(model_config)
+        self._sequences: list[_Sequence] = []  # row order of self._cache
+        self._cache = self._new_cache()
+        store.attach_base(base.spec)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, store: AdapterStore | None = None) -> HFEngine:
+        """Load the base once; `store` defaults to one over config.adapter_roots."""
+        device = pick_device(None if config.device == "auto" else config.device)
+        routing = RoutingContext()
+        base = load_base(config, device, routing)
+        if store is None:
+            store = AdapterStore(
+                config.adapter_roots,
+                max_resident=config.max_resident_adapters,
+                max_resident_bytes=config.max_resident_bytes,
+            )
+        return cls(base, store, config, routing, device)
+
+    # ---- Engine protocol ----------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def running(self) -> list[str]:
+        return [s.request.seq_id for s in self._sequences]
+
+    def release(self, seq_id: str) -> None:
+        """Drop a sequence (finished or cancelled) and its cache rows."""
+        rows = [i for i, s in enumerate(self._sequences) if s.request.seq_id != seq_id]
+        if len(rows) != len(self._sequences):
+            self._keep(rows)
+
+    def step(self, plan: StepPlan) -> list[TokenEvent]:
+        for seq_id in plan.release:
+            self.release(seq_id)
+        events = self._decode(set(plan.decode)) if plan.decode else []
+        if plan.prefill:
+            events += self._prefill(plan.prefill)
+        self._keep([i for i, s in enumerate(self._sequences) if s.finish is None])
+        return events
+
+    # ---- steps --------------------------------------------------------------------------
+
+    def _decode(self, seq_ids: set[str]) -> list[TokenEvent]:
+        active = [s.request.seq_id in seq_ids and s.finish is None for s in self._sequences]
+        if not any(active):
+            return []
+        pairs = list(zip(self._sequences, active, strict=True))
+        tokens = [[s.tokens[-1] if a else 0] for s, a in pairs]
+        positions = [[len(s.tokens) - 1 if a else NO_TOKEN] for s, a in pairs]
+        rows = [s for s, a in zip(self._sequences, active, strict=True) if a]
+        logits = self._forward(self._cache, tokens, positions, self._sequences, active)
+        picked = [logits[i] for i, a in enumerate(active) if a]
+        return [self._advance(s, row_logits) for s, row_logits in zip(rows, picked, strict=True)]
+
+    def _prefill(self, requests: list[SequenceRequest]) -> list[TokenEvent]:
+        events: list[TokenEvent] = []
+        fresh: list[_Sequence] = []
+        for request in requests:
+            try:
+                fresh.append(self._admit(request, len(fresh)))
+            except (InvalidRequest, AdapterError) as err:
+                events.append(_error_event(request.seq_id, str(err)))
+        if not fresh:
+            return events
+        width = max(len(s.tokens) for s in fresh)
+        tokens = [[0] * (width - len(s.tokens)) + s.tokens for s in fresh]
+        positions = [
+            [NO_TOKEN] * (width - len(s.tokens)) + list(range(len(s.tokens))) for s in fresh
+        ]
+        cache = self._new_cache()
+        cache.add_rows(len(fresh))
+        try:
+            logits = self._forward(cache, tokens, positions, fresh, [True] * len(fresh))
+        except Exception:
+            for s in fresh:
+                self.slots.drop(s.slot)
+            raise
+        self._cache.extend(cache)
+        self._sequences += fresh
+        return events + [self._advance(s, row) for s, row in zip(fresh, logits, strict=True)]
+
+    def _admit(self, request: SequenceRequest, pending: int) -> _Sequence:
+        """Validate a new request and give it an adapter slot."""
+        self._check_request(request, pending)
+        adapter = self.store.get(request.adapter) if request.adapter else None
+        slot = self.slots.hold(adapter) if adapter else 0
+        params = request.sampling
+        return _Sequence(
+            request=request,
+            sampler=TokenSampler(params, self.device),
+            stream=TextStream(self.decode, params.stop),
+            adapter=adapter,
+            slot=slot,
+            tokens=list(request.prompt_ids),
+            history=torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device),
+        )
+
+    def _check_request(self, request: SequenceRequest, pending: int) -> None:
+        request.sampling.validate()
+        if any(s.request.seq_id == request.seq_id for s in self._sequences):
+            raise InvalidRequest("seq_id", f"{request.seq_id!r} is already running")
+        if len(self._sequences) + pending >= self.max_batch_size:
+            raise InvalidRequest("seq_id", f"the batch is full ({self.max_batch_size} sequences)")
+        if not request.prompt_ids:
+            raise InvalidRequest("prompt_ids", "the prompt is empty")
+        if len(request.prompt_ids) >= self.max_context:
+            raise InvalidRequest(
+                "prompt_ids", f"{len(request.prompt_ids)} tokens do not fit {self.max_context}"
+            )
+        vocab = int(self.model.config.vocab_size)
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise InvalidRequest("prompt_ids", f"token ids must be in [0, {vocab})")
+        scale = request.adapter.scale if request.adapter else 1.0
+        if not abs(scale) < float("inf"):
+            raise InvalidRequest("adapter.scale", f"must be finite, got {scale}")
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+        """Choose the sequence's next token and decide whether it finished."""
+        token, logprob = seq.sampler.choose(logits, seq.history)
+        seq.tokens.append(token)
+        seq.generated += 1
+        seq.history = torch.cat([seq.history, seq.history.new_tensor([token])])
+        seq_id = seq.request.seq_id
+        if token in self.eos_ids:
+            seq.finish = FinishReason.EOS
+            return TokenEvent(seq_id, token, seq.stream.flush(), logprob, seq.finish)
+        text = seq.stream.push(token)
+        if seq.stream.stopped:
+            seq.finish = FinishReason.STOP
+        elif seq.generated >= seq.request.sampling.max_new_tokens:
+            seq.finish = FinishReason.LENGTH
+        elif len(seq.tokens) >= self.max_context:
+            seq.finish = FinishReason.CONTEXT
+        if seq.finish is not None and seq.finish is not FinishReason.STOP:
+            text += seq.stream.flush()
+        return TokenEvent(seq_id, token, text, logprob, seq.finish)
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def _forward(
+        self,
+        cache: BatchKVCache,
+        tokens: list[list[int]],
+        positions: list[list[int]],
+        seqs: list[_Sequence],
+        active: list[bool],
+    ) -> torch.Tensor:
+        """One batched forward; returns the last column's logits per row [rows, vocab]."""
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        cache.begin(pos)
+        self._route([s for s, a in zip(seqs, active, strict=True) if a], seqs, active)
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=ids,
+                    position_ids=pos.clamp(min=0),
+                    attention_mask=self._masks(cache, pos),
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        finally:
+            self.routing.clear()
+        cache.commit(ids.shape[1])
+        return out.logits[:, -1].float()
+
+    def _masks(self, cache: BatchKVCache, pos: torch.Tensor) -> object:
+        dtype = self.base.dtype
+        if self._layer_windows is None:
+            return cache.attention_mask(pos, None, dtype)
+        return {
+            kind: cache.attention_mask(pos, w, dtype) for kind, w in self._layer_windows.items()
+        }
+
+    def _route(self, active: list[_Sequence], rows: list[_Sequence], mask: list[bool]) -> None:
+        """Merge one owning adapter, or set per-row slots for the batched deltas."""
+        refs = {s.ref for s in active}
+        owner = next(iter(refs)) if len(refs) == 1 else None
+        if owner is not None and self._should_merge():
+            owner_seq = active[0]
+            assert owner_seq.adapter is not None
+            self.merges.merge(owner, owner_seq.adapter)
+            return
+        self.merges.unmerge()
+        slots = [s.slot if a else 0 for s, a in zip(rows, mask, strict=True)]
+        scales = [s.ref.scale if s.ref else 1.0 for s in rows]
+        rank = self.slots.rank(set(slots))
+        self.routing.set(slots, scales, rank, self.device)
+
+    def _should_merge(self) -> bool:
+        return self.adapter_mode == "merged"
+
+    def _resolve_mode(self, config: EngineConfig) -> str:
+        """auto merges only unquantized bases (see bench/engine_bench.py for the measurement)."""
+        if config.adapter_mode == "merged" and not self._merge_allowed:
+            raise InvalidRequest("adapter_mode", "merged mode needs an nf4, bf16 or fp32 base")
+        if config.adapter_mode == "auto":
+            unquantized = config.quantization in ("bf16", "fp32")
+            return "merged" if unquantized else "batched"
+        return config.adapter_mode
+
+    # ---- batch bookkeeping --------------------------------------------------------------
+
+    def _new_cache(self) -> BatchKVCache:
+        c = self.model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return BatchKVCache(
+            c.num_hidden_layers, c.num_key_value_heads, head_dim, self.device, self.base.dtype
+        )
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) == len(self._sequences):
+            return
+        kept = set(rows)
+        for i, seq in enumerate(self._sequences):
+            if i not in kept:
+                self.slots.drop(seq.slot)
+        self._sequences = [self._sequences[i] for i in rows]
+        self._cache.keep_rows(rows)
+
+
+def _error_event(seq_id: str, message: str) -> TokenEvent:
+    return TokenEvent(seq_id, None, finish=FinishReason.ERROR, error=message)
+
+
+def _eos_ids(base: LoadedBase) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (base.model.generation_config, base.model.config, base.tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update([value] if isinstance(value, int) else (value or []))
+    return frozenset(ids)
+
+
+def _layer_windows(model_config: object) -> dict[str, int | None] | None:
+    """Per layer type, the attention window (None: full), for models with sliding layers."""
+    kinds = set(getattr(model_config, "layer_types", None) or ())
+    if "sliding_attention" not in kinds:
+        return None
+    window = int(getattr(model_config, "sliding_window"))  # noqa: B009
+    return {kind: window if kind == "sliding_attention" else None for kind in kinds}

@@ -1,0 +1,77 @@
+"""Load the resident base with transformers (+ bitsandbytes) and wrap its adaptable linears."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from loraplex.adapters.peft_format import BaseSpec
+from loraplex.server.device import compute_dtype
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.multi_linear import MultiAdapterLinear
+from loraplex.server.engine.routing import RoutingContext
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
+
+
+@dataclass
+class LoadedBase:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    layers: dict[str, MultiAdapterLinear]
+    spec: BaseSpec
+    dtype: torch.dtype  # activations / adapter stacks
+
+
+def quantization_kwargs(config: EngineConfig, device: torch.device) -> dict[str, object]:
+    dtype = compute_dtype(device)
+    if config.quantization == "nf4":
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        return {"quantization_config": quant, "dtype": dtype}
+    if config.quantization == "int8":
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "dtype": dtype}
+    return {"dtype": torch.bfloat16 if config.quantization == "bf16" else torch.float32}
+
+
+def load_base(config: EngineConfig, device: torch.device, routing: RoutingContext) -> LoadedBase:
+    model = AutoModelForCausalLM.from_pretrained(
+        config.checkpoint,
+        device_map={"": device},
+        attn_implementation="sdpa",
+        **quantization_kwargs(config, device),
+    ).eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
+    shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    model_type = str(getattr(model.config, "model_type", "unknown"))
+    spec = BaseSpec(model_type=model_type, linear_shapes=shapes, max_rank=config.max_lora_rank)
+    return LoadedBase(model, tokenizer, layers, spec, dtype)
+
+
+def wrap_linears(
+    model: nn.Module, routing: RoutingContext, num_slots: int, max_rank: int, dtype: torch.dtype
+) -> dict[str, MultiAdapterLinear]:
+    """Replace every linear layer of the decoder blocks (the all-linear set, lm_head excluded)."""
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module).__name__ in LINEAR_TYPES and ".layers." in f".{name}"
+    ]
+    wrapped: dict[str, MultiAdapterLinear] = {}
+    for name, module in targets:
+        shape = (int(module.in_features), int(module.out_features))  # type: ignore[arg-type]
+        layer = MultiAdapterLinear(module, shape, routing, num_slots, max_rank, dtype)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer)
+        wrapped[name] = layer
+    return wrapped

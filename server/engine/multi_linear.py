@@ -1,0 +1,115 @@
+"""A linear layer that runs its base weights once for the whole batch, then adds each row's
+adapter delta gathered from stacked slot tensors (BGMV-style; slot 0 is "no adapter").
+
+LoRA:  y_i += scale_i · B[s_i] (A[s_i] x_i), with alpha/r (or alpha/sqrt r) folded into B.
+VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B shared by all slots.
+"""
+
+from __future__ import annotations
+
+import torch
+from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
+from loraplex.server.engine.routing import Routing, RoutingContext
+from torch import nn
+
+
+class MultiAdapterLinear(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        shape: tuple[int, int],
+        routing: RoutingContext,
+        num_slots: int,
+        max_rank: int,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = shape
+        self.routing = routing
+        self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
+        self.lora_slots: set[int] = set()  # slots whose adapter targets this layer
+        self.vera_slots: set[int] = set()
+        # Stacks are allocated on first use so untargeted layers cost nothing.
+        self.lora_a: torch.Tensor | None = None  # [slots, max_rank, in]
+        self.lora_b: torch.Tensor | None = None  # [slots, out, max_rank]
+        self.vera_a: torch.Tensor | None = None  # [r, in] slice of the shared projection
+        self.vera_b: torch.Tensor | None = None  # [out, r]
+        self.vera_d: torch.Tensor | None = None  # [slots, r]
+        self.vera_lb: torch.Tensor | None = None  # [slots, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        routing = self.routing.current
+        if routing is None:
+            return y
+        if routing.used_slots & self.lora_slots:
+            y = y + self._lora_delta(x, routing).to(y.dtype)
+        if routing.used_slots & self.vera_slots:
+            y = y + self._vera_delta(x, routing).to(y.dtype)
+        return y
+
+    def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        assert self.lora_a is not None and self.lora_b is not None
+        rank = routing.rank
+        a = self.lora_a[:, :rank].index_select(0, routing.slots)  # [rows, r, in]
+        b = self.lora_b[:, :, :rank].index_select(0, routing.slots)  # [rows, out, r]
+        h = torch.bmm(x.to(self.dtype), a.transpose(1, 2)) * routing.scales.to(self.dtype)
+        return torch.bmm(h, b.transpose(1, 2))
+
+    def _vera_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        assert self.vera_a is not None and self.vera_b is not None
+        assert self.vera_d is not None and self.vera_lb is not None
+        d = self.vera_d.index_select(0, routing.slots)[:, None, :]  # [rows, 1, r]
+        lb = self.vera_lb.index_select(0, routing.slots)[:, None, :]  # [rows, 1, out]
+        h = (x.to(self.dtype) @ self.vera_a.T) * d * routing.scales.to(self.dtype)
+        return (h @ self.vera_b.T) * lb
+
+    # ---- slot management (engine thread, between forward passes) -------------------------
+
+    def _device(self) -> torch.device:
+        return next(
+            (t.device for t in self.base_layer.parameters()), torch.device("cpu")
+        )  # base weights decide where the stacks live
+
+    def set_lora(self, slot: int, module: LoraModule) -> None:
+        if self.lora_a is None:
+            shape_a = (self.num_slots, self.max_rank, self.in_features)
+            shape_b = (self.num_slots, self.out_features, self.max_rank)
+            self.lora_a = torch.zeros(shape_a, dtype=self.dtype, device=self._device())
+            self.lora_b = torch.zeros(shape_b, dtype=self.dtype, device=self._device())
+        assert self.lora_b is not None
+        rank = module.a.shape[0]
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_a[slot, :rank] = module.a.to(self.dtype)
+        self.lora_b[slot, :, :rank] = (module.b.float() * module.scaling).to(self.dtype)
+        self.lora_slots.add(slot)
+
+    def set_vera(self, slot: int, module: VeraModule, projection: VeraProjection) -> None:
+        rank = projection.rank
+        if self.vera_d is None or self.vera_d.shape[1] != rank:
+            device = self._device()
+            a = projection.a[:, : self.in_features]
+            self.vera_a = a.to(device=device, dtype=self.dtype).contiguous()
+            b = projection.b[: self.out_features]
+            self.vera_b = b.to(device=device, dtype=self.dtype).contiguous()
+            self.vera_d = torch.zeros((self.num_slots, rank), dtype=self.dtype, device=device)
+            self.vera_lb = torch.zeros(
+                (self.num_slots, self.out_features), dtype=self.dtype, device=device
+            )
+        assert self.vera_lb is not None
+        self.vera_d[slot] = module.lambda_d.to(self.dtype)
+        self.vera_lb[slot] = module.lambda_b.to(self.dtype)
+        self.vera_slots.add(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero the slot so a stale adapter can never leak into a later row."""
+        if slot in self.lora_slots and self.lora_a is not None and self.lora_b is not None:
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
+        if slot in self.vera_slots and self.vera_d is not None and self.vera_lb is not None:
+            self.vera_d[slot].zero_()
+            self.vera_lb[slot].zero_()
+        self.lora_slots.discard(slot)
+        self.vera_slots.discard(slot)

@@ -1,0 +1,55 @@
+"""Per-request token choice: repetition penalty, temperature, top-k, top-p, seeded sampling."""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+from loraplex.server.engine.api import SamplingParams
+
+
+class TokenSampler:
+    """Chooses one request's tokens; its own generator makes a seeded request reproducible."""
+
+    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator.manual_seed(seed)
+
+    def choose(self, logits: torch.Tensor, history: torch.Tensor) -> tuple[int, float | None]:
+        """The next token and, when asked for, its log-probability under the model's logits."""
+        p = self.params
+        scores = logits.float()
+        if p.repetition_penalty != 1.0 and history.numel():
+            scores = apply_repetition_penalty(scores, history, p.repetition_penalty)
+        if p.temperature == 0.0:
+            token = int(scores.argmax())
+        else:
+            probs = filtered_probs(scores / p.temperature, p.top_k, p.top_p)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        logprob = float(torch.log_softmax(logits.float(), -1)[token]) if p.logprobs else None
+        return token, logprob
+
+
+def apply_repetition_penalty(
+    scores: torch.Tensor, history: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """CTRL-style, as transformers does it: seen logits > 0 divided, < 0 multiplied."""
+    seen = scores.gather(0, history)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return scores.scatter(0, history, seen)
+
+
+def filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Softmax over the tokens kept by top-k, then by top-p (nucleus; the top token always kept)."""
+    if top_k > 0 and top_k < scores.numel():
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, -1).cumsum(-1)
+        drop_sorted = cumulative - torch.softmax(sorted_scores, -1) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.softmax(scores, -1)

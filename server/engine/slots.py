@@ -1,0 +1,93 @@
+"""Device slots of the stacked adapter tensors: which adapter version sits in which slot.
+
+Slot 0 means "no adapter". A slot held by running rows is never reused; idle slots are
+recycled least recently used first (the device tier of a two-tier cache, as in vLLM).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from loraplex.adapters.errors import AdapterCapacityExceeded, InvalidAdapter
+from loraplex.adapters.weights import LoadedAdapter, LoraWeights, VeraProjection, VeraWeights
+from loraplex.server.engine.multi_linear import MultiAdapterLinear
+
+SlotKey = tuple[str, int]  # (adapter id, version)
+
+
+class AdapterSlots:
+    def __init__(self, layers: dict[str, MultiAdapterLinear], num_slots: int) -> None:
+        self.layers = layers
+        self.num_slots = num_slots  # usable slots: 1..num_slots
+        self._slots: OrderedDict[SlotKey, int] = OrderedDict()  # LRU order
+        self._holders: dict[int, int] = {}
+        self._ranks: dict[int, int] = {}
+        self._vera_projection: VeraProjection | None = None
+
+    def hold(self, adapter: LoadedAdapter) -> int:
+        """The slot holding this adapter version (installed if needed), held until `drop`."""
+        key = (adapter.adapter_id, adapter.version)
+        slot = self._slots.get(key)
+        if slot is None:
+            slot = self._free_slot(adapter.adapter_id)
+            self._install(slot, adapter)
+            self._slots[key] = slot
+        self._slots.move_to_end(key)
+        self._holders[slot] = self._holders.get(slot, 0) + 1
+        return slot
+
+    def drop(self, slot: int) -> None:
+        if slot:
+            self._holders[slot] -= 1
+
+    def rank(self, slots: set[int]) -> int:
+        return max((self._ranks.get(s, 0) for s in slots), default=0)
+
+    def _free_slot(self, adapter_id: str) -> int:
+        taken = set(self._slots.values())
+        for slot in range(1, self.num_slots + 1):
+            if slot not in taken:
+                return slot
+        for key, slot in self._slots.items():
+            if not self._holders.get(slot):
+                del self._slots[key]
+                self._clear(slot)
+                return slot
+        raise AdapterCapacityExceeded(
+            adapter_id, f"all {self.num_slots} adapter slots are used by running sequences"
+        )
+
+    def _clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        self._ranks.pop(slot, None)
+        if not any(layer.vera_slots for layer in self.layers.values()):
+            self._vera_projection = None
+
+    def _install(self, slot: int, adapter: LoadedAdapter) -> None:
+        weights = adapter.weights
+        if isinstance(weights, LoraWeights):
+            for name, lora in weights.modules.items():
+                self.layers[name].set_lora(slot, lora)
+            self._ranks[slot] = weights.rank
+        elif isinstance(weights, VeraWeights):
+            self._check_projection(adapter.adapter_id, weights.projection)
+            for name, vera in weights.modules.items():
+                self.layers[name].set_vera(slot, vera, weights.projection)
+
+    def _check_projection(self, adapter_id: str, projection: VeraProjection) -> None:
+        """Every VeRA adapter in the batch shares one projection, as in PEFT itself."""
+        current = self._vera_projection
+        if current is None:
+            self._vera_projection = projection
+            return
+        same = current.a.shape == projection.a.shape and current.b.shape == projection.b.shape
+        if not (
+            same and torch.equal(current.a, projection.a) and torch.equal(current.b, projection.b)
+        ):
+            raise InvalidAdapter(
+                adapter_id,
+                "its VeRA projection differs from the one the running VeRA adapters share "
+                "(projection_prng_key, r and target layer sizes must match)",
+            )
