@@ -28,6 +28,11 @@ class Queued(Protocol):
     def adapter_key(self) -> str: ...
 
     @property
+    def slot_key(self) -> str:
+        """What occupies an engine adapter slot: adapter id and version ("" for the base)."""
+        ...
+
+    @property
     def prompt_tokens(self) -> int: ...
 
 
@@ -41,13 +46,13 @@ class StepBudget:
     free_sequences: int
     free_tokens: int
     max_adapters: int
-    adapters: Counter[str] = field(default_factory=Counter)  # adapter key -> sequences in step
+    adapters: Counter[str] = field(default_factory=Counter)  # slot key -> sequences in step
     empty: bool = True  # nothing else (decode or prefill) runs in this step yet
 
     def fits(self, item: Queued) -> bool:
         if self.free_sequences <= 0:
             return False
-        key = item.adapter_key
+        key = item.slot_key
         distinct = sum(1 for k, n in self.adapters.items() if k and n > 0)
         if key and self.adapters[key] == 0 and distinct >= self.max_adapters:
             return False
@@ -57,7 +62,7 @@ class StepBudget:
     def take(self, item: Queued) -> None:
         self.free_sequences -= 1
         self.free_tokens -= item.prompt_tokens
-        self.adapters[item.adapter_key] += 1
+        self.adapters[item.slot_key] += 1
         self.empty = False
 
 

@@ -104,6 +104,10 @@ class RequestHandle:
         return self.submission.adapter_id
 
     @property
+    def slot_key(self) -> str:
+        return f"{self.adapter_key}@{self.adapter_version}" if self.adapter_key else ""
+
+    @property
     def prompt_tokens(self) -> int:
         return len(self.submission.prompt_ids)
 
@@ -217,7 +221,7 @@ class Scheduler:
             free_sequences=self.limits.max_batch_sequences - len(decode),
             free_tokens=self.limits.max_batch_tokens - len(decode),
             max_adapters=self.limits.max_adapters_per_step,
-            adapters=Counter(h.adapter_key for h in self._running.values()),
+            adapters=Counter(h.slot_key for h in self._running.values()),
             empty=not decode,
         )
         started = self._waiting.select(budget)
@@ -289,7 +293,8 @@ class Scheduler:
             del self._running[event.seq_id]
             handle.finish_reason = event.finish
             failed = event.finish is FinishReason.ERROR
-            self._end(handle, EngineFailure("the engine ended the sequence") if failed else None)
+            problem = event.error or "the engine ended the sequence"
+            self._end(handle, EngineFailure(problem) if failed else None)
 
     def _end(self, handle: RequestHandle, error: LoraplexError | None) -> None:
         handle.error = error

@@ -102,7 +102,9 @@ class LoraplexService:
         adapters: AdapterAdmin | None,
         description: ServerDescription,
         metrics: Metrics | None = None,
+        chat: convert.ChatTemplating | None = None,
     ) -> None:
+        self.chat = chat
         self.scheduler = scheduler
         self.engine = engine
         self.adapters = adapters
@@ -147,8 +149,7 @@ class LoraplexService:
         limit = self.description.max_new_tokens_limit
         sampling = convert.sampling_from_proto(request.sampling, limit)
         scale = convert.adapter_scale(request)
-        chat = self.engine if hasattr(self.engine, "apply_chat_template") else None
-        text = convert.prompt_text(request, chat)  # type: ignore[arg-type]
+        text = convert.prompt_text(request, self.chat)
         ids = convert.prompt_ids(text, self.engine.encode, self.engine.max_context)
         remaining = context.time_remaining()
         deadline = None if remaining is None else self.scheduler.clock() + remaining
@@ -208,7 +209,7 @@ class LoraplexService:
             max_batch_tokens=limits.max_batch_tokens,
             max_adapters_per_step=limits.max_adapters_per_step,
             max_queue=limits.max_queue,
-            chat_template=hasattr(self.engine, "apply_chat_template"),
+            chat_template=self.chat is not None,
             version=d.version,
             running=running,
             waiting=waiting,
