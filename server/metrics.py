@@ -111,8 +111,10 @@ class Metrics:
         self.running.set_function(lambda: counts()[0])
         self.waiting.set_function(lambda: counts()[1])
 
-    def request_done(self, adapter_id: str, status: str) -> None:
-        self.requests.labels(self.label(adapter_id), status).inc()
+    def request_done(self, adapter_id: str, status: str, known: bool = True) -> None:
+        """Count a request; ids the server refused (`known` False) never get their own label."""
+        label = self.label(adapter_id) if known else OTHER_LABEL
+        self.requests.labels(label, status).inc()
 
     def request_finished(self, record: RequestRecord) -> None:
         label = self.label(record.adapter_id)
@@ -132,8 +134,8 @@ class Metrics:
     def step_finished(self, running: int, waiting: int, batch_size: int) -> None:
         self.batch_size.observe(batch_size)
 
-    def serve_http(self, port: int, host: str) -> Callable[[], None]:
-        """Expose /metrics on its own port; returns a function that stops it."""
+    def serve_http(self, port: int, host: str) -> tuple[int, Callable[[], None]]:
+        """Expose /metrics on its own port; returns the port and a function that stops it."""
         server, thread = start_http_server(port, addr=host, registry=self.registry)
 
         def stop() -> None:
@@ -141,4 +143,4 @@ class Metrics:
             server.server_close()
             thread.join()
 
-        return stop
+        return int(server.server_port), stop

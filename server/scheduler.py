@@ -111,6 +111,10 @@ class RequestHandle:
     def prompt_tokens(self) -> int:
         return len(self.submission.prompt_ids)
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
     def cancel(self) -> None:
         """Stop the request; its slot is freed at the start of the next step."""
         self._cancelled = True
@@ -178,6 +182,10 @@ class Scheduler:
         """(running, waiting) right now."""
         with self._lock:
             return len(self._running), len(self._waiting)
+
+    def running_requests(self) -> list[RequestHandle]:
+        with self._lock:
+            return list(self._running.values())
 
     def _check_admission(self) -> None:
         if not self._admitting:

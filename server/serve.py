@@ -20,6 +20,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from loraplex.server.config import ModelConfig, add_config_arguments, config_from_args
+from loraplex.server.convert import ChatTemplating
+from loraplex.server.engine.api import AdapterAdmin, AdapterInfo, Engine
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
@@ -172,6 +174,7 @@ class RunningServer:
     scheduler: Scheduler
     health: health.HealthServicer
     port: int
+    metrics_port: int  # 0 when metrics are off
     stop_metrics: Callable[[], None]
 
     def drain(self, grace_s: float) -> bool:
@@ -182,7 +185,14 @@ class RunningServer:
         return clean
 
 
-def start(config: ServeConfig, engine: HFEngine) -> RunningServer:
+def start(
+    config: ServeConfig,
+    engine: Engine,
+    store: AdapterAdmin,
+    chat: ChatTemplating | None = None,
+    list_adapters: Callable[[], list[AdapterInfo]] | None = None,
+) -> RunningServer:
+    """Start the scheduler, the gRPC server and the metrics endpoint around a built engine."""
     limits = SchedulerLimits(
         max_batch_sequences=config.max_batch_sequences,
         max_batch_tokens=config.max_batch_tokens,
@@ -191,8 +201,8 @@ def start(config: ServeConfig, engine: HFEngine) -> RunningServer:
         max_skips=config.max_skips,
     )
     metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
-    metrics.watch_adapters(engine.store.list)
-    scheduler = Scheduler(engine, engine.store, limits, observer=metrics)
+    metrics.watch_adapters(list_adapters or store.list)
+    scheduler = Scheduler(engine, store, limits, observer=metrics)
     metrics.watch_scheduler(scheduler.counts)
     description = ServerDescription(
         model=config.model,
@@ -201,13 +211,14 @@ def start(config: ServeConfig, engine: HFEngine) -> RunningServer:
         max_new_tokens_limit=config.max_new_tokens_limit,
         version=version("loraplex"),
     )
-    chat = TokenizerChat(engine.tokenizer) if engine.tokenizer.chat_template else None
-    service = LoraplexService(scheduler, engine, engine.store, description, metrics, chat)
+    service = LoraplexService(scheduler, engine, store, description, metrics, chat)
     server, health_servicer, port = _grpc_server(config, service)
     scheduler.start()
     server.start()
-    stop_metrics = metrics.serve_http(config.metrics_port, config.host) if config.metrics else _noop
-    return RunningServer(server, scheduler, health_servicer, port, stop_metrics)
+    metrics_port, stop_metrics = 0, _noop
+    if config.metrics:
+        metrics_port, stop_metrics = metrics.serve_http(config.metrics_port, config.host)
+    return RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
 
 
 def _noop() -> None:
@@ -246,8 +257,12 @@ def serve(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     engine = build_engine(config)
     prepare_adapters(engine, config)
-    running = start(config, engine)
-    log.info("serving %s on %s:%d", config.model, config.host, running.port)
+    chat = TokenizerChat(engine.tokenizer) if engine.tokenizer.chat_template else None
+    running = start(config, engine, engine.store, chat)
+    log.info(
+        "serving %s on %s:%d (metrics on port %d)",
+        config.model, config.host, running.port, running.metrics_port,
+    )  # fmt: skip
     print(f"loraplex: serving on {config.host}:{running.port}", file=sys.stderr, flush=True)
     stop.wait()
     log.info("draining: no new requests; waiting up to %.0fs", config.grace_period)

@@ -157,7 +157,9 @@ class LoraplexService:
             Submission(ids, sampling, request.adapter_id, scale, deadline)
         )
         # Runs when the RPC ends for any reason: a cancelled or expired call frees its slot.
-        context.add_callback(handle.cancel)
+        # False means the call already ended while the request was being queued.
+        if not context.add_callback(handle.cancel):
+            handle.cancel()
         return handle
 
     def _final_fields(self, handle: RequestHandle, request: convert.GenerationRequest) -> dict:
@@ -185,7 +187,8 @@ class LoraplexService:
             raise
         finally:
             if self.metrics is not None:
-                self.metrics.request_done(adapter_id, code.name)
+                refused = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+                self.metrics.request_done(adapter_id, code.name, known=not refused)
 
     # ---- model -----------------------------------------------------------------------
 

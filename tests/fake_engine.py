@@ -40,6 +40,7 @@ class FakeEngine:
     max_context: int = 128
     eos_after: int | None = None  # emit EOS after this many tokens, if set
     fail_next_step: bool = False
+    gate: threading.Event | None = None  # when set, each step waits for it to open
     plans: list[StepPlan] = field(default_factory=list)
     seqs: dict[str, _Seq] = field(default_factory=dict)
 
@@ -56,6 +57,8 @@ class FakeEngine:
         self.seqs.pop(seq_id, None)
 
     def step(self, plan: StepPlan) -> list[TokenEvent]:
+        if self.gate is not None:
+            self.gate.wait()
         self.plans.append(plan)
         for seq_id in plan.release:
             self.release(seq_id)
