@@ -259,7 +259,7 @@ def test_unload_without_waiting_refuses_while_in_use(served: Served) -> None:
     stream = served.client.stream("busy", adapter="a", max_new_tokens=3)
     it = iter(stream)
     _wait_for(lambda: served.client.server_info().running == 1)
-    with pytest.raises(client_errors.FailedPrecondition, match="in use|use it"):
+    with pytest.raises(client_errors.FailedPrecondition, match=r"in use|use it"):
         served.client.unload_adapter("a", wait=False)
     served.engine.gate.set()
     assert len(list(it)) == 3
