@@ -267,5 +267,6 @@ def serve(config: ServeConfig) -> int:
     stop.wait()
     log.info("draining: no new requests; waiting up to %.0fs", config.grace_period)
     clean = running.drain(config.grace_period)
-    log.info("stopped (%s)", "all requests finished" if clean else "grace period ran out")
+    outcome = "all requests finished" if clean else "the grace period ran out"
+    print(f"loraplex: stopped ({outcome})", file=sys.stderr, flush=True)
     return 0
