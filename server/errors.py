@@ -46,3 +46,7 @@ class Draining(LoraplexError):
 
 class EngineFailure(LoraplexError):
     """The backend raised while running a step; the sequences in that step were ended."""
+
+
+class Cancelled(LoraplexError):
+    """The client cancelled the request (or its call ended) before it finished."""

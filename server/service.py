@@ -21,8 +21,8 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.server import convert
-from loraplex.server.engine.api import AdapterAdmin, Engine
-from loraplex.server.errors import InvalidRequest
+from loraplex.server.engine.api import AdapterAdmin, Engine, FinishReason
+from loraplex.server.errors import Cancelled, InvalidRequest
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import RequestHandle, Scheduler, Submission
 from loraplex.server.status import status_for
@@ -94,6 +94,11 @@ def _guard(method: F) -> F:
     return stream if inspect.isgeneratorfunction(method) else unary  # type: ignore[return-value]
 
 
+def _check_not_cancelled(handle: RequestHandle) -> None:
+    if handle.finish_reason is FinishReason.CANCELLED:
+        raise Cancelled("the request was cancelled before it finished")
+
+
 class LoraplexService:
     def __init__(
         self,
@@ -123,6 +128,7 @@ class LoraplexService:
                 if event.token_id is not None:
                     token_ids.append(event.token_id)
                 text.append(event.text)
+            _check_not_cancelled(handle)
             return pb.GenerateResponse(
                 text="".join(text), token_ids=token_ids, **self._final_fields(handle, request)
             )
@@ -139,6 +145,7 @@ class LoraplexService:
                     token_ids=[] if event.token_id is None else [event.token_id],
                     request_id=request.request_id,
                 )
+            _check_not_cancelled(handle)
             yield pb.GenerateStreamResponse(**self._final_fields(handle, request))
 
     def _submit(

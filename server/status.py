@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import grpc
-from loraplex.adapters.errors import AdapterError, AdapterInUse, AdapterNotFound, InvalidAdapter
+from loraplex.adapters.errors import (
+    AdapterCapacityExceeded,
+    AdapterError,
+    AdapterInUse,
+    AdapterNotFound,
+    InvalidAdapter,
+)
 from loraplex.server.errors import (
+    Cancelled,
     DeadlineExceeded,
     Draining,
     EngineFailure,
@@ -19,10 +26,12 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidAdapter: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterCapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,  # all resident ones busy
     AdapterError: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Draining: grpc.StatusCode.UNAVAILABLE,
+    Cancelled: grpc.StatusCode.CANCELLED,
     ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
     EngineFailure: grpc.StatusCode.INTERNAL,
     LoraplexError: grpc.StatusCode.INTERNAL,
