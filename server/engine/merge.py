@@ -6,6 +6,8 @@ Unquantized bases add in place of the weight; NF4 bases dequantize, add and requ
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter, LoraModule, VeraWeights
@@ -69,5 +71,5 @@ def _requantized(weight: nn.Parameter, delta: torch.Tensor) -> nn.Parameter:
     kwargs.update(requires_grad=False, bnb_quantized=False)
     kwargs.pop("data", None)
     kwargs.pop("quant_state", None)
-    fresh: nn.Parameter = bnb.nn.Params4bit(merged.to("cpu"), **kwargs).to(weight.device)
-    return fresh
+    fresh: Any = bnb.nn.Params4bit(merged.to("cpu"), **kwargs)
+    return cast(nn.Parameter, fresh.to(weight.device))  # moving to the device quantizes

@@ -47,5 +47,6 @@ def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path
         assert results[seq_id].logprobs == pytest.approx(
             reference.logprobs, abs=LOGPROB_TOLERANCE
         ), seq_id
+    # The oracle only means something if every adapter moves the base's distribution.
     for name in ADAPTER_CONFIGS:
-        assert references[name].tokens != references["None"].tokens, name
+        assert references[name].logprobs != pytest.approx(references["None"].logprobs, abs=1e-2)
