@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -156,16 +156,21 @@ def _adapter_summary(info: object) -> tuple[object, ...]:
 
 
 class TokenizerChat:
-    """Chat prompts through the tokenizer's own template."""
+    """Chat prompts through the tokenizer's own template, as text the engine then encodes."""
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        # Templates start with the BOS token; drop it when encoding adds one anyway.
+        probe = tokenizer.encode("a")
+        bos_id = tokenizer.bos_token_id
+        adds_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
+        self._strip = str(tokenizer.bos_token) if adds_bos else ""
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
-        text = self.tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-            messages, tokenize=False, add_generation_prompt=True
+        text = str(
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         )
-        return str(text)
+        return text.removeprefix(self._strip) if self._strip else text
 
 
 @dataclass
