@@ -23,6 +23,7 @@ from loraplex.server.config import ModelConfig, add_config_arguments, config_fro
 from loraplex.server.convert import ChatTemplating
 from loraplex.server.engine.api import AdapterAdmin, AdapterInfo, Engine
 from loraplex.server.metrics import Metrics
+from loraplex.server.observed_adapters import ObservedAdapters
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
 from pydantic import Field
@@ -207,6 +208,7 @@ def start(
     )
     metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
     metrics.watch_adapters(list_adapters or store.list)
+    store = ObservedAdapters(store, metrics)
     scheduler = Scheduler(engine, store, limits, observer=metrics)
     metrics.watch_scheduler(scheduler.counts)
     description = ServerDescription(

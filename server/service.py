@@ -245,8 +245,6 @@ class LoraplexService:
         started = time.perf_counter()
         info = self._store().load(adapter_id)
         load_s = time.perf_counter() - started
-        if self.metrics is not None:
-            self.metrics.adapter_load_time.observe(load_s)
         return pb.LoadAdapterResponse(adapter=convert.adapter_to_proto(info), load_s=load_s)
 
     @_guard

@@ -98,6 +98,7 @@ class FakeAdapters:
     versions: dict[str, int] = field(default_factory=dict)
     in_use: dict[tuple[str, int], int] = field(default_factory=dict)
     pinned: set[str] = field(default_factory=set)
+    max_resident: int | None = None  # evict the least recently loaded idle adapter past this
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def _info(self, adapter_id: str) -> AdapterInfo:
@@ -122,6 +123,7 @@ class FakeAdapters:
         with self._lock:
             self._check(adapter_id)
             self.versions[adapter_id] = self.versions.get(adapter_id, 0) + 1
+            self._evict(keep=adapter_id)
             return self._info(adapter_id)
 
     def unload(self, adapter_id: str, wait: bool = True, timeout: float | None = None) -> None:
@@ -145,10 +147,18 @@ class FakeAdapters:
             self._check(adapter_id)
             if adapter_id not in self.versions:
                 self.versions[adapter_id] = 1
+                self._evict(keep=adapter_id)
             ref = AdapterRef(adapter_id, self.versions[adapter_id], scale)
             key = (adapter_id, ref.version)
             self.in_use[key] = self.in_use.get(key, 0) + 1
             return ref
+
+    def _evict(self, keep: str) -> None:
+        for victim in list(self.versions):
+            if self.max_resident is None or len(self.versions) <= self.max_resident:
+                return
+            if victim != keep and not self._info(victim).in_use:
+                del self.versions[victim]
 
     def release(self, ref: AdapterRef) -> None:
         with self._lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -191,12 +192,14 @@ def test_full_queue_answers_resource_exhausted_and_drops_nothing() -> None:
         s.server.drain(grace_s=5)
 
 
-def _wait_for(condition: object) -> None:
-    done = threading.Event()
-    for _ in range(3000):
+def _wait_for(condition: object, within_s: float = 300) -> None:
+    """Poll until `condition()` holds; the bound only stops a broken test from hanging."""
+    pause = threading.Event()
+    give_up = time.monotonic() + within_s
+    while time.monotonic() < give_up:
         if condition():  # type: ignore[operator]
             return
-        done.wait(0.01)
+        pause.wait(0.02)
     raise AssertionError("condition never became true")
 
 
@@ -335,3 +338,22 @@ def test_adapter_labels_are_capped() -> None:
 
     label = AdapterLabels(cap=2)
     assert [label(a) for a in ["x", "y", "z", "x", ""]] == ["x", "y", "other", "x", "base"]
+
+
+def test_adapter_loads_and_evictions_are_counted() -> None:
+    s = serve_fake()
+    s.store.max_resident = 1
+    try:
+        before = scrape(s.server.metrics_port)
+        s.client.load_adapter("a")
+        s.client.generate("lazy load of b evicts a", adapter="b", max_new_tokens=1)
+        s.client.load_adapter("c")  # evicts b
+        after = scrape(s.server.metrics_port)
+        loads = metric(after, "loraplex_adapter_load_seconds_count")
+        assert loads - metric(before, "loraplex_adapter_load_seconds_count") == 3
+        evictions = metric(after, "loraplex_adapter_evictions_total")
+        assert evictions - metric(before, "loraplex_adapter_evictions_total") == 2
+        assert [a.adapter_id for a in s.client.list_adapters()] == ["c"]
+    finally:
+        s.client.close()
+        s.server.drain(grace_s=5)
