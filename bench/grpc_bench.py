@@ -4,9 +4,9 @@ and the server's throughput against the engine alone on the same workload (one r
     .venv/bin/python -m loraplex.bench.grpc_bench [--clients 8] [--requests 32] [--new-tokens 32]
 
 Workload: REQUESTS greedy requests of NEW_TOKENS tokens over 4 LoRA adapters (rank 16,
-all-linear) and the base, at most CLIENTS in flight. The engine alone runs it in this process
-with continuous refill up to CLIENTS sequences; then `loraplex serve` runs in a child process
-with the same engine settings and CLIENTS client threads stream the same requests to it.
+all-linear) and the base, at most CLIENTS in flight. `loraplex serve` runs in a child process;
+the engine alone (same settings, continuous refill up to CLIENTS sequences) runs the workload
+in this process before and after CLIENTS client threads stream the same requests to the server.
 Time to first token is measured by the clients, from sending the request to the first chunk.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import queue
 import socket
 import statistics
@@ -170,20 +171,26 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="loraplex-grpc-bench-"))
     names = make_adapters(checkpoint, root, ADAPTERS)
     jobs = workload(args.requests, names)
-    alone = engine_alone(checkpoint, root, jobs, args)
-    gc.collect()  # the engine's memory goes back before the server starts
+    load_before = os.getloadavg()
+    # The idle server costs nothing while the engine runs alone before and after the served
+    # run; two engine figures show how much the machine's load drifted meanwhile.
     proc, target = start_server(root, args)
     try:
+        alone_before = engine_alone(checkpoint, root, jobs, args)
+        gc.collect()
         served, ttfts = through_server(target, jobs, args)
+        alone_after = engine_alone(checkpoint, root, jobs, args)
     finally:
         proc.terminate()
         proc.wait(120)
+    alone = statistics.fmean([alone_before, alone_after])
     report = {
         "clients": args.clients, "requests": args.requests, "new_tokens": args.new_tokens,
         "ttft_p50_s": percentile(ttfts, 0.5), "ttft_p99_s": percentile(ttfts, 0.99),
         "ttft_mean_s": statistics.fmean(ttfts),
-        "engine_alone_tok_s": alone, "grpc_server_tok_s": served,
-        "server_over_engine_ratio": served / alone,
+        "engine_alone_tok_s_before": alone_before, "engine_alone_tok_s_after": alone_after,
+        "grpc_server_tok_s": served, "server_over_engine_ratio": served / alone,
+        "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
     }  # fmt: skip
     print(json.dumps(report, indent=2))
 
