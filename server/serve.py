@@ -19,9 +19,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from loraplex.server.config import ModelConfig, add_config_arguments, config_from_args
+from loraplex.server.config import (
+    ConfigError,
+    ModelConfig,
+    add_config_arguments,
+    config_from_args,
+)
 from loraplex.server.convert import ChatTemplating
-from loraplex.server.engine.api import AdapterAdmin, AdapterInfo, Engine
+from loraplex.server.engine.api import AdapterAdmin, Engine
 from loraplex.server.metrics import Metrics
 from loraplex.server.observed_adapters import ObservedAdapters
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
@@ -145,6 +150,9 @@ def build_engine(config: ServeConfig) -> HFEngine:
 
 def prepare_adapters(engine: HFEngine, config: ServeConfig) -> None:
     preload = config.preload_adapters or packaged_adapter_ids()
+    if not preload and not config.pinned_adapters:
+        roots = ", ".join(str(r) for r in adapter_roots(config))
+        log.warning("no adapters preloaded; adapters under %s load on first use", roots)
     for adapter_id in dict.fromkeys([*preload, *config.pinned_adapters]):
         info = engine.store.load(adapter_id)
         log.info("adapter %s v%d ready (%s, rank %d)", *_adapter_summary(info))
@@ -192,40 +200,55 @@ class RunningServer:
 
 
 def start(
-    config: ServeConfig,
-    engine: Engine,
-    store: AdapterAdmin,
-    chat: ChatTemplating | None = None,
-    list_adapters: Callable[[], list[AdapterInfo]] | None = None,
+    config: ServeConfig, engine: Engine, store: AdapterAdmin, chat: ChatTemplating | None = None
 ) -> RunningServer:
     """Start the scheduler, the gRPC server and the metrics endpoint around a built engine."""
-    limits = SchedulerLimits(
+    metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
+    metrics.watch_adapters(store.list)
+    observed = ObservedAdapters(store, metrics)
+    scheduler = Scheduler(engine, observed, scheduler_limits(config), observer=metrics)
+    metrics.watch_scheduler(scheduler.counts)
+    service = LoraplexService(scheduler, engine, observed, describe(config), metrics, chat)
+    server, health_servicer, port = _grpc_server(config, service)
+    scheduler.start()
+    server.start()
+    try:
+        metrics_port, stop_metrics = _serve_metrics(config, metrics)
+    except ConfigError:
+        server.stop(grace=0)
+        scheduler.stop()
+        raise
+    return RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
+
+
+def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
+    return SchedulerLimits(
         max_batch_sequences=config.max_batch_sequences,
         max_batch_tokens=config.max_batch_tokens,
         max_adapters_per_step=config.max_adapters_per_step,
         max_queue=config.max_queue,
         max_skips=config.max_skips,
     )
-    metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
-    metrics.watch_adapters(list_adapters or store.list)
-    store = ObservedAdapters(store, metrics)
-    scheduler = Scheduler(engine, store, limits, observer=metrics)
-    metrics.watch_scheduler(scheduler.counts)
-    description = ServerDescription(
+
+
+def describe(config: ServeConfig) -> ServerDescription:
+    return ServerDescription(
         model=config.model,
         backend=config.backend,
         quantization=config.quantization,
         max_new_tokens_limit=config.max_new_tokens_limit,
         version=version("loraplex"),
     )
-    service = LoraplexService(scheduler, engine, store, description, metrics, chat)
-    server, health_servicer, port = _grpc_server(config, service)
-    scheduler.start()
-    server.start()
-    metrics_port, stop_metrics = 0, _noop
-    if config.metrics:
-        metrics_port, stop_metrics = metrics.serve_http(config.metrics_port, config.host)
-    return RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
+
+
+def _serve_metrics(config: ServeConfig, metrics: Metrics) -> tuple[int, Callable[[], None]]:
+    if not config.metrics:
+        return 0, _noop
+    try:
+        return metrics.serve_http(config.metrics_port, config.host)
+    except OSError as err:
+        problem = f"cannot listen on {config.host}:{config.metrics_port} ({err})"
+        raise ConfigError(f"--metrics-port: {problem}") from None
 
 
 def _noop() -> None:
@@ -251,7 +274,10 @@ def _grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as err:
+        raise ConfigError(f"--port: cannot listen on {config.host}:{config.port} ({err})") from None
     return server, health_servicer, port
 
 

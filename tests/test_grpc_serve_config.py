@@ -59,3 +59,22 @@ def test_serve_help_describes_every_setting(capsys: pytest.CaptureFixture[str]) 
     text = capsys.readouterr().out
     for name in ServeConfig.model_fields:
         assert "--" + name.replace("_", "-") in text
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_flag() -> None:
+    import socket
+
+    from fake_engine import FakeAdapters, FakeEngine
+    from loraplex.server.serve import start
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag, settings in (
+            ("--port", {"port": port}),
+            ("--metrics-port", {"metrics_port": port}),
+        ):
+            config = ServeConfig(**{"port": 0, "metrics_port": 0, **settings})  # type: ignore[arg-type]
+            with pytest.raises(ConfigError, match=flag):
+                start(config, FakeEngine(), FakeAdapters(known=set()))
