@@ -2,15 +2,30 @@
 
 The store keeps adapters resident in LRU order and evicts only to make room for a load, so
 the adapters that stop being resident across a load, other than the one loaded, were evicted.
+
+It also holds the contract's promise that unreadable adapter files raise InvalidAdapter:
+an OSError escaping the store while it reads an adapter becomes one, naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
+from loraplex.adapters.errors import InvalidAdapter
 from loraplex.server.engine.api import AdapterAdmin, AdapterInfo, AdapterRef
 from loraplex.server.metrics import Metrics
+
+
+@contextlib.contextmanager
+def _unreadable_files(adapter_id: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as err:
+        name = err.filename or "its files"
+        raise InvalidAdapter(adapter_id, f"cannot read {name}: {err.strerror or err}") from err
 
 
 class ObservedAdapters:
@@ -32,17 +47,20 @@ class ObservedAdapters:
         with self._loading:
             before = self._resident_now()
             started = time.perf_counter()
-            info = self.inner.load(adapter_id)
+            with _unreadable_files(adapter_id):
+                info = self.inner.load(adapter_id)
             self._observe(adapter_id, before, time.perf_counter() - started)
             return info
 
     def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
         if adapter_id in self._resident:
-            return self.inner.acquire(adapter_id, scale)
+            with _unreadable_files(adapter_id):
+                return self.inner.acquire(adapter_id, scale)
         with self._loading:
             before = self._resident_now()
             started = time.perf_counter()
-            ref = self.inner.acquire(adapter_id, scale)
+            with _unreadable_files(adapter_id):
+                ref = self.inner.acquire(adapter_id, scale)
             if adapter_id not in before:
                 self._observe(adapter_id, before, time.perf_counter() - started)
             return ref

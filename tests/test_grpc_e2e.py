@@ -223,7 +223,7 @@ BAD_GENERATIONS = [
     ({"top_p": 1.01}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
     ({"adapter": "bad-shapes"}, grpc.StatusCode.FAILED_PRECONDITION, "shape"),
     ({"adapter": "bad-arch"}, grpc.StatusCode.FAILED_PRECONDITION, "bad-arch"),
-    ({"adapter": "bad-pickle"}, grpc.StatusCode.FAILED_PRECONDITION, "pickle"),
+    ({"adapter": "bad-pickle"}, grpc.StatusCode.FAILED_PRECONDITION, "safetensors"),
 ]
 
 
