@@ -1,0 +1,16 @@
+"""Python clients for a loraplex server."""
+
+from loraplex.clients.client import AsyncClient, Client, GenerationStream, ServerInfo
+from loraplex.clients.errors import LoraplexClientError
+from loraplex.clients.messages import Adapter, Chunk, Generation
+
+__all__ = [
+    "Adapter",
+    "AsyncClient",
+    "Chunk",
+    "Client",
+    "Generation",
+    "GenerationStream",
+    "LoraplexClientError",
+    "ServerInfo",
+]

@@ -7,8 +7,10 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from loraplex.clients.cli import add_adapters_parser, add_generate_parser
 from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
 from loraplex.server.errors import LoraplexError
+from loraplex.server.serve import add_serve_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -29,20 +31,6 @@ def _model_info(args: argparse.Namespace) -> int:
 
     config = config_from_args(ModelConfig, args)
     print(json.dumps(models.describe(config.model, config.cache_dir), indent=2))
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from loraplex.server import models
-
-    config = config_from_args(ModelConfig, args)
-    source = models.resolve(config.model, config.cache_dir)
-    models.hf_checkpoint(source, config.cache_dir)
-    print(
-        f"model {source.spec} is prepared at {source.path}; the gRPC server is not built yet, "
-        "so `serve` stops here",
-        file=sys.stderr,
-    )
     return 0
 
 
@@ -79,14 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         "LoRA/VeRA adapters per batch, hot-swapped over gRPC.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    serve = commands.add_parser("serve", help="run the gRPC server on a base model")
-    add_config_arguments(serve, ModelConfig)
-    serve.set_defaults(run=_serve)
+    add_serve_parser(commands)
+    add_generate_parser(commands)
+    add_adapters_parser(commands)
     _add_model_commands(commands)
     for name, text in [
         ("train-adapter", "train a LoRA/VeRA adapter with QLoRA SFT or DPO"),
-        ("generate", "generate text through a running server"),
-        ("adapters", "list, load, unload or pin adapters on a running server"),
         ("bench", "run load benchmarks against a server"),
     ]:
         commands.add_parser(name, help=text).set_defaults(run=_not_built(name))

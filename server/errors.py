@@ -38,3 +38,15 @@ class CorruptModel(ModelUnavailable):
 
 class HubUnreachable(ModelUnavailable):
     """A hub id was given but no model hub could be reached."""
+
+
+class Draining(LoraplexError):
+    """The server is shutting down and no longer admits requests, or ran out of grace time."""
+
+
+class EngineFailure(LoraplexError):
+    """The backend raised while running a step; the sequences in that step were ended."""
+
+
+class Cancelled(LoraplexError):
+    """The client cancelled the request (or its call ended) before it finished."""

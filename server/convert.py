@@ -1,0 +1,129 @@
+"""Turn wire messages into domain requests (validating every field) and results back."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from typing import Protocol
+
+from loraplex.proto.v1 import loraplex_pb2 as pb
+from loraplex.server.engine.api import (
+    MAX_NEW_TOKENS_LIMIT,
+    AdapterInfo,
+    FinishReason,
+    SamplingParams,
+)
+from loraplex.server.errors import InvalidRequest
+from loraplex.server.scheduler import Timings
+
+GenerationRequest = pb.GenerateRequest | pb.GenerateStreamRequest
+ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+DEFAULTS = SamplingParams()
+
+
+class ChatTemplating(Protocol):
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str: ...
+
+
+def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
+    """Adapter ids name folders under the adapter roots, so no path syntax may reach them."""
+    if not ADAPTER_ID.fullmatch(adapter_id) or ".." in adapter_id:
+        raise InvalidRequest(
+            field,
+            f"{adapter_id!r} is not an adapter id: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'",
+        )
+    return adapter_id
+
+
+def sampling_from_proto(msg: pb.SamplingParams, max_new_tokens_limit: int) -> SamplingParams:
+    def pick(name: str, default: float | int | None) -> float | int | None:
+        return getattr(msg, name) if msg.HasField(name) else default  # type: ignore[arg-type]
+
+    params = SamplingParams(
+        max_new_tokens=int(pick("max_new_tokens", DEFAULTS.max_new_tokens) or 0),
+        temperature=float(pick("temperature", DEFAULTS.temperature) or 0.0),
+        top_k=int(pick("top_k", DEFAULTS.top_k) or 0),
+        top_p=float(pick("top_p", DEFAULTS.top_p) or 0.0),
+        repetition_penalty=float(pick("repetition_penalty", DEFAULTS.repetition_penalty) or 0.0),
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+    )
+    params.validate(min(max_new_tokens_limit, MAX_NEW_TOKENS_LIMIT))
+    return params
+
+
+def adapter_scale(req: GenerationRequest) -> float:
+    if not req.HasField("adapter_scale"):
+        return 1.0
+    if not math.isfinite(req.adapter_scale):
+        raise InvalidRequest("adapter_scale", f"must be a finite number, got {req.adapter_scale}")
+    return float(req.adapter_scale)
+
+
+def prompt_text(req: GenerationRequest, chat: ChatTemplating | None) -> str:
+    if req.prompt and req.messages:
+        raise InvalidRequest("messages", "give either prompt or messages, not both")
+    if req.messages:
+        if chat is None:
+            raise InvalidRequest("messages", "this model's tokenizer has no chat template")
+        return chat.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in req.messages]
+        )
+    if not req.prompt:
+        raise InvalidRequest("prompt", "must not be empty (or give chat messages)")
+    return req.prompt
+
+
+def prompt_ids(text: str, encode: Callable[[str], list[int]], max_context: int) -> list[int]:
+    ids = encode(text)
+    if not ids:
+        raise InvalidRequest("prompt", "encodes to no tokens")
+    if len(ids) >= max_context:
+        raise InvalidRequest(
+            "prompt",
+            f"is {len(ids)} tokens; the model's context holds {max_context} tokens, "
+            "prompt plus at least one new token",
+        )
+    return ids
+
+
+FINISH_TO_PROTO = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS,
+    FinishReason.CONTEXT: pb.FINISH_REASON_CONTEXT,
+}
+
+
+def finish_to_proto(reason: FinishReason | None) -> pb.FinishReason.ValueType:
+    if reason is None:
+        return pb.FINISH_REASON_UNSPECIFIED
+    return FINISH_TO_PROTO.get(reason, pb.FINISH_REASON_UNSPECIFIED)
+
+
+def timings_to_proto(t: Timings) -> pb.Timings:
+    def since_submit(moment: float | None) -> float:
+        return 0.0 if moment is None else moment - t.submitted
+
+    return pb.Timings(
+        queue_s=since_submit(t.scheduled),
+        time_to_first_token_s=since_submit(t.first_token),
+        total_s=since_submit(t.finished),
+    )
+
+
+def adapter_to_proto(info: AdapterInfo) -> pb.AdapterInfo:
+    return pb.AdapterInfo(
+        adapter_id=info.adapter_id,
+        version=info.version,
+        peft_type=info.peft_type,
+        rank=info.rank,
+        target_modules=list(info.target_modules),
+        nbytes=info.nbytes,
+        resident=info.resident,
+        pinned=info.pinned,
+        in_use=info.in_use,
+        path=info.path,
+    )

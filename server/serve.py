@@ -1,0 +1,306 @@
+"""`loraplex serve`: build the engine, adapter store, scheduler and gRPC server, then run
+until SIGTERM or SIGINT, and drain: stop admitting, finish in-flight requests within the
+grace period, exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from pydantic import Field
+
+from loraplex.server.config import (
+    ConfigError,
+    ModelConfig,
+    add_config_arguments,
+    config_from_args,
+)
+from loraplex.server.convert import ChatTemplating
+from loraplex.server.engine.api import AdapterAdmin, Engine
+from loraplex.server.metrics import Metrics
+from loraplex.server.observed_adapters import ObservedAdapters
+from loraplex.server.scheduler import Scheduler, SchedulerLimits
+from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
+
+if TYPE_CHECKING:
+    from loraplex.server.engine.hf import HFEngine
+
+log = logging.getLogger("loraplex.serve")
+PACKAGED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters" / "trainer" / "defaults"
+ADMIN_WORKERS = 8  # gRPC threads kept free for admin, info and health calls
+
+
+class ServeConfig(ModelConfig):
+    """Everything `loraplex serve` needs; flags > LORAPLEX_* > the [serve] table of --config."""
+
+    toml_table: ClassVar[str] = "serve"
+
+    backend: Literal["hf"] = Field(default="hf", description="inference backend")
+    quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(
+        default="nf4", description="resident base weights"
+    )
+    device: str = Field(default="auto", description="torch device; auto picks CUDA when present")
+    adapter_mode: Literal["batched", "merged", "auto"] = Field(
+        default="auto",
+        description="batched: per-row adapter deltas; merged: W+s·BA while one adapter owns "
+        "the batch; auto: the engine decides",
+    )
+    adapter_roots: list[Path] = Field(
+        default_factory=list,
+        description="directories holding PEFT adapter folders; an adapter's id is its folder "
+        "name (default: <cache-dir>/adapters, plus the packaged default adapters)",
+    )
+    preload_adapters: list[str] = Field(
+        default_factory=list,
+        description="adapter ids loaded at start (default: every packaged default adapter)",
+    )
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="adapter ids loaded at start and never evicted"
+    )
+    max_resident_adapters: int = Field(default=64, ge=1, description="adapters kept loaded")
+    max_resident_bytes: int = Field(default=4 << 30, ge=1, description="adapter bytes kept loaded")
+    max_lora_rank: int = Field(default=64, ge=1, description="largest adapter rank accepted")
+    max_context: int | None = Field(default=None, ge=8, description="context limit (tokens)")
+    host: str = Field(default="127.0.0.1", description="address the gRPC server binds")
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)"
+    )
+    metrics: bool = Field(default=True, description="serve Prometheus metrics")
+    max_batch_sequences: int = Field(default=8, ge=1, description="sequences per engine step")
+    max_batch_tokens: int = Field(
+        default=2048, ge=1, description="tokens per engine step (prefill plus decode)"
+    )
+    max_adapters_per_step: int = Field(
+        default=4, ge=1, description="distinct adapters per engine step"
+    )
+    max_queue: int = Field(default=64, ge=0, description="requests waiting for admission")
+    max_skips: int = Field(
+        default=8, ge=1, description="steps a skipped request waits before it blocks the queue"
+    )
+    max_new_tokens_limit: int = Field(default=4096, ge=1, description="largest max_new_tokens")
+    max_adapter_labels: int = Field(
+        default=32, ge=0, description="adapters with their own metric label; others: 'other'"
+    )
+    grace_period: float = Field(
+        default=30.0, ge=0, description="seconds SIGTERM waits for in-flight requests"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log level"
+    )
+
+
+def add_serve_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="run the gRPC server on a base model",
+        description="Serve a quantized base model and many LoRA/VeRA adapters over gRPC "
+        "(loraplex.v1, plus grpc.health.v1 and server reflection), with Prometheus metrics on "
+        "their own port. SIGTERM drains in-flight requests, then exits 0.",
+    )
+    add_config_arguments(parser, ServeConfig)
+    parser.set_defaults(run=lambda args: serve(config_from_args(ServeConfig, args)))
+
+
+def adapter_roots(config: ServeConfig) -> list[Path]:
+    roots = list(config.adapter_roots) or [config.cache_dir / "adapters"]
+    if PACKAGED_ADAPTERS.is_dir():
+        roots.append(PACKAGED_ADAPTERS)
+    return roots
+
+
+def packaged_adapter_ids() -> list[str]:
+    if not PACKAGED_ADAPTERS.is_dir():
+        return []
+    return sorted(p.parent.name for p in PACKAGED_ADAPTERS.glob("*/adapter_config.json"))
+
+
+def build_engine(config: ServeConfig) -> HFEngine:
+    from loraplex.server import models
+    from loraplex.server.engine.config import EngineConfig
+    from loraplex.server.engine.hf import HFEngine
+
+    source = models.resolve(config.model, config.cache_dir)
+    engine_config = EngineConfig(
+        checkpoint=models.hf_checkpoint(source, config.cache_dir),
+        quantization=config.quantization,
+        device=config.device,
+        adapter_mode=config.adapter_mode,
+        max_lora_rank=config.max_lora_rank,
+        adapter_slots=config.max_adapters_per_step,
+        max_batch_size=config.max_batch_sequences,
+        max_context=config.max_context,
+        adapter_roots=adapter_roots(config),
+        max_resident_adapters=config.max_resident_adapters,
+        max_resident_bytes=config.max_resident_bytes,
+    )
+    return HFEngine.from_config(engine_config)
+
+
+def prepare_adapters(engine: HFEngine, config: ServeConfig) -> None:
+    preload = config.preload_adapters or packaged_adapter_ids()
+    if not preload and not config.pinned_adapters:
+        roots = ", ".join(str(r) for r in adapter_roots(config))
+        log.warning("no adapters preloaded; adapters under %s load on first use", roots)
+    for adapter_id in dict.fromkeys([*preload, *config.pinned_adapters]):
+        info = engine.store.load(adapter_id)
+        log.info("adapter %s v%d ready (%s, rank %d)", *_adapter_summary(info))
+    for adapter_id in config.pinned_adapters:
+        engine.store.pin(adapter_id)
+
+
+def _adapter_summary(info: object) -> tuple[object, ...]:
+    return tuple(getattr(info, k) for k in ("adapter_id", "version", "peft_type", "rank"))
+
+
+class TokenizerChat:
+    """Chat prompts through the tokenizer's own template, as text the engine then encodes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        # Templates start with the BOS token; drop it when encoding adds one anyway.
+        probe = tokenizer.encode("a")
+        bos_id = tokenizer.bos_token_id
+        adds_bos = bos_id is not None and bool(probe) and probe[0] == bos_id
+        self._strip = str(tokenizer.bos_token) if adds_bos else ""
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        text = str(
+            self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+        return text.removeprefix(self._strip) if self._strip else text
+
+
+@dataclass
+class RunningServer:
+    grpc_server: grpc.Server
+    scheduler: Scheduler
+    health: health.HealthServicer
+    port: int
+    metrics_port: int  # 0 when metrics are off
+    stop_metrics: Callable[[], None]
+
+    def drain(self, grace_s: float) -> bool:
+        self.health.enter_graceful_shutdown()
+        clean = self.scheduler.drain(grace_s)
+        self.grpc_server.stop(grace=5).wait()
+        self.stop_metrics()
+        return clean
+
+
+def start(
+    config: ServeConfig, engine: Engine, store: AdapterAdmin, chat: ChatTemplating | None = None
+) -> RunningServer:
+    """Start the scheduler, the gRPC server and the metrics endpoint around a built engine."""
+    metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
+    metrics.watch_adapters(store.list)
+    observed = ObservedAdapters(store, metrics)
+    scheduler = Scheduler(engine, observed, scheduler_limits(config), observer=metrics)
+    metrics.watch_scheduler(scheduler.counts)
+    service = LoraplexService(scheduler, engine, observed, describe(config), metrics, chat)
+    server, health_servicer, port = _grpc_server(config, service)
+    scheduler.start()
+    server.start()
+    try:
+        metrics_port, stop_metrics = _serve_metrics(config, metrics)
+    except ConfigError:
+        server.stop(grace=0)
+        scheduler.stop()
+        raise
+    return RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
+
+
+def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
+    return SchedulerLimits(
+        max_batch_sequences=config.max_batch_sequences,
+        max_batch_tokens=config.max_batch_tokens,
+        max_adapters_per_step=config.max_adapters_per_step,
+        max_queue=config.max_queue,
+        max_skips=config.max_skips,
+    )
+
+
+def describe(config: ServeConfig) -> ServerDescription:
+    return ServerDescription(
+        model=config.model,
+        backend=config.backend,
+        quantization=config.quantization,
+        max_new_tokens_limit=config.max_new_tokens_limit,
+        version=version("loraplex"),
+    )
+
+
+def _serve_metrics(config: ServeConfig, metrics: Metrics) -> tuple[int, Callable[[], None]]:
+    if not config.metrics:
+        return 0, _noop
+    try:
+        return metrics.serve_http(config.metrics_port, config.host)
+    except OSError as err:
+        problem = f"cannot listen on {config.host}:{config.metrics_port} ({err})"
+        raise ConfigError(f"--metrics-port: {problem}") from None
+
+
+def _noop() -> None:
+    return None
+
+
+def _grpc_server(
+    config: ServeConfig, service: LoraplexService
+) -> tuple[grpc.Server, health.HealthServicer, int]:
+    # Every request waiting or running holds a thread; past that, gRPC answers
+    # RESOURCE_EXHAUSTED itself rather than queueing invisibly.
+    workers = config.max_batch_sequences + config.max_queue + ADMIN_WORKERS
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        handlers=[service.handler()],
+        maximum_concurrent_rpcs=workers,
+        options=[("grpc.so_reuseport", 0)],
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(f"{config.host}:{config.port}")
+    except RuntimeError as err:
+        raise ConfigError(f"--port: cannot listen on {config.host}:{config.port} ({err})") from None
+    return server, health_servicer, port
+
+
+def serve(config: ServeConfig) -> int:
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    engine = build_engine(config)
+    prepare_adapters(engine, config)
+    chat = TokenizerChat(engine.tokenizer) if engine.tokenizer.chat_template else None
+    running = start(config, engine, engine.store, chat)
+    log.info(
+        "serving %s on %s:%d (metrics on port %d)",
+        config.model, config.host, running.port, running.metrics_port,
+    )  # fmt: skip
+    print(f"loraplex: serving on {config.host}:{running.port}", file=sys.stderr, flush=True)
+    stop.wait()
+    log.info("draining: no new requests; waiting up to %.0fs", config.grace_period)
+    clean = running.drain(config.grace_period)
+    outcome = "all requests finished" if clean else "the grace period ran out"
+    print(f"loraplex: stopped ({outcome})", file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,47 @@
+"""The one place where typed errors become gRPC status codes (by class, never by message)."""
+
+from __future__ import annotations
+
+import grpc
+
+from loraplex.adapters.errors import (
+    AdapterCapacityExceeded,
+    AdapterError,
+    AdapterInUse,
+    AdapterNotFound,
+    InvalidAdapter,
+)
+from loraplex.server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Draining,
+    EngineFailure,
+    InvalidRequest,
+    LoraplexError,
+    ModelUnavailable,
+    Overloaded,
+)
+
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    AdapterNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidAdapter: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterCapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,  # all resident ones busy
+    AdapterError: grpc.StatusCode.FAILED_PRECONDITION,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Draining: grpc.StatusCode.UNAVAILABLE,
+    Cancelled: grpc.StatusCode.CANCELLED,
+    ModelUnavailable: grpc.StatusCode.UNAVAILABLE,
+    EngineFailure: grpc.StatusCode.INTERNAL,
+    LoraplexError: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_for(err: BaseException) -> grpc.StatusCode | None:
+    """The status for a typed error, found along its class hierarchy; None if it is not ours."""
+    for cls in type(err).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return None

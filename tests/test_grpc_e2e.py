@@ -1,0 +1,344 @@
+"""End to end: the real `loraplex serve` process on a tiny model, driven over loopback gRPC.
+
+Token oracle: the same HFEngine run in this process on one request at a time.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from engine_driver import run as engine_run
+from grpc_helpers import field_bytes, metric, raw_unary, scrape
+from peft import LoraConfig, get_peft_model
+from peft_adapters import ADAPTER_CONFIGS, save_adapter
+from server_process import ServerProcess
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from loraplex.clients import Client
+from loraplex.clients import errors as client_errors
+from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.hf import HFEngine
+
+ADAPTERS = {"lora": "lora-qv-r4", "rslora": "rslora-all-r8", "vera": "vera-r16"}
+PROMPTS = ["The capital of France", "hello world", "Question: what is", "The quick brown"]
+SERVE_ARGS = ["--quantization", "fp32", "--max-new-tokens-limit", "1000", "--log-level", "warning"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
+    # The tiny llama: its greedy output depends on the adapters (the tiny gemma mostly
+    # repeats the last prompt token whatever the adapter).
+    return tiny_checkpoints["llama"]
+
+
+@pytest.fixture(scope="module")
+def adapter_root(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real PEFT adapters for the tiny base, plus a second weight set for "lora" (lora-v2)."""
+    root = tmp_path_factory.mktemp("adapters")
+    base = AutoModelForCausalLM.from_pretrained(checkpoint)
+    # Large enough random weights that every adapter changes the greedy output.
+    for seed, (name, config_name) in enumerate(ADAPTERS.items()):
+        save_adapter(base, ADAPTER_CONFIGS[config_name], root / name, seed=seed + 1, std=1.0)
+    save_adapter(base, ADAPTER_CONFIGS["lora-qv-r4"], root / "lora-v2", seed=99, std=1.0)
+    _write_bad_adapters(root)
+    return root
+
+
+def _write_bad_adapters(root: Path) -> None:
+    # Wrong shapes: the same module names on a narrower llama.
+    narrow = LlamaConfig(
+        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    save_adapter(LlamaForCausalLM(narrow), ADAPTER_CONFIGS["lora-qv-r4"], root / "bad-shapes", 5)
+    # Another architecture: GPT-2's fused attention projection.
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4))
+    other = get_peft_model(gpt2, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    other.save_pretrained(root / "bad-arch")
+    # Only a pickle file holding the weights.
+    pickled = root / "bad-pickle"
+    shutil.copytree(root / "lora", pickled)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path, adapter_root: Path) -> HFEngine:
+    config = EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_roots=[adapter_root])
+    return HFEngine.from_config(config)
+
+
+def alone(engine: HFEngine, prompt: str, adapter: str, n: int) -> list[int]:
+    """Greedy tokens the engine gives this request run by itself."""
+    ref: AdapterRef | None = engine.store.acquire(adapter) if adapter else None
+    try:
+        request = SequenceRequest("oracle", engine.encode(prompt), SamplingParams(n), ref)
+        return engine_run(engine, {0: [request]})["oracle"].tokens
+    finally:
+        if ref is not None:
+            engine.store.release(ref)
+
+
+@pytest.fixture(scope="module")
+def server(
+    checkpoint: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    args = ["--model", str(checkpoint), "--adapter-roots", str(adapter_root), *SERVE_ARGS]
+    args += [
+        "--preload-adapters",
+        "lora",
+        "--preload-adapters",
+        "vera",
+        "--cache-dir",
+        str(log.parent),
+    ]
+    proc = ServerProcess(args, log)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def client(server: ServerProcess) -> Iterator[Client]:
+    with Client(server.target, timeout=120) as c:
+        yield c
+
+
+def test_health_serving_and_preloaded_adapters(client: Client) -> None:
+    assert client.health() == "SERVING"
+    resident = {a.adapter_id for a in client.list_adapters() if a.resident}
+    assert {"lora", "vera"} <= resident
+
+
+def test_concurrent_clients_on_different_adapters_match_the_engine_alone(
+    client: Client, engine: HFEngine
+) -> None:
+    jobs = [(p, a) for p in PROMPTS[:2] for a in ["", "lora", "rslora", "vera"]]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(
+            pool.map(lambda j: client.generate(j[0], adapter=j[1], max_new_tokens=8), jobs)
+        )
+    for (prompt, adapter), result in zip(jobs, results, strict=True):
+        assert result.token_ids == alone(engine, prompt, adapter, 8), (prompt, adapter)
+    # Adapters really change the answer, so the comparison above can tell them apart.
+    for i in range(0, len(results), 4):
+        assert len({tuple(r.token_ids) for r in results[i : i + 4]}) == 4
+
+
+def test_stream_returns_the_same_text_as_unary(client: Client) -> None:
+    for adapter in ("", "rslora"):
+        unary = client.generate(PROMPTS[2], adapter=adapter, max_new_tokens=10)
+        stream = client.stream(PROMPTS[2], adapter=adapter, max_new_tokens=10)
+        text = "".join(chunk.text for chunk in stream)
+        assert text == unary.text
+        assert stream.result is not None and stream.result.token_ids == unary.token_ids
+
+
+def test_load_unload_replace_during_streaming_cause_no_failures(
+    client: Client, engine: HFEngine, adapter_root: Path
+) -> None:
+    swap_root = adapter_root / "swap"
+    shutil.rmtree(swap_root, ignore_errors=True)
+    shutil.copytree(adapter_root / "lora", swap_root)
+    first = client.load_adapter("swap")
+    results: list[tuple[int, list[int]]] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def traffic(adapter: str) -> None:
+        while not stop.is_set():
+            try:
+                stream = client.stream(PROMPTS[0], adapter=adapter, max_new_tokens=6)
+                tokens = [t for chunk in stream for t in chunk.token_ids]
+                if adapter == "swap":
+                    assert stream.result is not None
+                    results.append((stream.result.adapter_version, tokens))
+            except BaseException as err:
+                failures.append(err)
+
+    threads = [threading.Thread(target=traffic, args=(a,)) for a in ("swap", "swap", "vera")]
+    for t in threads:
+        t.start()
+    try:
+        _wait_for(lambda: len(results) >= 2)
+        shutil.rmtree(swap_root)
+        shutil.copytree(adapter_root / "lora-v2", swap_root)
+        replaced = client.load_adapter("swap")  # a newer copy under the same id
+        assert replaced.version > first.version
+        client.unload_adapter("vera")  # waits for its in-flight requests
+        client.load_adapter("rslora")
+        _wait_for(lambda: any(v == replaced.version for v, _ in results))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    want = {
+        first.version: alone(engine, PROMPTS[0], "lora", 6),
+        replaced.version: alone(engine, PROMPTS[0], "lora-v2", 6),
+    }
+    assert want[first.version] != want[replaced.version]
+    for version, tokens in results:
+        assert tokens == want[version], f"a request on version {version} got other weights"
+
+
+def _wait_for(condition: object, within_s: float = 300) -> None:
+    """Poll until `condition()` holds; the bound only stops a broken test from hanging."""
+    pause = threading.Event()
+    give_up = time.monotonic() + within_s
+    while time.monotonic() < give_up:
+        if condition():  # type: ignore[operator]
+            return
+        pause.wait(0.02)
+    raise AssertionError("condition never became true")
+
+
+BAD_GENERATIONS = [
+    ({"adapter": "no-such-adapter"}, grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
+    ({"adapter": "../lora"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
+    ({"adapter": "swap/../lora"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
+    ({"adapter": "/etc"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
+    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({"prompt": "hello world " * 400}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"max_new_tokens": 10**9}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
+    ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ({"top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ({"top_p": 1.01}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    ({"adapter": "bad-shapes"}, grpc.StatusCode.FAILED_PRECONDITION, "shape"),
+    ({"adapter": "bad-arch"}, grpc.StatusCode.FAILED_PRECONDITION, "bad-arch"),
+    ({"adapter": "bad-pickle"}, grpc.StatusCode.FAILED_PRECONDITION, "safetensors"),
+]
+
+
+@pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
+def test_bad_generation_requests(
+    client: Client, options: dict, code: grpc.StatusCode, named: str
+) -> None:
+    prompt = options.pop("prompt", "hello")
+    with pytest.raises(client_errors.LoraplexClientError) as caught:
+        client.generate(prompt, **options)
+    assert caught.value.code == code
+    assert named in caught.value.details
+    assert client.generate("still serving", max_new_tokens=2).completion_tokens == 2
+
+
+@pytest.mark.parametrize("adapter_id", ["bad-shapes", "bad-arch", "bad-pickle"])
+def test_loading_an_invalid_adapter_is_refused(client: Client, adapter_id: str) -> None:
+    with pytest.raises(client_errors.FailedPrecondition) as caught:
+        client.load_adapter(adapter_id)
+    assert adapter_id in caught.value.details
+    assert client.health() == "SERVING"
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("Generate", field_bytes(1, b"caf\xc3")),
+        ("Generate", field_bytes(3, b"\xff")),
+        ("Generate", field_bytes(5, field_bytes(6, b"\xfe"))),
+        ("Tokenize", field_bytes(1, b"\xed\xa0\x80")),
+        ("LoadAdapter", field_bytes(1, b"\x80")),
+    ],
+)
+def test_invalid_utf8_on_the_wire(
+    server: ServerProcess, client: Client, method: str, message: bytes
+) -> None:
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as caught:
+        raw_unary(channel, method)(message, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "UTF-8" in caught.value.details()
+    assert client.generate("still serving", max_new_tokens=2).completion_tokens == 2
+
+
+def test_metrics_scrape_shows_counters_moving(server: ServerProcess, client: Client) -> None:
+    before = scrape(server.metrics_port)
+    client.generate("count", adapter="lora", max_new_tokens=4)
+    after = scrape(server.metrics_port)
+
+    def moved(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert moved("loraplex_requests_total", adapter="lora", status="OK") == 1
+    assert moved("loraplex_generated_tokens_total", adapter="lora") == 4
+    assert moved("loraplex_prompt_tokens_total", adapter="lora") == len(client.tokenize("count"))
+    assert moved("loraplex_time_to_first_token_seconds_count", adapter="lora") == 1
+    assert moved("loraplex_time_per_output_token_seconds_count", adapter="lora") == 1
+    assert moved("loraplex_batch_size_count") >= 4
+    assert metric(after, "loraplex_resident_adapters") >= 1
+    assert metric(after, "loraplex_resident_adapter_bytes") > 0
+
+
+@pytest.fixture
+def tight_server(checkpoint: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+    """One running sequence and one waiting request at most."""
+    args = ["--model", str(checkpoint), *SERVE_ARGS, "--cache-dir", str(tmp_path)]
+    args += ["--max-batch-sequences", "1", "--max-queue", "1", "--grace-period", "120"]
+    proc = ServerProcess(args, tmp_path / "server.log")
+    yield proc
+    proc.stop()
+
+
+def test_full_queue_cancellation_and_deadlines(tight_server: ServerProcess) -> None:
+    with Client(tight_server.target, timeout=120) as client:
+        blocker = client.stream(PROMPTS[0], max_new_tokens=500)
+        blocker_chunks = iter(blocker)
+        next(blocker_chunks)  # running now
+        queued = client.stream(PROMPTS[1], max_new_tokens=3)
+        _wait_for(lambda: client.server_info().waiting == 1)
+        with pytest.raises(client_errors.ResourceExhausted, match="queue is full"):
+            client.generate(PROMPTS[2], max_new_tokens=3)
+        # Cancelling the blocker frees its slot: the queued request is admitted and finishes.
+        blocker.cancel()
+        assert len([t for c in queued for t in c.token_ids]) == 3
+        _wait_for(lambda: client.server_info().running == 0)
+        samples = scrape(tight_server.metrics_port)
+        assert metric(samples, "loraplex_requests_total", adapter="base", status="CANCELLED") == 1
+        # A deadline that passes while waiting behind a long request ends it, freeing the queue.
+        blocker = client.stream(PROMPTS[0], max_new_tokens=500)
+        next(iter(blocker))
+        with pytest.raises(client_errors.DeadlineExceeded):
+            client.generate(PROMPTS[1], max_new_tokens=3, timeout=0.5)
+        _wait_for(lambda: client.server_info().waiting == 0)
+        blocker.cancel()
+        assert client.generate(PROMPTS[1], max_new_tokens=3).completion_tokens == 3
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tight_server: ServerProcess) -> None:
+    with Client(tight_server.target, timeout=120) as client:
+        stream = client.stream(PROMPTS[0], max_new_tokens=60)
+        chunks = iter(stream)
+        first = next(chunks)
+        tight_server.terminate()
+        _wait_for(lambda: _health_or_gone(client) != "SERVING")
+        with pytest.raises(client_errors.Unavailable):
+            client.generate(PROMPTS[1], max_new_tokens=2)  # no longer admitted
+        rest = list(chunks)
+        assert stream.result is not None and stream.result.finish_reason == "length"
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 60
+    assert tight_server.wait(timeout=120) == 0
+    assert "loraplex: stopped (all requests finished)" in tight_server.log()
+
+
+def _health_or_gone(client: Client) -> str:
+    try:
+        return client.health()
+    except client_errors.Unavailable:
+        return "GONE"

@@ -1,0 +1,82 @@
+"""`loraplex serve` settings: flags win over LORAPLEX_* variables, which win over the TOML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from loraplex.server.cli import build_parser
+from loraplex.server.config import ConfigError, config_from_args
+from loraplex.server.serve import ServeConfig, adapter_roots
+
+
+def parse(argv: list[str]) -> ServeConfig:
+    return config_from_args(ServeConfig, build_parser().parse_args(["serve", *argv]))
+
+
+def test_precedence_flags_env_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toml = tmp_path / "loraplex.toml"
+    toml.write_text(
+        "[serve]\nport = 7000\nmax_queue = 5\nmax_batch_sequences = 3\n"
+        'preload_adapters = ["a", "b"]\n'
+    )
+    monkeypatch.setenv("LORAPLEX_MAX_QUEUE", "9")
+    monkeypatch.setenv("LORAPLEX_MAX_BATCH_SEQUENCES", "4")
+    config = parse(["--config", str(toml), "--max-batch-sequences", "6", "--pinned-adapters", "p"])
+    assert config.port == 7000  # file
+    assert config.max_queue == 9  # variable over file
+    assert config.max_batch_sequences == 6  # flag over variable
+    assert config.preload_adapters == ["a", "b"] and config.pinned_adapters == ["p"]
+
+
+def test_repeated_list_flags_and_roots(tmp_path: Path) -> None:
+    config = parse(["--adapter-roots", str(tmp_path / "x"), "--adapter-roots", str(tmp_path / "y")])
+    assert adapter_roots(config)[:2] == [tmp_path / "x", tmp_path / "y"]
+    default = parse(["--cache-dir", str(tmp_path)])
+    assert adapter_roots(default)[0] == tmp_path / "adapters"
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--max-batch-sequences", "0"], "--max-batch-sequences"),
+        (["--port", "70000"], "--port"),
+        (["--quantization", "int3"], None),
+    ],
+)
+def test_bad_values_name_the_flag(argv: list[str], flag: str | None) -> None:
+    if flag is None:
+        with pytest.raises(SystemExit):
+            parse(argv)
+        return
+    with pytest.raises(ConfigError, match=flag):
+        parse(argv)
+
+
+def test_serve_help_describes_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--help"])
+    text = capsys.readouterr().out
+    for name in ServeConfig.model_fields:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_flag() -> None:
+    import socket
+
+    from fake_engine import FakeAdapters, FakeEngine
+
+    from loraplex.server.serve import start
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flag, settings in (
+            ("--port", {"port": port}),
+            ("--metrics-port", {"metrics_port": port}),
+        ):
+            config = ServeConfig(**{"port": 0, "metrics_port": 0, **settings})  # type: ignore[arg-type]
+            with pytest.raises(ConfigError, match=flag):
+                start(config, FakeEngine(), FakeAdapters(known=set()))

@@ -1,0 +1,265 @@
+"""Scheduler unit tests against a model-free engine: budgets, fairness, cancellation, drain."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from fake_engine import FakeAdapters, FakeEngine, expected_token
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loraplex.server.engine.api import FinishReason, SamplingParams
+from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, Overloaded
+from loraplex.server.scheduler import RequestHandle, Scheduler, SchedulerLimits, Submission
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    limits: SchedulerLimits | None = None, adapters: set[str] | None = None
+) -> tuple[Scheduler, FakeEngine, FakeAdapters, FakeClock]:
+    engine = FakeEngine()
+    store = FakeAdapters(known=adapters or {"a", "b", "c", "d"})
+    clock = FakeClock()
+    return Scheduler(engine, store, limits or SchedulerLimits(), clock=clock), engine, store, clock
+
+
+def sub(prompt: str = "hello", adapter: str = "", n: int = 4, **kw: object) -> Submission:
+    return Submission(FakeEngine().encode(prompt), SamplingParams(max_new_tokens=n), adapter, **kw)  # type: ignore[arg-type]
+
+
+def run_until_idle(s: Scheduler, limit: int = 10_000) -> int:
+    steps = 0
+    while s.step():
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def tokens(handle: RequestHandle) -> list[int]:
+    return [e.token_id for e in handle.events() if e.token_id is not None]
+
+
+def admitted_order(engine: FakeEngine) -> list[str]:
+    return [r.seq_id for plan in engine.plans for r in plan.prefill]
+
+
+def test_every_request_gets_its_own_tokens_however_batched() -> None:
+    s, engine, store, _ = make(SchedulerLimits(max_batch_sequences=3, max_adapters_per_step=2))
+    handles = [
+        s.submit(sub(f"prompt {i}", adapter=["", "a", "b", "c"][i % 4], n=3 + i % 5))
+        for i in range(12)
+    ]
+    run_until_idle(s)
+    for h in handles:
+        ref = store.acquire(h.adapter_key) if h.adapter_key else None
+        if ref is not None:
+            store.release(ref)
+        want = [expected_token(h.submission.prompt_ids, ref, i) for i in range(h.completion_tokens)]
+        assert tokens(h) == want
+        assert h.finish_reason is FinishReason.LENGTH
+        assert h.completion_tokens == h.submission.sampling.max_new_tokens
+    assert not engine.seqs
+    assert all(n == 0 for n in store.in_use.values()), "adapter references leaked"
+
+
+def test_budgets_hold_every_step() -> None:
+    limits = SchedulerLimits(max_batch_sequences=4, max_batch_tokens=24, max_adapters_per_step=2)
+    s, engine, _, _ = make(limits)
+    for i in range(30):
+        s.submit(sub("x" * (3 + i % 9), adapter="abcd"[i % 4] if i % 3 else "", n=1 + i % 6))
+    run_until_idle(s)
+    for plan in engine.plans:
+        ids = [r.seq_id for r in plan.prefill] + plan.decode
+        assert len(ids) <= limits.max_batch_sequences
+        assert sum(len(r.prompt_ids) for r in plan.prefill) + len(plan.decode) <= 24
+        adapters = {r.adapter.adapter_id for r in plan.prefill if r.adapter}
+        adapters |= {engine_adapter(engine, sid) for sid in plan.decode} - {""}
+        assert len(adapters) <= limits.max_adapters_per_step
+    assert len(admitted_order(engine)) == 30
+
+
+def engine_adapter(engine: FakeEngine, seq_id: str) -> str:
+    for plan in engine.plans:
+        for r in plan.prefill:
+            if r.seq_id == seq_id:
+                return r.adapter.adapter_id if r.adapter else ""
+    raise AssertionError(f"{seq_id} was never prefilled")
+
+
+def test_full_queue_raises_overloaded_and_drops_nothing() -> None:
+    s, _, store, _ = make(SchedulerLimits(max_queue=3))
+    accepted = [s.submit(sub(adapter="a")) for _ in range(3)]
+    with pytest.raises(Overloaded, match="full"):
+        s.submit(sub(adapter="a"))
+    run_until_idle(s)
+    assert all(h.finish_reason is FinishReason.LENGTH for h in accepted)
+    assert sum(store.in_use.values()) == 0, "the refused request kept its adapter reference"
+    s.submit(sub())  # room again
+
+
+def test_prompt_over_the_token_budget_runs_alone() -> None:
+    s, engine, _, _ = make(SchedulerLimits(max_batch_tokens=8))
+    short = s.submit(sub("ab", n=3))
+    long = s.submit(sub("x" * 20, n=2))
+    run_until_idle(s)
+    assert short.finish_reason is long.finish_reason is FinishReason.LENGTH
+    plan = next(p for p in engine.plans if any(r.seq_id == long.seq_id for r in p.prefill))
+    assert len(plan.prefill) == 1 and not plan.decode
+
+
+def test_request_over_the_adapter_cap_is_skipped_not_blocking() -> None:
+    s, engine, _, _ = make(SchedulerLimits(max_batch_sequences=8, max_adapters_per_step=1))
+    first = s.submit(sub(adapter="a", n=5))
+    blocked = s.submit(sub(adapter="b", n=5))
+    behind = [s.submit(sub(adapter="a", n=5)), s.submit(sub(n=5))]
+    s.step()
+    admitted = set(admitted_order(engine))
+    assert {first.seq_id, *(h.seq_id for h in behind)} <= admitted
+    assert blocked.seq_id not in admitted
+    run_until_idle(s)
+    assert blocked.finish_reason is FinishReason.LENGTH
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    flood=st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=3),
+    slots=st.integers(min_value=1, max_value=4),
+)
+def test_fairness_bound_rare_adapter_waits_at_most_q_minus_1_admissions(
+    flood: list[int], slots: int
+) -> None:
+    """The stated bound: a request at the head of its adapter's queue is admitted after at
+    most Q-1 requests of other adapters, Q = adapters with waiting requests."""
+    limits = SchedulerLimits(max_batch_sequences=slots, max_adapters_per_step=8, max_queue=400)
+    s, engine, _, _ = make(limits)
+    for adapter, count in zip("abc", flood, strict=False):
+        for _ in range(count):
+            s.submit(sub(adapter=adapter, n=3))
+    rare = s.submit(sub(adapter="d", n=3))
+    queues_waiting = len(flood) + 1
+    run_until_idle(s)
+    order = admitted_order(engine)
+    assert order.index(rare.seq_id) <= queues_waiting - 1
+
+
+def test_rare_adapter_blocked_by_the_cap_is_admitted_within_the_skip_bound() -> None:
+    limits = SchedulerLimits(max_batch_sequences=4, max_adapters_per_step=1, max_skips=3)
+    s, engine, _, _ = make(limits)
+    n = 5
+    for _ in range(4):
+        s.submit(sub(adapter="a", n=n))
+    rare = s.submit(sub(adapter="b", n=n))
+    steps = 0
+    while rare.seq_id not in admitted_order(engine):
+        s.submit(sub(adapter="a", n=n))  # the flood never stops
+        s.step()
+        steps += 1
+        # Skipped max_skips steps, then the running sequences of "a" (at most n tokens) drain.
+        assert steps <= limits.max_skips + n + 1
+
+
+def test_cancelling_a_running_request_frees_its_slot_in_the_next_step() -> None:
+    s, engine, store, _ = make(SchedulerLimits(max_batch_sequences=1))
+    running = s.submit(sub(adapter="a", n=50))
+    waiting = s.submit(sub(n=2))
+    s.step()
+    assert running.seq_id in engine.seqs
+    running.cancel()
+    s.step()
+    plan = engine.plans[-1]
+    assert plan.release == [running.seq_id]
+    assert running.seq_id not in engine.seqs
+    assert [r.seq_id for r in plan.prefill] == [waiting.seq_id]
+    assert running.finish_reason is FinishReason.CANCELLED
+    assert len(tokens(running)) == 1  # events() ends without an error
+    assert sum(store.in_use.values()) == 0
+    run_until_idle(s)
+
+
+def test_cancelling_a_waiting_request_removes_it() -> None:
+    s, engine, _, _ = make(SchedulerLimits(max_batch_sequences=1))
+    s.submit(sub(n=3))
+    waiting = s.submit(sub(n=3))
+    waiting.cancel()
+    run_until_idle(s)
+    assert waiting.seq_id not in admitted_order(engine)
+    assert s.counts() == (0, 0)
+
+
+def test_missed_deadline_ends_with_deadline_exceeded_and_frees_the_slot() -> None:
+    s, engine, _, clock = make(SchedulerLimits(max_batch_sequences=1))
+    late = s.submit(sub(n=50, deadline=5.0))
+    queued_late = s.submit(sub(n=2, deadline=5.0))
+    s.step()
+    clock.now = 5.0
+    s.step()
+    assert engine.plans[-1].release == [late.seq_id]
+    for handle in (late, queued_late):
+        with pytest.raises(DeadlineExceeded):
+            tokens(handle)
+    assert s.counts() == (0, 0)
+
+
+def test_engine_failure_ends_the_step_and_the_scheduler_keeps_serving() -> None:
+    s, engine, store, _ = make()
+    doomed = s.submit(sub(adapter="a"))
+    engine.fail_next_step = True
+    s.step()
+    with pytest.raises(EngineFailure, match="simulated"):
+        tokens(doomed)
+    after = s.submit(sub(adapter="a"))
+    run_until_idle(s)
+    assert after.finish_reason is FinishReason.LENGTH
+    assert sum(store.in_use.values()) == 0
+
+
+def test_eos_from_the_engine_finishes_the_request() -> None:
+    s, engine, _, _ = make()
+    engine.eos_after = 2
+    h = s.submit(sub(n=10))
+    run_until_idle(s)
+    assert len(tokens(h)) == 2 and h.finish_reason is FinishReason.EOS
+
+
+def test_drain_finishes_in_flight_work_and_refuses_new_requests() -> None:
+    s, _, _, _ = make(SchedulerLimits(max_batch_sequences=2))
+    s.clock = __import__("time").monotonic
+    handles = [s.submit(sub(adapter="ab"[i % 2], n=20)) for i in range(6)]
+    s.start()
+    results: list[bool] = []
+    drainer = threading.Thread(target=lambda: results.append(s.drain(grace_s=60)))
+    drainer.start()
+    drainer.join()
+    assert results == [True]
+    assert all(h.finish_reason is FinishReason.LENGTH for h in handles)
+    with pytest.raises(Draining):
+        s.submit(sub())
+
+
+def test_stop_ends_what_is_left_with_draining() -> None:
+    s, engine, _, _ = make(SchedulerLimits(max_batch_sequences=1))
+    running = s.submit(sub(n=50))
+    queued = s.submit(sub(n=50))
+    s.step()
+    s.stop()
+    for h in (running, queued):
+        with pytest.raises(Draining):
+            tokens(h)
+    assert not engine.seqs
+
+
+def test_unknown_adapter_is_refused_at_submit_without_queueing() -> None:
+    from loraplex.adapters.errors import AdapterNotFound
+
+    s, _, _, _ = make()
+    with pytest.raises(AdapterNotFound):
+        s.submit(sub(adapter="nope"))
+    assert s.counts() == (0, 0)
