@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
+
 from loraplex.adapters.errors import InvalidAdapter
 from loraplex.adapters.weights import (
     AdapterWeights,
@@ -23,7 +25,6 @@ from loraplex.adapters.weights import (
     VeraProjection,
     VeraWeights,
 )
-from safetensors.torch import load_file
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

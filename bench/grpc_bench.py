@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests in the workload")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per request")
     args = parser.parse_args()
-    from loraplex.bench.engine_bench import make_adapters
+    from loraplex.bench.peft_baselines import make_adapters
     from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
     from loraplex.server.models import hf_checkpoint, resolve
 

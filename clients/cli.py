@@ -7,8 +7,9 @@ import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from loraplex.server.config import CommandConfig, add_config_arguments, config_from_args
 from pydantic import Field
+
+from loraplex.server.config import CommandConfig, add_config_arguments, config_from_args
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from loraplex.clients import messages
 from loraplex.clients.errors import from_rpc_error
 from loraplex.clients.messages import Adapter, Chunk, GenerateArgs, Generation

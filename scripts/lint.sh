@@ -3,18 +3,12 @@
 # so it reads the subpackages through a folder of links named like the installed package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 view=build/typecheck/loraplex
 mkdir -p "$view"
-for pkg in server adapters clients bench proto; do ln -sfn "$PWD/$pkg" "$view/$pkg"; done
-# `mypy -p` does not descend into the linked folders, so every module is named explicitly.
-modules=()
-for pkg in server adapters clients bench proto; do
-  while IFS= read -r file; do
-    module="${file%.py}"
-    module="${module%/__init__}"
-    modules+=(-m "loraplex.${module//\//.}")
-  done < <(find "$pkg" -name '*.py' ! -name '*_pb2*.py' | sort)
-done
-MYPYPATH=build/typecheck .venv/bin/mypy "${modules[@]}"
+packages=(server adapters clients bench proto)
+for pkg in "${packages[@]}"; do ln -sfn "$root/$pkg" "$view/$pkg"; done
+cd build/typecheck
+"$root/.venv/bin/mypy" --config-file "$root/pyproject.toml" "${packages[@]/#/loraplex/}"

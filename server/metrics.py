@@ -9,11 +9,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 
-from loraplex.server.engine.api import AdapterInfo
-from loraplex.server.scheduler import RequestRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from loraplex.server.engine.api import AdapterInfo
+from loraplex.server.scheduler import RequestRecord
 
 BASE_LABEL = "base"
 OTHER_LABEL = "other"

@@ -19,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from tqdm import tqdm
+
 from loraplex.server.config import DEFAULT_MODEL
 from loraplex.server.errors import CorruptModel, HubUnreachable, ModelNotFound, ModelUnavailable
-from tqdm import tqdm
 
 DEFAULT_ALIASES = {DEFAULT_MODEL, "default"}
 GGUF_MAGIC = b"GGUF"

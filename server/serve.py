@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pydantic import Field
+
 from loraplex.server.config import (
     ConfigError,
     ModelConfig,
@@ -31,7 +33,6 @@ from loraplex.server.metrics import Metrics
 from loraplex.server.observed_adapters import ObservedAdapters
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
-from pydantic import Field
 
 if TYPE_CHECKING:
     from loraplex.server.engine.hf import HFEngine

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError, Message
+
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.server import convert
 from loraplex.server.engine.api import AdapterAdmin, Engine, FinishReason

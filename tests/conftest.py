@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny import save_tiny_checkpoint
+
 from loraplex.server import models
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.models import ModelSource
-from tiny import save_tiny_checkpoint
 
 TINY_FAMILIES = ("gemma3", "llama")
 

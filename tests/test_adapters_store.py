@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, VeraConfig, get_peft_model
+from peft_adapters import save_adapter
+from tiny import build_model, build_tokenizer
+
 from loraplex.adapters.errors import (
     AdapterCapacityExceeded,
     AdapterInUse,
@@ -17,9 +21,6 @@ from loraplex.adapters.errors import (
 )
 from loraplex.adapters.peft_format import BaseSpec, read_adapter, regenerate_projection
 from loraplex.adapters.store import AdapterStore
-from peft import LoraConfig, VeraConfig, get_peft_model
-from peft_adapters import save_adapter
-from tiny import build_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 from engine_driver import run
+from peft import LoraConfig
+from peft_adapters import save_adapter
+from transformers import AutoModelForCausalLM
+
 from loraplex.adapters.errors import AdapterInUse
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from peft import LoraConfig
-from peft_adapters import save_adapter
-from transformers import AutoModelForCausalLM
 
 NEW_TOKENS = 16
 

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from engine_driver import run
+from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
-from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 NEW_TOKENS = 12
 LOGPROB_TOLERANCE = {"fp32": 1e-4, "nf4": 1e-3}  # nf4 adds base-kernel rounding differences

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from loraplex.server.serve import TokenizerChat
 from tiny import build_tokenizer
 from tokenizers import processors
+
+from loraplex.server.serve import TokenizerChat
 
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -17,11 +17,6 @@ import pytest
 import torch
 from engine_driver import run as engine_run
 from grpc_helpers import field_bytes, metric, raw_unary, scrape
-from loraplex.clients import Client
-from loraplex.clients import errors as client_errors
-from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest
-from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.hf import HFEngine
 from peft import LoraConfig, get_peft_model
 from peft_adapters import ADAPTER_CONFIGS, save_adapter
 from server_process import ServerProcess
@@ -32,6 +27,12 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
 )
+
+from loraplex.clients import Client
+from loraplex.clients import errors as client_errors
+from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.hf import HFEngine
 
 ADAPTERS = {"lora": "lora-qv-r4", "rslora": "rslora-all-r8", "vera": "vera-r16"}
 PROMPTS = ["The capital of France", "hello world", "Question: what is", "The quick brown"]

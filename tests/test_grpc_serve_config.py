@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from loraplex.server.cli import build_parser
 from loraplex.server.config import ConfigError, config_from_args
 from loraplex.server.serve import ServeConfig, adapter_roots
@@ -65,6 +66,7 @@ def test_a_port_in_use_is_a_config_error_naming_the_flag() -> None:
     import socket
 
     from fake_engine import FakeAdapters, FakeEngine
+
     from loraplex.server.serve import start
 
     with socket.socket() as taken:

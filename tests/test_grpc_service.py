@@ -16,6 +16,7 @@ import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
 from grpc_helpers import field_bytes, metric, raw_unary, scrape
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from loraplex.clients import AsyncClient, Client
 from loraplex.clients import errors as client_errors
 from loraplex.proto.v1 import loraplex_pb2 as pb

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from loraplex.adapters import errors as adapter_errors
 from loraplex.server import errors
 from loraplex.server.status import status_for

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from loraplex.proto.v1 import loraplex_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]

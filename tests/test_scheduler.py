@@ -8,6 +8,7 @@ import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from loraplex.server.engine.api import FinishReason, SamplingParams
 from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, Overloaded
 from loraplex.server.scheduler import RequestHandle, Scheduler, SchedulerLimits, Submission

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
 from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server.device import compute_dtype
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.routing import RoutingContext
-from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any, cast
 
 import torch
+from torch import nn
+
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter, LoraModule, VeraWeights
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
-from torch import nn
 
 
 def is_4bit(layer: nn.Module) -> bool:

@@ -8,9 +8,11 @@ VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B 
 from __future__ import annotations
 
 import torch
-from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
-from loraplex.server.engine.routing import Routing, RoutingContext
 from torch import nn
+
+from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
+from loraplex.server.engine.nf4 import base_forward
+from loraplex.server.engine.routing import Routing, RoutingContext
 
 
 class MultiAdapterLinear(nn.Module):
@@ -25,6 +27,7 @@ class MultiAdapterLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.base_forward = base_forward(base_layer, self._device())
         self.in_features, self.out_features = shape
         self.routing = routing
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
@@ -39,7 +42,7 @@ class MultiAdapterLinear(nn.Module):
         self.vera_lb: torch.Tensor | None = None  # [slots, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y = self.base_forward(x)
         routing = self.routing.current
         if routing is None:
             return y

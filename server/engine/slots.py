@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+
 from loraplex.adapters.errors import AdapterCapacityExceeded, InvalidAdapter
 from loraplex.adapters.weights import LoadedAdapter, LoraWeights, VeraProjection, VeraWeights
 from loraplex.server.engine.multi_linear import MultiAdapterLinear

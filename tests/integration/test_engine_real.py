@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 from engine_driver import run
+from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
+from transformers import AutoModelForCausalLM
+
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
-from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
-from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 10

@@ -9,14 +9,15 @@ from pathlib import Path
 
 import pytest
 from engine_driver import run as engine_run
+from peft_adapters import ADAPTER_CONFIGS, save_adapter
+from server_process import ServerProcess
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from loraplex.clients import Client
 from loraplex.clients.errors import InvalidArgument
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from peft_adapters import ADAPTER_CONFIGS, save_adapter
-from server_process import ServerProcess
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 10
