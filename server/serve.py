@@ -193,6 +193,7 @@ class RunningServer:
     stop_metrics: Callable[[], None]
 
     def drain(self, grace_s: float) -> bool:
+        self.scheduler.stop_admitting()  # before health changes, so NOT_SERVING means refusing
         self.health.enter_graceful_shutdown()
         clean = self.scheduler.drain(grace_s)
         self.grpc_server.stop(grace=5).wait()
