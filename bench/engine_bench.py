@@ -1,33 +1,36 @@
-"""Throughput of the hf engine against PEFT baselines, on the real base in NF4 (one run, ratios).
+"""Throughput of the hf engine against PEFT baselines, on the real base in NF4, in one run.
 
-    .venv/bin/python -m loraplex.bench.engine_bench [--new-tokens 64] [--requests 16]
+    .venv/bin/python -m loraplex.bench.engine_bench [--threads 1] [--new-tokens 64]
 
-Workload: REQUESTS concurrent requests spread over 8 adapters (rank 16, all-linear), NEW_TOKENS
-greedy tokens each. Prints a JSON report with each figure beside the issue's target.
+Workload (issue 3): 16 concurrent requests spread over 8 rank-16 all-linear LoRAs, 64 greedy
+new tokens each. Prints a table with every figure beside its target, then the raw JSON.
+Also measures merged against batched mode while one adapter owns the batch (fp32 and NF4
+bases), the figures behind `adapter_mode=auto`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.peft_format import read_adapter
 from loraplex.adapters.store import AdapterStore
+from loraplex.bench.peft_baselines import peft_model, peft_naive, peft_static
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from loraplex.server.engine.hf_model import quantization_kwargs
 from loraplex.server.models import hf_checkpoint, resolve
 
 PROMPTS = [
@@ -36,26 +39,11 @@ PROMPTS = [
     "List three uses of copper.",
     "Summarize the plot of Hamlet.",
 ]
-
-
-def make_adapters(checkpoint: Path, root: Path, count: int) -> list[str]:
-    base = AutoModelForCausalLM.from_pretrained(checkpoint)
-    names = []
-    for i in range(count):
-        config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear")
-        model = get_peft_model(base, config)
-        generator = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.requires_grad:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-        model.save_pretrained(str(root / f"lora-{i}"))
-        base = model.unload()  # type: ignore[assignment]
-        names.append(f"lora-{i}")
-    return names
+RESIDENT = 64
 
 
 def timed(fn: Callable[[], int]) -> float:
+    """Tokens per second of one call of `fn` (which returns the tokens it produced)."""
     start = time.perf_counter()
     tokens = fn()
     return tokens / (time.perf_counter() - start)
@@ -64,11 +52,11 @@ def timed(fn: Callable[[], int]) -> float:
 def engine_run(
     engine: HFEngine, prompts: list[list[int]], adapters: Sequence[str | None], n: int
 ) -> int:
+    """All requests join at step 0; each holds only its own adapter until it finishes."""
     requests = []
     for i, (prompt, adapter) in enumerate(zip(prompts, adapters, strict=True)):
         ref = engine.store.acquire(adapter) if adapter else None
-        params = SamplingParams(max_new_tokens=n)
-        requests.append(SequenceRequest(f"r{i}", prompt, params, ref))
+        requests.append(SequenceRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=n), ref))
     tokens = 0
     plan = StepPlan(prefill=requests)
     while True:
@@ -82,35 +70,36 @@ def engine_run(
     return tokens
 
 
-def peft_model(checkpoint: Path, root: Path, names: list[str], config: EngineConfig) -> PeftModel:
-    kwargs = quantization_kwargs(config, torch.device("cpu"))
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs).eval()
-    model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
-    for name in names[1:]:
-        model.load_adapter(root / name, adapter_name=name)
-    return model.eval()
+def make_resident(engine: HFEngine, names: list[str]) -> None:
+    """Load every adapter into the store and into a device slot, holding none of them."""
+    for name in names:
+        ref = engine.store.acquire(name)
+        engine.slots.drop(engine.slots.hold(engine.store.get(ref)))
+        engine.store.release(ref)
 
 
-def peft_naive(model: PeftModel, prompts: list[list[int]], adapters: list[str], n: int) -> int:
-    tokens = 0
-    for prompt, adapter in zip(prompts, adapters, strict=True):
-        model.set_adapter(adapter)
-        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False)  # fmt: skip
-        tokens += out.shape[1] - len(prompt)
-    return tokens
+def with_mode(engine: HFEngine, mode: str) -> HFEngine:
+    """Another engine over the same resident base and store, in another adapter mode."""
+    config = engine.config.model_copy(update={"adapter_mode": mode})
+    return HFEngine(engine.base, engine.store, config, engine.routing, engine.device)
 
 
-def peft_static(model: PeftModel, prompts: list[list[int]], adapters: list[str], n: int) -> int:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapters,
-                         max_new_tokens=n, min_new_tokens=n, do_sample=False)  # fmt: skip
-    return int((out.shape[1] - width) * len(prompts))
+def merge_seconds(engine: HFEngine, name: str, repeats: int = 3) -> float:
+    """Median time to merge one adapter into the base and restore it."""
+    ref = engine.store.acquire(name)
+    adapter = engine.store.get(ref)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.merges.merge(ref, adapter)
+        engine.merges.unmerge()
+        times.append(time.perf_counter() - start)
+    engine.store.release(ref)
+    return statistics.median(times)
 
 
-def load_times(root: Path, engine: HFEngine, name: str, repeats: int = 9) -> float:
+def load_seconds(root: Path, engine: HFEngine, name: str, repeats: int = 9) -> float:
+    """Median time to read and validate a rank-16 all-linear LoRA from disk."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -119,45 +108,147 @@ def load_times(root: Path, engine: HFEngine, name: str, repeats: int = 9) -> flo
     return statistics.median(times)
 
 
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def nf4_phase(checkpoint: Path, root: Path, names: list[str], count: int, n: int) -> dict:
+    """Engine figures on the NF4 base: mixed, base-only, 8 vs 64 resident, one owner."""
+    config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_slots=RESIDENT,
+                          max_lora_rank=16, adapter_mode="batched")  # fmt: skip
+    engine = HFEngine.from_config(config, AdapterStore([root], max_resident=RESIDENT))
+    prompts = [engine.encode(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
+    over8 = [names[i % 8] for i in range(count)]
+    engine_run(engine, prompts[:2], over8[:2], 4)  # warm-up
+    r: dict[str, float] = {}
+    r["mixed"] = timed(lambda: engine_run(engine, prompts, over8, n))
+    r["base_only"] = timed(lambda: engine_run(engine, prompts, [None] * count, n))
+    make_resident(engine, names)
+    r["mixed_64_resident"] = timed(lambda: engine_run(engine, prompts, over8, n))
+    spread = [names[(i * 4) % RESIDENT] for i in range(count)]  # 16 distinct adapters of 64
+    r["spread_16_of_64"] = timed(lambda: engine_run(engine, prompts, spread, n))
+    r.update(one_owner(engine, prompts, names[0], n, "nf4"))
+    r["load_p50_s"] = load_seconds(root, engine, names[0])
+    r["engine_peak_rss_mib"] = rss_mib()
+    r["prompts"] = prompts  # type: ignore[assignment]
+    return r
+
+
+def one_owner(engine: HFEngine, prompts: list[list[int]], name: str, n: int, tag: str) -> dict:
+    """One adapter owns the whole batch: batched deltas against a merged base."""
+    owner = [name] * len(prompts)
+    merged = with_mode(engine, "merged")
+    figures = {
+        f"{tag}_one_owner_batched": timed(lambda: engine_run(engine, prompts, owner, n)),
+        f"{tag}_one_owner_merged": timed(lambda: engine_run(merged, prompts, owner, n)),
+    }
+    merged.merges.unmerge()  # the two engines share one base
+    figures[f"{tag}_merge_unmerge_s"] = merge_seconds(merged, name)
+    return figures
+
+
+def fp32_phase(
+    checkpoint: Path, root: Path, names: list[str], prompts: list[list[int]], n: int
+) -> dict:
+    config = EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_slots=8,
+                          max_lora_rank=16, adapter_mode="batched")  # fmt: skip
+    engine = HFEngine.from_config(config, AdapterStore([root], max_resident=8))
+    engine_run(engine, prompts[:2], names[:2], 4)  # warm-up
+    return one_owner(engine, prompts, names[0], n, "fp32")
+
+
+def peft_phase(checkpoint: Path, root: Path, names: list[str], prompts: list[list[int]],
+               n: int, naive_requests: int) -> dict:  # fmt: skip
+    config = EngineConfig(checkpoint=checkpoint, quantization="nf4")
+    model = peft_model(checkpoint, root, names[:8], config)
+    over8 = [names[i % 8] for i in range(len(prompts))]
+    static = timed(lambda: peft_static(model, prompts, over8, n))
+    k = naive_requests
+    naive = timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
+    return {"peft_static": static, "peft_naive": naive}
+
+
+TARGETS: list[tuple[str, str, str, float | None]] = [
+    # (figure, label, comparison, target)
+    ("vs_naive", "engine / naive PEFT loop (tok/s ratio)", ">=", 4.0),
+    ("vs_static", "engine / PEFT static mixed batch", ">=", 1.5),
+    ("mixed_vs_base", "mixed adapters / base-only (engine)", ">=", 0.85),
+    ("drop_64_vs_8", "throughput drop, 64 vs 8 resident", "<=", 0.10),
+    ("load_p50_ms", "p50 load, rank-16 all-linear LoRA (ms)", "", None),
+    ("engine_peak_rss_mib", "peak RSS, engine with 64 resident (MiB)", "", None),
+]
+
+
+def ratios(r: dict) -> dict:
+    return {
+        "vs_naive": r["mixed"] / r["peft_naive"],
+        "vs_static": r["mixed"] / r["peft_static"],
+        "mixed_vs_base": r["mixed"] / r["base_only"],
+        "drop_64_vs_8": 1 - r["mixed_64_resident"] / r["mixed"],
+        "load_p50_ms": r["load_p50_s"] * 1000,
+        "nf4_merged_vs_batched": r["nf4_one_owner_merged"] / r["nf4_one_owner_batched"],
+        "fp32_merged_vs_batched": r["fp32_one_owner_merged"] / r["fp32_one_owner_batched"],
+    }
+
+
+def table(r: dict) -> str:
+    lines = [f"{'figure':<44} {'value':>10}  target", "-" * 68]
+    for key, label, op, target in TARGETS:
+        value = r[key]
+        if target is None:
+            lines.append(f"{label:<44} {value:>10.1f}  (reported)")
+            continue
+        met = value >= target if op == ">=" else value <= target
+        lines.append(f"{label:<44} {value:>10.2f}  {op} {target}  {'met' if met else 'NOT met'}")
+    lines.append("-" * 68)
+    for key in ("mixed", "base_only", "mixed_64_resident", "spread_16_of_64", "peft_static",
+                "peft_naive", "nf4_one_owner_batched", "nf4_one_owner_merged",
+                "fp32_one_owner_batched", "fp32_one_owner_merged"):  # fmt: skip
+        lines.append(f"{key + ' (tok/s)':<44} {r[key]:>10.2f}")
+    for key in ("nf4_merge_unmerge_s", "fp32_merge_unmerge_s"):
+        lines.append(f"{key:<44} {r[key]:>10.3f}")
+    return "\n".join(lines)
+
+
+def adapters_in_child(root: Path, checkpoint: Path) -> list[str]:
+    """Write the adapters in a child process, so the fp32 model it needs stays out of our RSS."""
+    command = [sys.executable, "-m", "loraplex.bench.peft_baselines"]
+    subprocess.run([*command, str(checkpoint), str(root), str(RESIDENT)], check=True)
+    return [f"lora-{i}" for i in range(RESIDENT)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--skip-naive", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--naive-requests",
+        type=int,
+        default=8,
+        help="requests for the sequential PEFT loop (its tok/s does not depend on it)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--adapters", type=Path, default=None, help="reuse adapters written before")
+    args = parser.parse_args()  # fmt: skip
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     checkpoint = hf_checkpoint(resolve(DEFAULT_MODEL, default_cache_dir()), default_cache_dir())
-    root = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    names = make_adapters(checkpoint, root, 64)
-    config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_slots=64,
-                          max_lora_rank=16, adapter_mode="batched")  # fmt: skip
-    engine = HFEngine.from_config(config, AdapterStore([root], max_resident=64))
+    root = args.adapters or Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    if args.adapters and (root / f"lora-{RESIDENT - 1}").is_dir():
+        names = [f"lora-{i}" for i in range(RESIDENT)]
+    else:
+        names = adapters_in_child(root, checkpoint)
     n, count = args.new_tokens, args.requests
-    prompts = [engine.encode(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
-    over8 = [names[i % 8] for i in range(count)]
-    over64 = [names[(i * 4) % 64] for i in range(count)]  # 16 distinct of 64 resident
-    report: dict[str, object] = {"requests": count, "new_tokens": n, "device": str(engine.device)}
-    engine_run(engine, prompts[:2], over8[:2], 4)  # warm-up
-    mixed = timed(lambda: engine_run(engine, prompts, over8, n))
-    base = timed(lambda: engine_run(engine, prompts, [None] * count, n))
-    for name in names:
-        engine.store.load(name)
-        engine.slots.hold(engine.store.get(engine.store.acquire(name)))
-    mixed64 = timed(lambda: engine_run(engine, prompts, over64, n))
-    model = peft_model(checkpoint, root, names[:8], config)
-    static = timed(lambda: peft_static(model, prompts, over8, n))
-    naive = None if args.skip_naive else timed(lambda: peft_naive(model, prompts, over8, n))
-    report.update(
-        engine_mixed_tok_s=mixed, engine_base_only_tok_s=base, engine_64_resident_tok_s=mixed64,
-        peft_static_tok_s=static, peft_naive_tok_s=naive,
-        vs_naive=None if naive is None else mixed / naive, vs_naive_target=4.0,
-        vs_static=mixed / static, vs_static_target=1.5,
-        mixed_vs_base=mixed / base, mixed_vs_base_target=0.85,
-        drop_64_vs_8=1 - mixed64 / mixed, drop_64_vs_8_target=0.10,
-        load_rank16_all_linear_p50_s=load_times(root, engine, names[0]),
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    )  # fmt: skip
-    print(json.dumps(report, indent=2))
+    r = nf4_phase(checkpoint, root, names, count, n)
+    prompts = r.pop("prompts")
+    r.update(peft_phase(checkpoint, root, names, prompts, n, args.naive_requests))
+    r.update(fp32_phase(checkpoint, root, names, prompts, n))
+    r.update(ratios(r))
+    r.update(requests=count, new_tokens=n, threads=torch.get_num_threads(),
+             naive_requests=args.naive_requests, load_average=os.getloadavg())  # fmt: skip
+    print(table(r))
+    print(json.dumps(r, indent=2))
 
 
 if __name__ == "__main__":

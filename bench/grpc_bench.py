@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import queue
+import signal
 import socket
 import statistics
 import subprocess
@@ -155,7 +156,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def progress(**figures: object) -> None:
+    """Each phase's figures as soon as they exist, so a cut-short run still reports them."""
+    print(json.dumps(figures), file=sys.stderr, flush=True)
+
+
 def main() -> None:
+    # A SIGTERM (e.g. from `timeout`) unwinds through the finally that stops the server.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -163,7 +171,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests in the workload")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per request")
     args = parser.parse_args()
-    from loraplex.bench.engine_bench import make_adapters
+    from loraplex.bench.peft_baselines import make_adapters
     from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
     from loraplex.server.models import hf_checkpoint, resolve
 
@@ -177,8 +185,10 @@ def main() -> None:
     proc, target = start_server(root, args)
     try:
         alone_before = engine_alone(checkpoint, root, jobs, args)
+        progress(engine_alone_tok_s_before=alone_before)
         gc.collect()
         served, ttfts = through_server(target, jobs, args)
+        progress(grpc_server_tok_s=served, ttfts_s=ttfts)
         alone_after = engine_alone(checkpoint, root, jobs, args)
     finally:
         proc.terminate()

@@ -354,6 +354,11 @@ class Scheduler:
         deadlines = [h.submission.deadline for h in self._waiting if h.submission.deadline]
         return max(0.0, min(deadlines) - self.clock()) if deadlines else 1.0
 
+    def stop_admitting(self) -> None:
+        """From now on `submit` raises Draining."""
+        with self._lock:
+            self._admitting = False
+
     def drain(self, grace_s: float) -> bool:
         """Stop admitting, let in-flight requests finish for up to `grace_s`, then stop.
 

@@ -193,6 +193,7 @@ class RunningServer:
     stop_metrics: Callable[[], None]
 
     def drain(self, grace_s: float) -> bool:
+        self.scheduler.stop_admitting()  # before health changes, so NOT_SERVING means refusing
         self.health.enter_graceful_shutdown()
         clean = self.scheduler.drain(grace_s)
         self.grpc_server.stop(grace=5).wait()
@@ -298,7 +299,10 @@ def serve(config: ServeConfig) -> int:
         config.model, config.host, running.port, running.metrics_port,
     )  # fmt: skip
     print(f"loraplex: serving on {config.host}:{running.port}", file=sys.stderr, flush=True)
-    stop.wait()
+    # The kernel may deliver SIGTERM to one of gRPC's threads, which leaves a main thread
+    # blocked in an untimed wait asleep; waking up regularly lets Python run the handler.
+    while not stop.wait(timeout=0.5):
+        pass
     log.info("draining: no new requests; waiting up to %.0fs", config.grace_period)
     clean = running.drain(config.grace_period)
     outcome = "all requests finished" if clean else "the grace period ran out"

@@ -122,8 +122,8 @@ class HFEngine:
         positions = [[len(s.tokens) - 1 if a else NO_TOKEN] for s, a in pairs]
         rows = [s for s, a in zip(self._sequences, active, strict=True) if a]
         logits = self._forward(self._cache, tokens, positions, self._sequences, active)
-        picked = [logits[i] for i, a in enumerate(active) if a]
-        return [self._advance(s, row_logits) for s, row_logits in zip(rows, picked, strict=True)]
+        picked = logits[torch.tensor(active, device=logits.device)]
+        return self._advance_all(rows, picked)
 
     def _prefill(self, requests: list[SequenceRequest]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
@@ -150,7 +150,7 @@ class HFEngine:
             raise
         self._cache.extend(cache)
         self._sequences += fresh
-        return events + [self._advance(s, row) for s, row in zip(fresh, logits, strict=True)]
+        return events + self._advance_all(fresh, logits)
 
     def _admit(self, request: SequenceRequest, pending: int) -> _Sequence:
         """Validate a new request and give it an adapter slot."""
@@ -187,9 +187,16 @@ class HFEngine:
         if not abs(scale) < float("inf"):
             raise InvalidRequest("adapter.scale", f"must be finite, got {scale}")
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> TokenEvent:
+    def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenEvent]:
+        """Advance each sequence by its row of `logits` [len(seqs), vocab]."""
+        # One batched argmax serves every greedy row (per-row argmaxes over 262k logits add up).
+        greedy = any(s.sampler.plain_greedy for s in seqs)
+        argmax: list[int | None] = logits.argmax(-1).tolist() if greedy else [None] * len(seqs)
+        return [self._advance(*args) for args in zip(seqs, logits, argmax, strict=True)]
+
+    def _advance(self, seq: _Sequence, logits: torch.Tensor, argmax: int | None) -> TokenEvent:
         """Choose the sequence's next token and decide whether it finished."""
-        token, logprob = seq.sampler.choose(logits, seq.history)
+        token, logprob = seq.sampler.choose(logits, seq.history, argmax)
         seq.tokens.append(token)
         seq.generated += 1
         seq.history = torch.cat([seq.history, seq.history.new_tensor([token])])

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
+from loraplex.server.engine.nf4 import base_forward
 from loraplex.server.engine.routing import Routing, RoutingContext
 
 
@@ -26,6 +27,7 @@ class MultiAdapterLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.base_forward = base_forward(base_layer, self._device())
         self.in_features, self.out_features = shape
         self.routing = routing
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
@@ -40,7 +42,7 @@ class MultiAdapterLinear(nn.Module):
         self.vera_lb: torch.Tensor | None = None  # [slots, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y = self.base_forward(x)
         routing = self.routing.current
         if routing is None:
             return y

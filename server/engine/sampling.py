@@ -18,19 +18,34 @@ class TokenSampler:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         self.generator.manual_seed(seed)
 
-    def choose(self, logits: torch.Tensor, history: torch.Tensor) -> tuple[int, float | None]:
-        """The next token and, when asked for, its log-probability under the model's logits."""
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the token is simply the argmax of the model's logits."""
+        return self.params.temperature == 0.0 and self.params.repetition_penalty == 1.0
+
+    def choose(
+        self, logits: torch.Tensor, history: torch.Tensor, argmax: int | None = None
+    ) -> tuple[int, float | None]:
+        """The next token and, when asked for, its log-probability under the model's logits.
+
+        `argmax`: the logits' argmax when the caller computed it for the whole batch at once.
+        """
         p = self.params
-        scores = logits.float()
+        if self.plain_greedy and argmax is not None:
+            token = argmax
+        else:
+            token = self._pick(logits.float(), history)
+        logprob = float(torch.log_softmax(logits.float(), -1)[token]) if p.logprobs else None
+        return token, logprob
+
+    def _pick(self, scores: torch.Tensor, history: torch.Tensor) -> int:
+        p = self.params
         if p.repetition_penalty != 1.0 and history.numel():
             scores = apply_repetition_penalty(scores, history, p.repetition_penalty)
         if p.temperature == 0.0:
-            token = int(scores.argmax())
-        else:
-            probs = filtered_probs(scores / p.temperature, p.top_k, p.top_p)
-            token = int(torch.multinomial(probs, 1, generator=self.generator))
-        logprob = float(torch.log_softmax(logits.float(), -1)[token]) if p.logprobs else None
-        return token, logprob
+            return int(scores.argmax())
+        probs = filtered_probs(scores / p.temperature, p.top_k, p.top_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
 def apply_repetition_penalty(

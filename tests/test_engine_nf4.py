@@ -1,0 +1,102 @@
+"""NF4 bases: the cached-scale forward, and merging an adapter into 4-bit weights and back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig
+from peft_adapters import load_reference, save_adapter
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from loraplex.adapters.store import AdapterStore
+from loraplex.server.device import pick_device
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.hf import HFEngine
+from loraplex.server.engine.hf_model import quantization_kwargs
+from loraplex.server.engine.nf4 import CachedScalesNf4
+
+# Merged equals PEFT's own NF4 merge (merge_and_unload) up to float noise. Against batched
+# mode it differs by the rounding of W + BA to the NF4 grid: we require that to stay within
+# what quantizing the base to NF4 moves its log-probabilities in the first place (on the tiny
+# model, with its large random weights: 1.07 against 1.25).
+PEFT_MERGE_TOLERANCE = 1e-5
+
+
+def quantized_linear(weight: torch.Tensor, device: torch.device) -> torch.nn.Module:
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32,
+                              quant_type="nf4", compress_statistics=True)  # fmt: skip
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)  # fmt: skip
+    return layer.to(device)  # moving quantizes
+
+
+def test_cached_scales_forward_equals_bitsandbytes_and_follows_weight_swaps() -> None:
+    device = pick_device()
+    generator = torch.Generator().manual_seed(0)
+    layer = quantized_linear(torch.randn(96, 128, generator=generator), device)
+    fast = CachedScalesNf4(layer)
+    x = torch.randn(3, 5, 128, generator=generator).to(device)
+    with torch.inference_mode():
+        assert torch.equal(fast(x), layer(x))
+        other = quantized_linear(torch.randn(96, 128, generator=generator), device)
+        before = fast(x)
+        layer.weight = other.weight  # what a merge does
+        assert torch.equal(fast(x), layer(x))
+        assert not torch.equal(fast(x), before)
+
+
+def packed_state(weight: torch.nn.Parameter) -> list[torch.Tensor]:
+    """Every tensor that defines a quantized weight: packed codes and (nested) scales."""
+    state = weight.quant_state  # type: ignore[attr-defined]
+    tensors = [weight.data, state.absmax, state.code]
+    if state.nested:
+        tensors += [state.offset, state.state2.absmax, state.state2.code]
+    return [t.clone() for t in tensors]
+
+
+def log_probs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.log_softmax(model(ids).logits[0].float(), -1)
+
+
+def test_nf4_merge_restores_weights_exactly_and_stays_close_to_batched(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    checkpoint = tiny_checkpoints["gemma3"]
+    fp32 = AutoModelForCausalLM.from_pretrained(checkpoint)
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules="all-linear")
+    save_adapter(fp32, lora, tmp_path / "a", seed=0, std=0.1)
+    config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode="merged",
+                          max_lora_rank=16)  # fmt: skip
+    engine = HFEngine.from_config(config, AdapterStore([tmp_path]))
+    layers = engine.base.layers
+    originals = {name: packed_state(layer.base_layer.weight) for name, layer in layers.items()}
+    ids = torch.tensor([engine.encode("The capital of France is")], device=engine.device)
+    base = log_probs(engine.model, ids)
+
+    ref = engine.store.acquire("a")
+    engine.merges.merge(ref, engine.store.get(ref))
+    merged = log_probs(engine.model, ids)
+    changed = [
+        name
+        for name, layer in layers.items()
+        if not torch.equal(layer.base_layer.weight.data, originals[name][0])
+    ]
+    engine.merges.unmerge()
+
+    assert changed == list(layers)  # all-linear: every layer was merged into
+    for name, layer in layers.items():
+        restored = packed_state(layer.base_layer.weight)
+        assert all(torch.equal(a, b) for a, b in zip(restored, originals[name], strict=True))
+    assert torch.equal(log_probs(engine.model, ids), base)
+    # Batched mode equals PEFT on the same NF4 base (test_engine_oracle), so PEFT stands for it.
+    peft = load_reference(checkpoint, tmp_path / "a", **quantization_kwargs(config, engine.device))
+    batched = log_probs(peft, ids)
+    peft_merged = log_probs(peft.merge_and_unload(), ids)
+    assert float((merged - peft_merged).abs().max()) <= PEFT_MERGE_TOLERANCE
+    quantization_error = float((log_probs(fp32.eval(), ids) - base).abs().max())
+    merge_error = float((merged - batched).abs().max())
+    assert 0 < merge_error <= quantization_error, (merge_error, quantization_error)
