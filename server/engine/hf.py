@@ -33,13 +33,13 @@ from loraplex.server.engine.text import TextStream
 from loraplex.server.errors import InvalidRequest
 
 # adapter_mode=auto, from bench/engine_bench.py (Gemma 3 270M, one adapter owning 16 rows,
-# 64 tokens, 1 thread, shared 2-core machine):
-# - fp32: merged 23.6 tok/s against 18.8 batched (a forward 0.68 s against 0.85 s); one
-#   merge plus unmerge costs 0.27 s, repaid after ~2 forwards of single ownership. We wait
-#   for 4, so batches whose composition flickers do not pay merges they cannot repay.
-# - nf4: merged 16.3 against 19.4 batched: dequantizing, adding and requantizing every layer
-#   costs 6.5 s per merge plus unmerge, and rounding to NF4 again changes outputs (peft #2321).
-#   Quantized bases therefore stay batched.
+# 64 tokens, 1 thread, two runs on the shared 2-core machine, load average ~12 and ~1):
+# - fp32: merged 23.6 / 46.3 tok/s against 18.8 / 40.7 batched; one merge plus unmerge
+#   costs 0.27 / 0.19 s, repaid after 2-4 forwards of single ownership. We wait for 4, so
+#   batches whose composition flickers do not pay for merges they cannot repay.
+# - nf4: merged 16.3 / 34.9 against 19.4 / 31.0 batched; dequantizing, adding and
+#   requantizing every layer costs 6.5 / 3.4 s per merge plus unmerge (50+ forwards to repay),
+#   and rounding to NF4 again changes outputs (peft #2321). Quantized bases stay batched.
 AUTO_MERGE_AFTER_FORWARDS = 4
 
 
