@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.hf import HFEngine
+from loraplex.server.engine.hf import AUTO_MERGE_AFTER_FORWARDS, HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
 
 NEW_TOKENS = 12
@@ -154,3 +154,27 @@ def test_merged_mode_matches_peft(
     engine.merges.unmerge()
     for name, layer in engine.base.layers.items():
         assert torch.equal(layer.base_layer.weight, original[name]), name
+
+
+def test_auto_mode_merges_a_lasting_owner_only_on_unquantized_bases(
+    tiny_checkpoints: dict[str, Path], tiny_adapter_roots: dict[str, Path]
+) -> None:
+    checkpoint, root = tiny_checkpoints["llama"], tiny_adapter_roots["llama"]
+    prompt = prompts(checkpoint)[0]
+    reference = greedy_reference(
+        load_reference(checkpoint, root / "lora-qv-r4"), prompt, NEW_TOKENS
+    )
+    for quantization, merges in [("fp32", True), ("nf4", False)]:
+        engine = make_engine(checkpoint, root, quantization, mode="auto")
+        merged_at: list[int] = []
+
+        def watch(step: int, engine: HFEngine = engine, merged_at: list[int] = merged_at) -> None:
+            if engine.merges.merged is not None:
+                merged_at.append(step)
+
+        results = run(engine, {0: [request(engine, "a", prompt, "lora-qv-r4")]}, on_step=watch)
+        assert bool(merged_at) == merges, quantization
+        if quantization == "fp32":  # merged only after the owner has held the batch a while
+            assert merged_at[0] == AUTO_MERGE_AFTER_FORWARDS - 1
+            assert results["a"].tokens == reference.tokens
+            assert results["a"].logprobs == pytest.approx(reference.logprobs, abs=1e-4)

@@ -24,7 +24,8 @@ class EngineConfig(BaseModel):
     adapter_mode: AdapterMode = Field(
         default="auto",
         description="batched: per-row deltas; merged: W+s·BA while one adapter owns the batch; "
-        "auto: merged only where measurement shows it pays (unquantized bases)",
+        "auto: batched, but merged once one adapter has owned the whole batch for a few "
+        "forward passes, on unquantized bases only (measured: bench/engine_bench.py)",
     )
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="largest adapter rank")
     adapter_slots: int = Field(

@@ -32,6 +32,16 @@ from loraplex.server.engine.slots import AdapterSlots
 from loraplex.server.engine.text import TextStream
 from loraplex.server.errors import InvalidRequest
 
+# adapter_mode=auto, from bench/engine_bench.py (Gemma 3 270M, one adapter owning 16 rows,
+# 64 tokens, 1 thread, two runs on the shared 2-core machine, load average ~12 and ~1):
+# - fp32: merged 23.6 / 46.3 tok/s against 18.8 / 40.7 batched; one merge plus unmerge
+#   costs 0.27 / 0.19 s, repaid after 2-4 forwards of single ownership. We wait for 4, so
+#   batches whose composition flickers do not pay for merges they cannot repay.
+# - nf4: merged 16.3 / 34.9 against 19.4 / 31.0 batched; dequantizing, adding and
+#   requantizing every layer costs 6.5 / 3.4 s per merge plus unmerge (50+ forwards to repay),
+#   and rounding to NF4 again changes outputs (peft #2321). Quantized bases stay batched.
+AUTO_MERGE_AFTER_FORWARDS = 4
+
 
 @dataclass
 class _Sequence:
@@ -65,6 +75,8 @@ class HFEngine:
         self.merges = MergeState(base.layers)
         self._merge_allowed = all(can_merge(layer.base_layer) for layer in base.layers.values())
         self.adapter_mode = self._resolve_mode(config)
+        self._owner: AdapterRef | None = None  # the adapter every active row used last forward
+        self._owned_forwards = 0  # consecutive forwards it has owned the batch
         self.eos_ids = _eos_ids(base)
         self._layer_windows = _layer_windows(model_config)
         self._sequences: list[_Sequence] = []  # row order of self._cache
@@ -257,6 +269,8 @@ class HFEngine:
         """Merge one owning adapter, or set per-row slots for the batched deltas."""
         refs = {s.ref for s in active}
         owner = next(iter(refs)) if len(refs) == 1 else None
+        self._owned_forwards = self._owned_forwards + 1 if owner == self._owner else 1
+        self._owner = owner
         if owner is not None and self._should_merge():
             owner_seq = active[0]
             assert owner_seq.adapter is not None
@@ -269,15 +283,18 @@ class HFEngine:
         self.routing.set(slots, scales, rank, self.device)
 
     def _should_merge(self) -> bool:
+        if self.adapter_mode == "auto":
+            return self._owned_forwards >= AUTO_MERGE_AFTER_FORWARDS
         return self.adapter_mode == "merged"
 
     def _resolve_mode(self, config: EngineConfig) -> str:
-        """auto merges only unquantized bases (see bench/engine_bench.py for the measurement)."""
+        """auto: merge unquantized bases once one adapter has owned the batch a while (see
+        AUTO_MERGE_AFTER_FORWARDS); quantized bases stay batched."""
         if config.adapter_mode == "merged" and not self._merge_allowed:
             raise InvalidRequest("adapter_mode", "merged mode needs an nf4, bf16 or fp32 base")
         if config.adapter_mode == "auto":
             unquantized = config.quantization in ("bf16", "fp32")
-            return "merged" if unquantized else "batched"
+            return "auto" if unquantized else "batched"
         return config.adapter_mode
 
     # ---- batch bookkeeping --------------------------------------------------------------
