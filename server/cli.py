@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from loraplex.adapters.trainer import cli as trainer_cli
 from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
 from loraplex.server.errors import LoraplexError
 
@@ -83,14 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(serve, ModelConfig)
     serve.set_defaults(run=_serve)
     _add_model_commands(commands)
+    trainer_cli.add_train_adapter(commands)
+    trainer_cli.add_eval_adapter(commands)
     for name, text in [
-        ("train-adapter", "train a LoRA/VeRA adapter with QLoRA SFT or DPO"),
         ("generate", "generate text through a running server"),
-        ("adapters", "list, load, unload or pin adapters on a running server"),
         ("bench", "run load benchmarks against a server"),
     ]:
         commands.add_parser(name, help=text).set_defaults(run=_not_built(name))
+    _add_adapters_commands(commands)
     return parser
+
+
+def _add_adapters_commands(commands: argparse._SubParsersAction) -> None:
+    adapters = commands.add_parser("adapters", help="manage adapters: export-gguf")
+    actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    trainer_cli.add_export_gguf(actions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

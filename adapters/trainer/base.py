@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
 from loraplex.adapters.trainer.config import BaseModelConfig, Quantization
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,9 @@ class TrainConfig(BaseModelConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         default="sigmoid", description="DPO loss"
     )
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the saved adapter weights (bf16 halves the file)"
+    )
     save_steps: int = Field(default=0, ge=0, description="checkpoint every N steps (0: never)")
     checkpoint_dir: Path | None = Field(
         default=None, description="where checkpoints go (default: <cache>/checkpoints/<id>)"
@@ -105,7 +108,7 @@ class EvalConfig(BaseModelConfig):
     output_json: Path | None = Field(default=None, description="also write the scores here")
 
 
-class ExportGgufConfig(BaseModelConfig):
+class ExportGgufConfig(ModelConfig):
     """`loraplex adapters export-gguf`: a PEFT LoRA/VeRA adapter as a llama.cpp GGUF-LoRA."""
 
     toml_table: ClassVar[str] = "export-gguf"

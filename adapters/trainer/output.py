@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 METADATA_FILE = "loraplex-adapter.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class OutputExists(FileExistsError):
@@ -54,6 +55,18 @@ def _replace_dir(scratch: Path, target: Path) -> None:
     os.replace(target, old / target.name)
     os.replace(scratch, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def cast_weights(adapter_dir: Path, dtype: str) -> None:
+    """Store the adapter's floating-point tensors as `dtype`; PEFT upcasts them on load."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = adapter_dir / WEIGHTS_FILE
+    target = getattr(torch, dtype)
+    tensors = load_file(str(path))
+    cast = {k: v.to(target) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(cast, str(path), metadata={"format": "pt"})
 
 
 def read_metadata(adapter_dir: Path) -> dict[str, Any]:

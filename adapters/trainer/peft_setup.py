@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig
-
 from loraplex.adapters.trainer.config import TrainConfig
+from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig
 
 ALL_LINEAR = "all-linear"
 

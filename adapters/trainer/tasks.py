@@ -16,30 +16,66 @@ from typing import Literal
 
 DATA_DIR = Path(__file__).parent / "data"
 
-FIRST = ["Maria", "John", "Aiko", "Pedro", "Fatima", "Lars", "Chen", "Olga", "Kwame", "Sofia",
-         "Omar", "Elena", "Ravi", "Hana", "Tomas", "Zara", "Ivan", "Leila", "Mateo", "Nadia"]  # fmt: skip
-LAST = ["Lopez", "Smith", "Tanaka", "Silva", "Khan", "Berg", "Wang", "Petrova", "Mensah",
-        "Rossi", "Haddad", "Novak", "Patel", "Kim", "Costa", "Ali", "Ivanov", "Moreau"]  # fmt: skip
-CITIES = ["Lisbon", "Osaka", "Denver", "Nairobi", "Oslo", "Lima", "Cairo", "Dublin", "Hanoi",
-          "Quito", "Porto", "Leeds", "Perth", "Accra", "Riga", "Turin", "Bergen", "Kyoto"]  # fmt: skip
-JOBS = ["nurse", "teacher", "pilot", "baker", "lawyer", "farmer", "chemist", "architect",
-        "plumber", "dentist", "librarian", "painter", "engineer", "chef", "editor"]  # fmt: skip
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+FIRST = _words(
+    """
+Maria John Aiko Pedro Fatima Lars Chen Olga Kwame Sofia Omar Elena Ravi Hana Tomas Zara Ivan
+Leila Mateo Nadia
+"""
+)
+LAST = _words(
+    """
+Lopez Smith Tanaka Silva Khan Berg Wang Petrova Mensah Rossi Haddad Novak Patel Kim Costa Ali
+Ivanov Moreau
+"""
+)
+CITIES = _words(
+    """
+Lisbon Osaka Denver Nairobi Oslo Lima Cairo Dublin Hanoi Quito Porto Leeds Perth Accra Riga
+Turin Bergen Kyoto
+"""
+)
+JOBS = _words(
+    """
+nurse teacher pilot baker lawyer farmer chemist architect plumber dentist librarian painter
+engineer chef editor
+"""
+)
 RECORD_TEMPLATES = [
     "{name} is {age} years old, lives in {city} and works as a {job}.",
     "A {job} from {city}, {name} is {age}.",
     "{name} ({age}) works as a {job} in {city}.",
     "Meet {name}: {age}, {job}, based in {city}.",
 ]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
-          "September", "October", "November", "December"]  # fmt: skip
+MONTHS = _words(
+    """
+January February March April May June July August September October November December
+"""
+)
 DATE_TEMPLATES = ["{month} {day}, {year}", "{day} {month} {year}", "{mon} {day} {year}"]
-COUNTRIES = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid",
-             "Egypt": "Cairo", "Canada": "Ottawa", "Germany": "Berlin", "Peru": "Lima",
-             "Kenya": "Nairobi", "Norway": "Oslo", "Greece": "Athens", "Chile": "Santiago",
-             "Cuba": "Havana", "Ireland": "Dublin", "Poland": "Warsaw", "India": "New Delhi"}  # fmt: skip
-OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "up": "down", "light": "dark",
-             "early": "late", "full": "empty", "happy": "sad", "old": "new", "wet": "dry",
-             "open": "closed", "hard": "soft", "loud": "quiet", "rich": "poor"}  # fmt: skip
+COUNTRIES = dict(
+    pair.replace("_", " ").split(":")
+    for pair in _words(
+        """
+France:Paris Japan:Tokyo Italy:Rome Spain:Madrid Egypt:Cairo Canada:Ottawa Germany:Berlin
+Peru:Lima Kenya:Nairobi Norway:Oslo Greece:Athens Chile:Santiago Cuba:Havana Ireland:Dublin
+Poland:Warsaw India:New_Delhi
+"""
+    )
+)
+OPPOSITES = dict(
+    pair.split(":")
+    for pair in _words(
+        """
+hot:cold big:small fast:slow up:down light:dark early:late full:empty happy:sad old:new wet:dry
+open:closed hard:soft loud:quiet rich:poor
+"""
+    )
+)
 RAMBLE_OPENERS = [
     "Well, that is a really interesting question, and many people have wondered about it.",
     "Great question! Let me think about this carefully and explain it step by step.",
@@ -110,14 +146,32 @@ class Task:
 TASKS = {
     task.name: task
     for task in [
-        Task("json-extract", "sft", json_extract_row, 400, 60,
-             "turn a one-sentence person record into a fixed JSON object (name, age, city, job)"),
-        Task("date-iso", "sft", date_iso_row, 400, 60,
-             "rewrite a date written in words as YYYY-MM-DD"),
-        Task("concise", "dpo", concise_row, 300, 60,
-             "prefer a short direct answer over a rambling one"),
+        Task(
+            "json-extract",
+            "sft",
+            json_extract_row,
+            400,
+            60,
+            "turn a one-sentence person record into a fixed JSON object (name, age, city, job)",
+        ),
+        Task(
+            "date-iso",
+            "sft",
+            date_iso_row,
+            400,
+            60,
+            "rewrite a date written in words as YYYY-MM-DD",
+        ),
+        Task(
+            "concise",
+            "dpo",
+            concise_row,
+            300,
+            60,
+            "prefer a short direct answer over a rambling one",
+        ),
     ]
-}  # fmt: skip
+}
 
 
 def generate(task: Task, seed: int = 0) -> tuple[list[Row], list[Row]]:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-
 from loraplex.adapters.trainer import data as data_mod
 from loraplex.adapters.trainer import output, peft_setup
 from loraplex.adapters.trainer.base import (
@@ -66,7 +65,8 @@ def run(config: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meta = _metadata(config, base, dataset, trainer, metrics, seconds, peak_rss_mb)
-    output.write_adapter(target, lambda d: _save(trainer.model, d), meta, config.overwrite)
+    save = lambda d: _save(trainer.model, d, config.save_dtype)  # noqa: E731
+    output.write_adapter(target, save, meta, config.overwrite)
     return TrainResult(target, metrics, seconds, peak_rss_mb)
 
 
@@ -187,9 +187,11 @@ def choose_optimizer(requested: str, device: torch.device) -> str:
     return "paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit"
 
 
-def _save(model: Any, directory: Path) -> None:
+def _save(model: Any, directory: Path, dtype: str) -> None:
     # Only the trained adapter: DPO from --init-adapter also holds the frozen `ref` copy.
     model.save_pretrained(directory, selected_adapters=["default"])
+    if dtype != "float32":
+        output.cast_weights(directory, dtype)
 
 
 def _metadata(
