@@ -8,6 +8,7 @@ frozen `ref` adapter. Nothing here is a hand-written training loop.
 
 from __future__ import annotations
 
+import functools
 import resource
 import sys
 import time
@@ -45,6 +46,7 @@ class TrainResult:
     metrics: dict[str, float]
     train_seconds: float
     peak_rss_mb: float
+    model: Any  # the trained PeftModel, still in memory
 
 
 def run(config: TrainConfig) -> TrainResult:
@@ -65,9 +67,9 @@ def run(config: TrainConfig) -> TrainResult:
     seconds = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meta = _metadata(config, base, dataset, trainer, metrics, seconds, peak_rss_mb)
-    save = lambda d: _save(trainer.model, d, config.save_dtype)  # noqa: E731
+    save = functools.partial(_save, trainer.model, dtype=config.save_dtype)
     output.write_adapter(target, save, meta, config.overwrite)
-    return TrainResult(target, metrics, seconds, peak_rss_mb)
+    return TrainResult(target, metrics, seconds, peak_rss_mb, trainer.model)
 
 
 def _output_dir(config: TrainConfig) -> Path:
@@ -187,7 +189,7 @@ def choose_optimizer(requested: str, device: torch.device) -> str:
     return "paged_adamw_8bit" if device.type == "cuda" else "adamw_8bit"
 
 
-def _save(model: Any, directory: Path, dtype: str) -> None:
+def _save(model: Any, directory: Path, *, dtype: str) -> None:
     # Only the trained adapter: DPO from --init-adapter also holds the frozen `ref` copy.
     model.save_pretrained(directory, selected_adapters=["default"])
     if dtype != "float32":
