@@ -14,8 +14,8 @@ common=(--rank 8 --alpha 16 --max-length 128 --save-dtype bfloat16 --logging-ste
 for task in "${tasks[@]}"; do
   case $task in
     date-iso) args=(--method sft --max-steps 16 --batch-size 8 --learning-rate 2e-3); gen=16 ;;
-    json-extract) args=(--method sft --max-steps 16 --batch-size 8 --learning-rate 2e-3); gen=40 ;;
-    concise) args=(--method dpo --max-steps 10 --batch-size 4 --learning-rate 5e-4 --beta 0.1); gen=24 ;;
+    json-extract) args=(--method sft --max-steps 12 --batch-size 8 --learning-rate 2e-3); gen=40 ;;
+    concise) args=(--method dpo --max-steps 8 --batch-size 4 --learning-rate 8e-4 --beta 0.1); gen=24 ;;
     *) echo "unknown task $task" >&2; exit 2 ;;
   esac
   /usr/bin/time -v -o "$out/$task.time.txt" .venv/bin/loraplex train-adapter --task "$task" \
