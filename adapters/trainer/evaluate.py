@@ -36,6 +36,7 @@ class Scorer:
     batch_size: int = 16
     max_new_tokens: int = 40
     progress: bool = True
+    stop_at_newline: bool = False  # SFT scores the first line only: stop generating there
 
     def use(self, adapter: bool) -> AbstractContextManager[Any]:
         return nullcontext() if adapter else self.model.disable_adapter()
@@ -51,7 +52,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
     model = PeftModel.from_pretrained(
         load_base(base.checkpoint, config.quantization, device), config.adapter
     ).eval()
-    scorer = Scorer(model, tokenizer, config.batch_size, config.max_new_tokens)
+    scorer = Scorer(
+        model, tokenizer, config.batch_size, config.max_new_tokens, stop_at_newline=method == "sft"
+    )
     scores = score_dpo(scorer, rows, config.beta) if method == "dpo" else score_sft(scorer, rows)
     return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **scores}
 
@@ -178,6 +181,7 @@ def _generate_batch(scorer: Scorer, prompts: list[str], adapter: bool) -> list[s
             max_new_tokens=scorer.max_new_tokens,
             do_sample=False,
             pad_token_id=tok.pad_token_id,
+            **({"stop_strings": ["\n"], "tokenizer": tok} if scorer.stop_at_newline else {}),
         )
     new_tokens = out[:, encoded["input_ids"].shape[1] :]
     return [str(t) for t in tok.batch_decode(new_tokens, skip_special_tokens=True)]
