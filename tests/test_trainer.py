@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,9 @@ def test_output_is_atomic_and_not_overwritten_by_default(
         train.run(config)
     train.run(config.model_copy(update={"overwrite": True, "seed": 1}))
     assert [p.name for p in out.parent.iterdir()] == ["adapter"], "temporary directories left"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "adapter directory left private"
     assert json.loads((out / METADATA_FILE).read_text())["hyperparameters"]["seed"] == 1
 
 

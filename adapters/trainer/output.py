@@ -38,11 +38,21 @@ def write_adapter(
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save(scratch)
+        _make_readable(scratch)
         (scratch / METADATA_FILE).write_text(json.dumps(metadata, indent=2, default=str) + "\n")
         _replace_dir(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp makes the directory private (0700); a server under another user must read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _replace_dir(scratch: Path, target: Path) -> None:
