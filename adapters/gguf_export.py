@@ -13,6 +13,7 @@ their own weight permutations (llama's q/k rotary layout), which this module doe
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -114,7 +115,7 @@ def _vera_pairs(
     return pairs
 
 
-@dataclass(frozen=True)
+@dataclass
 class BaseLayout:
     """What the export needs from the base GGUF: architecture, depth, weight shapes."""
 
@@ -134,11 +135,15 @@ class BaseLayout:
         }
         return cls(arch, blocks, shapes)
 
-    def gguf_name(self, module: str) -> str:
-        import gguf
+    @functools.cached_property
+    def _name_map(self) -> Any:
+        import gguf  # building the map is slow: once per layout, not once per layer
 
         arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == self.architecture)
-        name = gguf.get_tensor_name_map(arch, self.block_count).get_name(module)
+        return gguf.get_tensor_name_map(arch, self.block_count)
+
+    def gguf_name(self, module: str) -> str:
+        name = self._name_map.get_name(module)
         if name is None or f"{name}.weight" not in self.shapes:
             raise InvalidAdapter(module, f"no {self.architecture} GGUF tensor matches this layer")
         return f"{name}.weight"
