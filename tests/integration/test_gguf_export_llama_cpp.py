@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.gguf]
 PROMPT = "Record: Lars Berg is 77 years old, lives in Cairo and works as a chemist.\nJSON:"
 # Per-position cosine of the logit deltas. The adapters are sized so that their effect is
 # well above the numerical noise llama.cpp shows between runs with and without an adapter
-# (about 0.5 cosine for a tiny adapter); at this size 0.93-1.0 was measured per position.
+# (about 0.5 cosine for a tiny adapter); at this size the minimum over positions measured
+# 0.92 (LoRA), 0.92 (rsLoRA) and 0.96 (VeRA), the mean 0.98-0.99.
 MIN_DELTA_COSINE = 0.85
 MIN_MEAN_DELTA_COSINE = 0.95
 # Random init sizes giving a logit change of similar size for each adapter kind.
