@@ -159,7 +159,8 @@ ADAPTER_ACTIONS: dict[str, tuple[Callable[[AdaptersConfig], int], str]] = {
 }
 
 
-def add_adapters_parser(commands: argparse._SubParsersAction) -> None:
+def add_adapters_parser(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    """Add `adapters ACTION`; returns its actions so other modules can add offline tools."""
     parser = commands.add_parser(
         "adapters", help="list, load, unload or pin adapters on a running server"
     )
@@ -171,3 +172,4 @@ def add_adapters_parser(commands: argparse._SubParsersAction) -> None:
         sub.set_defaults(
             run=lambda a, act=action: _failing(act)(config_from_args(AdaptersConfig, a))
         )
+    return actions

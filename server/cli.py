@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from loraplex.adapters.trainer import cli as trainer_cli
 from loraplex.clients.cli import add_adapters_parser, add_generate_parser
 from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
 from loraplex.server.errors import LoraplexError
@@ -69,14 +70,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_serve_parser(commands)
     add_generate_parser(commands)
-    add_adapters_parser(commands)
+    adapter_actions = add_adapters_parser(commands)
+    trainer_cli.add_export_gguf(adapter_actions)
     _add_model_commands(commands)
+    trainer_cli.add_train_adapter(commands)
+    trainer_cli.add_eval_adapter(commands)
     for name, text in [
-        ("train-adapter", "train a LoRA/VeRA adapter with QLoRA SFT or DPO"),
         ("bench", "run load benchmarks against a server"),
     ]:
         commands.add_parser(name, help=text).set_defaults(run=_not_built(name))
+    _add_adapters_commands(commands)
     return parser
+
+
+def _add_adapters_commands(commands: argparse._SubParsersAction) -> None:
+    adapters = commands.add_parser("adapters", help="manage adapters: export-gguf")
+    actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
+    trainer_cli.add_export_gguf(actions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

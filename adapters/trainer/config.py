@@ -1,0 +1,121 @@
+"""Typed configs of `train-adapter`, `eval-adapter` and `adapters export-gguf`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from loraplex.server.config import ModelConfig
+
+Quantization = Literal["nf4", "int8", "none"]
+
+
+class BaseModelConfig(ModelConfig):
+    """A base model spec plus how to load it for training or scoring."""
+
+    quantization: Quantization = Field(
+        default="nf4",
+        description="how the base is loaded: nf4 (4-bit NF4, double quantization), int8 "
+        "(LLM.int8) or none (unquantized)",
+    )
+    device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
+
+
+class TrainConfig(BaseModelConfig):
+    """Everything `loraplex train-adapter` needs: method, adapter shape, data and run control."""
+
+    toml_table: ClassVar[str] = "train-adapter"
+
+    data: Path | None = Field(default=None, description="training JSONL file")
+    task: str | None = Field(
+        default=None,
+        description="a built-in task (json-extract, date-iso, concise) instead of --data",
+    )
+    output: Path | None = Field(
+        default=None, description="adapter directory to write (its name is the adapter id)"
+    )
+    overwrite: bool = Field(default=False, description="replace an existing output directory")
+    method: Literal["sft", "dpo"] = Field(default="sft", description="training method")
+    adapter_type: Literal["lora", "vera"] = Field(default="lora", description="adapter type")
+    rank: int = Field(default=8, ge=1, description="adapter rank")
+    alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
+    rslora: bool = Field(default=False, description="rank-stabilized LoRA: alpha / sqrt(rank)")
+    target_modules: list[str] = Field(
+        default_factory=list,
+        description="module names to adapt; repeat the flag (default: all linear)",
+    )
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="adapter dropout")
+    init_adapter: Path | None = Field(
+        default=None,
+        description="start from this adapter; for DPO it is also the frozen reference",
+    )
+    eval_data: Path | None = Field(
+        default=None, description="held-out JSONL scored during training"
+    )
+    eval_split: float = Field(
+        default=0.0, ge=0, lt=1, description="fraction of --data held out when no --eval-data"
+    )
+    max_length: int = Field(default=256, ge=8, description="maximum tokens per example")
+    epochs: float = Field(default=1.0, gt=0, description="passes over the data")
+    max_steps: int = Field(default=-1, description="optimizer steps; overrides --epochs when > 0")
+    learning_rate: float = Field(default=2e-4, gt=0, description="peak learning rate")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        default="linear", description="learning-rate schedule"
+    )
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="warm-up share of the steps")
+    batch_size: int = Field(default=4, ge=1, description="examples per device batch")
+    grad_accum: int = Field(default=1, ge=1, description="gradient accumulation steps")
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        default="auto",
+        description="auto: paged 8-bit AdamW on CUDA, 8-bit AdamW (bitsandbytes) on CPU",
+    )
+    seed: int = Field(default=0, description="seed for data order, init and dropout")
+    beta: float = Field(default=0.1, gt=0, description="DPO beta")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        default="sigmoid", description="DPO loss"
+    )
+    save_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32", description="dtype of the saved adapter weights (bf16 halves the file)"
+    )
+    save_steps: int = Field(default=0, ge=0, description="checkpoint every N steps (0: never)")
+    checkpoint_dir: Path | None = Field(
+        default=None, description="where checkpoints go (default: <cache>/checkpoints/<id>)"
+    )
+    resume: bool = Field(default=False, description="resume from the latest checkpoint")
+    logging_steps: int = Field(default=10, ge=1, description="log the loss every N steps")
+    progress: bool = Field(default=True, description="show progress bars")
+    push: str | None = Field(
+        default=None, description="address of a running server to load the adapter into"
+    )
+
+
+class EvalConfig(BaseModelConfig):
+    """`loraplex eval-adapter`: score an adapter against its base on a held-out split."""
+
+    toml_table: ClassVar[str] = "eval-adapter"
+
+    adapter: Path | None = Field(default=None, description="adapter directory to score")
+    task: str | None = Field(default=None, description="built-in task whose test split to use")
+    data: Path | None = Field(default=None, description="held-out JSONL (instead of --task)")
+    method: Literal["sft", "dpo"] | None = Field(
+        default=None, description="sft or dpo scoring (default: from the task or adapter)"
+    )
+    limit: int = Field(default=0, ge=0, description="score only the first N rows (0: all)")
+    max_new_tokens: int = Field(default=40, ge=1, description="generation length")
+    batch_size: int = Field(default=16, ge=1, description="rows per generation batch")
+    beta: float = Field(default=0.1, gt=0, description="beta of the implicit DPO reward")
+    output_json: Path | None = Field(default=None, description="also write the scores here")
+
+
+class ExportGgufConfig(ModelConfig):
+    """`loraplex adapters export-gguf`: a PEFT LoRA/VeRA adapter as a llama.cpp GGUF-LoRA."""
+
+    toml_table: ClassVar[str] = "export-gguf"
+
+    adapter: Path | None = Field(default=None, description="PEFT adapter directory")
+    output: Path | None = Field(
+        default=None, description="GGUF file to write (default: <adapter>/adapter.gguf)"
+    )
+    dtype: Literal["f32", "f16"] = Field(default="f32", description="tensor type in the file")

@@ -1,0 +1,54 @@
+"""Adapter configs (LoRA, VeRA) from the train config, and loading an adapter to start from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig
+
+from loraplex.adapters.trainer.config import TrainConfig
+
+ALL_LINEAR = "all-linear"
+
+
+def adapter_config(config: TrainConfig) -> PeftConfig:
+    """A fresh LoRA or VeRA config; by default every linear layer except the LM head."""
+    targets: Any = config.target_modules or ALL_LINEAR
+    if config.adapter_type == "vera":
+        # VeRA has no alpha; its shared projections are saved with the adapter so that the
+        # result does not depend on this machine's random number generator.
+        return VeraConfig(
+            r=config.rank,
+            target_modules=targets,
+            vera_dropout=config.dropout,
+            projection_prng_key=config.seed,
+            save_projection=True,
+            task_type="CAUSAL_LM",
+        )
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,  # type: ignore[arg-type]  # PEFT accepts fractional alpha
+        use_rslora=config.rslora,
+        target_modules=targets,
+        lora_dropout=config.dropout,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_trainable(base: Any, adapter_dir: Path) -> PeftModel:
+    """Wrap `base` with an existing adapter whose weights keep training (for --init-adapter)."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+
+
+def describe(peft_config: PeftConfig) -> dict[str, Any]:
+    """The adapter hyperparameters worth recording, as plain JSON values."""
+    keys = ["peft_type", "r", "lora_alpha", "use_rslora", "lora_dropout", "vera_dropout"]
+    info = {key: getattr(peft_config, key) for key in keys if hasattr(peft_config, key)}
+    info["peft_type"] = str(info.get("peft_type", "")).split(".")[-1]
+    targets = getattr(peft_config, "target_modules", None)
+    info["target_modules"] = sorted(targets) if isinstance(targets, set | list) else targets
+    return info
