@@ -180,16 +180,28 @@ class GGUFEngine:
         return sorted(groups.values(), key=lambda group: group[0].adapters != current)
 
     def _run_group(self, group: list[_Sequence]) -> list[TokenEvent]:
+        """One decode call for the group's single new tokens, one per prompt being prefilled.
+
+        Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
+        shaped by its batch mates, which changes the numerics; one-token rows do not."""
         if self._runtime.set_adapters(group[0].adapters):
             self.last_step.adapter_switches += 1
-        slots = [
-            TokenSlot(token, seq.pos + i, seq.slot, i == len(seq.pending) - 1)
-            for seq in group
+        prefills = [[seq] for seq in group if len(seq.pending) > 1]
+        decodes = [seq for seq in group if len(seq.pending) == 1]
+        events = []
+        for batch in [*prefills, decodes] if decodes else prefills:
+            rows = self._runtime.decode([slot for seq in batch for slot in self._slots(seq)])
+            self.last_step.decode_calls += 1
+            events += [self._advance(seq, row) for seq, row in zip(batch, rows, strict=True)]
+        return events
+
+    @staticmethod
+    def _slots(seq: _Sequence) -> list[TokenSlot]:
+        last = len(seq.pending) - 1
+        return [
+            TokenSlot(token, seq.pos + i, seq.slot, i == last)
             for i, token in enumerate(seq.pending)
         ]
-        rows = self._runtime.decode(slots)
-        self.last_step.decode_calls += 1
-        return [self._advance(seq, logits) for seq, logits in zip(group, rows, strict=True)]
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> TokenEvent:
         token, logprob = seq.sampler.choose(logits)

@@ -33,6 +33,8 @@ class RuntimeConfig:
     n_batch: int = 512
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int | None = None  # None: all layers when llama.cpp can offload, else none
+    flash_attn: bool | None = None  # None: llama.cpp decides per device
+    batch_invariant: bool = True  # a sequence's output does not depend on its batch mates
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,9 @@ class LlamaRuntime:
         if layers is None:
             layers = -1 if llama.llama_supports_gpu_offload() else 0
         params.n_gpu_layers = layers
+        # llama.cpp's repacked CPU weights use different kernels for 1 row and for groups of
+        # rows, so a sequence's logits would depend on how many others share its batch
+        params.use_extra_bufts = not config.batch_invariant
         model = llama.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise CorruptModel(f"llama.cpp could not load the GGUF model {path}")
@@ -111,6 +116,12 @@ class LlamaRuntime:
         # logits are read for each sequence's last token only; the default (n_batch rows of a
         # 262k vocabulary) would reserve ~0.5 GiB of output buffer
         params.n_outputs_max = config.n_seq_max
+        if config.flash_attn is not None:
+            params.flash_attn_type = (
+                llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
+                if config.flash_attn
+                else llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            )
         params.kv_unified = False  # each sequence attends over its own cells only
         params.n_threads = params.n_threads_batch = config.n_threads or default_threads()
         ctx = llama.llama_init_from_model(self.model, params)

@@ -46,16 +46,26 @@ class TokenSampler:
         scores[self._seen] = np.where(seen > 0, seen / penalty, seen * penalty)
         return scores
 
+    def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The token ids a temperature > 0 draw can pick, and their probabilities."""
+        scores = self._penalized(logits) / np.float32(self.params.temperature)
+        return _filtered(scores, self.params.top_k, self.params.top_p)
+
     def _draw(self, scores: np.ndarray) -> tuple[int, float | None]:
-        ids = _top_k_ids(scores, self.params.top_k)
-        kept = scores[ids].astype(np.float64)
-        probs = np.exp(kept - kept.max())
-        probs /= probs.sum()
-        if self.params.top_p < 1.0:
-            ids, probs = _nucleus(scores, ids, probs, self.params.top_p)
+        ids, probs = _filtered(scores, self.params.top_k, self.params.top_p)
         pick = int(self._rng.choice(len(ids), p=probs))
         logprob = float(np.log(probs[pick])) if self.params.logprobs else None
         return int(ids[pick]), logprob
+
+
+def _filtered(scores: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    ids = _top_k_ids(scores, top_k)
+    kept = scores[ids].astype(np.float64)
+    probs = np.exp(kept - kept.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        ids, probs = _nucleus(ids, probs, top_p)
+    return ids, probs
 
 
 def _top_k_ids(scores: np.ndarray, top_k: int) -> np.ndarray:
@@ -64,9 +74,7 @@ def _top_k_ids(scores: np.ndarray, top_k: int) -> np.ndarray:
     return np.argpartition(scores, -top_k)[-top_k:]
 
 
-def _nucleus(
-    scores: np.ndarray, ids: np.ndarray, probs: np.ndarray, top_p: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _nucleus(ids: np.ndarray, probs: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
     """The smallest highest-probability set whose mass reaches top_p, renormalized."""
     order = _descending(probs)
     cumulative = np.cumsum(probs[order])

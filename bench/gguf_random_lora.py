@@ -1,4 +1,4 @@
-"""Small random GGUF-LoRA files for a GGUF base, written with the `gguf` package.
+"""Small random GGUF-LoRA files for a GGUF base (benchmarks and tests), written with `gguf`.
 
 They are real adapter files that real llama.cpp loads: the metadata and tensor names follow
 llama.cpp's converter (general.type=adapter, adapter.type=lora, adapter.lora.alpha,
