@@ -125,18 +125,47 @@ def test_adapter_request_leaves_no_trace_on_the_base(engine: GGUFEngine) -> None
     assert after == before
 
 
-def test_mixed_batch_matches_each_solo_run(engine: GGUFEngine) -> None:
+def greedy_events(
+    engine: GGUFEngine, cases: list[tuple[str, str, AdapterRef | None]]
+) -> dict[str, list[TokenEvent]]:
+    """Run the cases together in one batch, with the logprob of every chosen token."""
+    params = SamplingParams(max_new_tokens=N_TOKENS, logprobs=True)
+    return run_to_end(
+        engine, [SequenceRequest(s, engine.encode(p), params, a) for s, p, a in cases]
+    )
+
+
+def test_base_sequences_in_one_batch_equal_their_solo_runs_exactly(engine: GGUFEngine) -> None:
+    cases = [(f"b{i}", PROMPTS[i % 4] + " " * (i // 4), None) for i in range(8)]
+    together = greedy_events(engine, cases)
+    solo = {s: greedy_events(engine, [(s, p, a)])[s] for s, p, a in cases}
+    assert together == solo
+    assert engine.last_step.decode_calls == 1
+
+
+def test_mixed_adapter_batch_matches_solo_runs(engine: GGUFEngine) -> None:
+    """Equal tokens and logprobs; a run may part from its solo twin only at a near-tie.
+
+    With an adapter, llama.cpp's float32 LoRA matmul takes a different kernel for one row than
+    for several, so logits differ in the last bits and a near-tie can tip either way."""
     adapters = [None, AdapterRef("lora0", 1), AdapterRef("lora1", 1), AdapterRef("lora2", 1, 0.7)]
     cases = [(f"s{i}", PROMPTS[i % 4], adapters[(i // 2) % 4]) for i in range(8)]
-    solo = {seq_id: greedy(engine, seq_id, p, a) for seq_id, p, a in cases}
-    requests = [
-        SequenceRequest(s, engine.encode(p), SamplingParams(max_new_tokens=N_TOKENS), a)
-        for s, p, a in cases
-    ]
-    together = run_to_end(engine, requests)
-    assert {s: [e.token_id for e in evs] for s, evs in together.items()} == solo
-    assert engine.last_step.decode_calls == len(set(adapters))
+    together = greedy_events(engine, cases)
+    assert engine.last_step.decode_calls == len(adapters)  # one call per adapter group
     assert engine.running() == []
+    for seq_id, prompt, adapter in cases:
+        alone = greedy_events(engine, [(seq_id, prompt, adapter)])[seq_id]
+        assert_equal_until_a_near_tie(together[seq_id], alone)
+
+
+def assert_equal_until_a_near_tie(ours: list[TokenEvent], alone: list[TokenEvent]) -> None:
+    tokens = [(a.token_id, b.token_id) for a, b in zip(ours, alone, strict=False)]
+    same = next((i for i, (a, b) in enumerate(tokens) if a != b), len(tokens))
+    pairs = [(a.logprob, b.logprob) for a, b in zip(ours, alone, strict=False)]
+    logprobs = np.array(pairs, dtype=float)
+    np.testing.assert_allclose(logprobs[:same, 0], logprobs[:same, 1], atol=1e-3)
+    if same < len(tokens):  # each run chose its argmax, so the two choices were within noise
+        assert abs(logprobs[same, 0] - logprobs[same, 1]) < 1e-3, f"parted at token {same}"
 
 
 def test_sequences_joining_a_running_batch_match_solo_runs(engine: GGUFEngine) -> None:
