@@ -31,7 +31,15 @@ from loraplex.server.models import resolve
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 STREAMS = 8
-CASES = ("raw", "ours_1", "ours_8_one_adapter", "ours_8_eight_adapters", "reload_8", "switch")
+CASES = (
+    "raw",
+    "ours_1",
+    "ours_1_repacked",
+    "ours_8_one_adapter",
+    "ours_8_eight_adapters",
+    "reload_8",
+    "switch",
+)
 
 
 def main() -> None:
@@ -101,6 +109,7 @@ def _child(args: argparse.Namespace) -> None:
     cases: dict[str, Callable[[], dict[str, float]]] = {
         "raw": lambda: _raw(path, args),
         "ours_1": lambda: _ours(path, [None], loras, args),
+        "ours_1_repacked": lambda: _ours(path, [None], loras, args, batch_invariant=False),
         "ours_8_one_adapter": lambda: _ours(path, [0] * STREAMS, loras, args),
         "ours_8_eight_adapters": lambda: _ours(path, list(range(STREAMS)), loras, args),
         "reload_8": lambda: _reload(path, loras, args),
@@ -138,18 +147,29 @@ def _raw_generate(llm: object, n_tokens: int) -> int:
     return count
 
 
-def _engine(path: Path, loras: list[Path], args: argparse.Namespace) -> GGUFEngine:
+def _engine(
+    path: Path, loras: list[Path], args: argparse.Namespace, batch_invariant: bool = True
+) -> GGUFEngine:
     files = AdapterFiles()
     for i, lora in enumerate(loras):
         files.add(f"l{i}", lora)
-    config = RuntimeConfig(n_ctx_per_seq=512, n_seq_max=STREAMS, n_threads=args.threads)
+    config = RuntimeConfig(
+        n_ctx_per_seq=512,
+        n_seq_max=STREAMS,
+        n_threads=args.threads,
+        batch_invariant=batch_invariant,
+    )
     return GGUFEngine(path, config, files, max_idle_adapters=len(loras))
 
 
 def _ours(
-    path: Path, adapters: list[int | None], loras: list[Path], args: argparse.Namespace
+    path: Path,
+    adapters: list[int | None],
+    loras: list[Path],
+    args: argparse.Namespace,
+    batch_invariant: bool = True,
 ) -> dict[str, float]:
-    engine = _engine(path, loras, args)
+    engine = _engine(path, loras, args, batch_invariant)
     prompt = engine.encode(PROMPT)
     requests = [
         SequenceRequest(
