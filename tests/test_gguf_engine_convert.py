@@ -73,7 +73,7 @@ def test_missing_and_incomplete_adapters_are_typed_errors(tmp_path: Path) -> Non
     with pytest.raises(AdapterNotFound, match="nowhere"):
         resolve(AdapterRef("nowhere", 1))
     (tmp_path / "adapters" / "empty").mkdir(parents=True)
-    with pytest.raises(InvalidAdapter, match="adapter_config.json"):
+    with pytest.raises(InvalidAdapter, match=r"adapter_config\.json"):
         resolve(AdapterRef("empty", 1))
 
 
