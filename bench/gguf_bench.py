@@ -109,7 +109,7 @@ def _child(args: argparse.Namespace) -> None:
     cases: dict[str, Callable[[], dict[str, float]]] = {
         "raw": lambda: _raw(path, args),
         "ours_1": lambda: _ours(path, [None], loras, args),
-        "ours_1_repacked": lambda: _ours(path, [None], loras, args, batch_invariant=False),
+        "ours_1_repacked": lambda: _ours(path, [None], loras, args, repack_weights=True),
         "ours_8_one_adapter": lambda: _ours(path, [0] * STREAMS, loras, args),
         "ours_8_eight_adapters": lambda: _ours(path, list(range(STREAMS)), loras, args),
         "reload_8": lambda: _reload(path, loras, args),
@@ -148,7 +148,7 @@ def _raw_generate(llm: object, n_tokens: int) -> int:
 
 
 def _engine(
-    path: Path, loras: list[Path], args: argparse.Namespace, batch_invariant: bool = True
+    path: Path, loras: list[Path], args: argparse.Namespace, repack_weights: bool = False
 ) -> GGUFEngine:
     files = AdapterFiles()
     for i, lora in enumerate(loras):
@@ -157,7 +157,7 @@ def _engine(
         n_ctx_per_seq=512,
         n_seq_max=STREAMS,
         n_threads=args.threads,
-        batch_invariant=batch_invariant,
+        repack_weights=repack_weights,
     )
     return GGUFEngine(path, config, files, max_idle_adapters=len(loras))
 
@@ -167,9 +167,9 @@ def _ours(
     adapters: list[int | None],
     loras: list[Path],
     args: argparse.Namespace,
-    batch_invariant: bool = True,
+    repack_weights: bool = False,
 ) -> dict[str, float]:
-    engine = _engine(path, loras, args, batch_invariant)
+    engine = _engine(path, loras, args, repack_weights)
     prompt = engine.encode(PROMPT)
     requests = [
         SequenceRequest(

@@ -183,7 +183,7 @@ class GGUFEngine:
         """One decode call for the group's single new tokens, one per prompt being prefilled.
 
         Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
-        shaped by its batch mates, which changes the numerics; one-token rows do not."""
+        shaped by its batch mates, which moves the logits more than batching single tokens."""
         if self._runtime.set_adapters(group[0].adapters):
             self.last_step.adapter_switches += 1
         prefills = [[seq] for seq in group if len(seq.pending) > 1]

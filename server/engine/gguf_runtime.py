@@ -34,7 +34,10 @@ class RuntimeConfig:
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int | None = None  # None: all layers when llama.cpp can offload, else none
     flash_attn: bool | None = None  # None: llama.cpp decides per device
-    batch_invariant: bool = True  # a sequence's output does not depend on its batch mates
+    # llama.cpp's repacked CPU weights are faster, but take other kernels for one row than for
+    # groups of rows, moving a sequence's logits by up to ~1 with its batch mates; without them
+    # batched and solo runs differ only by float rounding (single vs multi-row dot products)
+    repack_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,7 @@ class LlamaRuntime:
         if layers is None:
             layers = -1 if llama.llama_supports_gpu_offload() else 0
         params.n_gpu_layers = layers
-        # llama.cpp's repacked CPU weights use different kernels for 1 row and for groups of
-        # rows, so a sequence's logits would depend on how many others share its batch
-        params.use_extra_bufts = not config.batch_invariant
+        params.use_extra_bufts = config.repack_weights
         model = llama.llama_model_load_from_file(str(path).encode(), params)
         if not model:
             raise CorruptModel(f"llama.cpp could not load the GGUF model {path}")
