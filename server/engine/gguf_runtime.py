@@ -28,7 +28,7 @@ class DecodeFailed(LoraplexError):
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    n_ctx_per_seq: int = 2048
+    n_ctx_per_seq: int = 2048  # llama.cpp may round it up; LlamaRuntime.n_ctx_per_seq is exact
     n_seq_max: int = 8
     n_batch: int = 512
     n_threads: int | None = None  # None: every core this process may use
