@@ -7,6 +7,7 @@ blk.N.<module>.weight.lora_a with shape (rank, in) and .lora_b with shape (out, 
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from gguf import GGUFReader, GGUFWriter
 TARGETS = ("attn_q", "attn_v")
 
 
+@lru_cache(maxsize=4)  # reading a base parses its whole vocabulary: seconds per call
 def base_shapes(base: Path, targets: tuple[str, ...] = TARGETS) -> dict[str, tuple[int, int]]:
     """(in, out) of every targeted weight in the base, keyed by tensor name."""
     reader = GGUFReader(base)
@@ -26,6 +28,7 @@ def base_shapes(base: Path, targets: tuple[str, ...] = TARGETS) -> dict[str, tup
     return shapes
 
 
+@lru_cache(maxsize=4)
 def architecture(base: Path) -> str:
     field = GGUFReader(base).fields["general.architecture"]
     return bytes(field.parts[-1]).decode()
