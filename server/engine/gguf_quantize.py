@@ -14,6 +14,7 @@ from pathlib import Path
 
 import llama_cpp.llama_cpp as llama
 
+from loraplex.server.engine.gguf_runtime import quiet_llama_logs
 from loraplex.server.errors import CorruptModel, InvalidRequest
 
 QUANT_TYPES: dict[str, int] = {
@@ -50,6 +51,7 @@ def requantize(source: Path, target: Path, quant: str, n_threads: int | None = N
 
 
 def _quantize(source: Path, target: Path, ftype: int, n_threads: int | None) -> None:
+    quiet_llama_logs()  # it logs every tensor it converts
     params = llama.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = n_threads or 0  # 0: llama.cpp uses every core
