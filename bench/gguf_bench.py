@@ -1,0 +1,240 @@
+"""GGUF backend throughput against raw llama-cpp-python on the same GGUF file.
+
+Each case runs in its own process, so its peak RSS is its own. Greedy decoding throughout;
+tokens/s counts generated tokens over the wall time from the first prefill to the last token.
+
+    python -m loraplex.bench.gguf_bench --quants q4_k_m,q5_k_m --tokens 64 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from loraplex.bench.gguf_random_lora import write_random_lora
+from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
+from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest, StepPlan
+from loraplex.server.engine.gguf import GGUFEngine
+from loraplex.server.engine.gguf_adapters import AdapterFiles
+from loraplex.server.engine.gguf_quantize import quantized_path, requantize
+from loraplex.server.engine.gguf_runtime import RuntimeConfig
+from loraplex.server.models import resolve
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+STREAMS = 8
+CASES = (
+    "raw",
+    "ours_1",
+    "ours_1_repacked",
+    "ours_8_one_adapter",
+    "ours_8_eight_adapters",
+    "reload_8",
+    "switch",
+)
+
+
+def main() -> None:
+    args = _parse()
+    base = resolve(args.model, default_cache_dir())
+    assert base.sha256 is not None
+    with tempfile.TemporaryDirectory(prefix="gguf-bench-") as scratch:
+        loras = [write_random_lora(base.path, Path(scratch) / f"l{i}.gguf", i) for i in range(8)]
+        report = {}
+        for quant in args.quants.split(","):
+            path = base.path
+            if quant != "q4_k_m":  # the default model's own format
+                target = quantized_path(base.path, quant, default_cache_dir(), base.sha256)
+                path = requantize(base.path, target, quant)
+            report[quant] = _run_quant(path, loras, args)
+            _print_quant(quant, report[quant])
+    print(json.dumps(report, indent=2))
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--quants", default="q4_k_m,q5_k_m")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--loras", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def _run_quant(path: Path, loras: list[Path], args: argparse.Namespace) -> dict[str, dict]:
+    results = {}
+    for case in CASES:
+        command = [sys.executable, "-m", "loraplex.bench.gguf_bench", "--case", case]
+        command += ["--path", str(path), "--loras", ",".join(map(str, loras))]
+        command += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def _print_quant(quant: str, r: dict[str, dict]) -> None:
+    def tps(case: str) -> float:
+        return float(r[case]["tokens_per_s"])
+
+    one, eight, mixed = tps("ours_1"), tps("ours_8_one_adapter"), tps("ours_8_eight_adapters")
+    rows = [
+        ("one stream, ours / raw", one / tps("raw"), 0.9),
+        ("8 streams one adapter / ours one stream", eight / one, 2.0),
+        ("8 streams 8 adapters / 8 streams one adapter", mixed / eight, 0.7),
+        ("8 streams 8 adapters / reload baseline", mixed / tps("reload_8"), 3.0),
+    ]
+    print(f"== {quant}", file=sys.stderr)
+    for case, result in r.items():
+        print(f"  {case:24s} {json.dumps(result)}", file=sys.stderr)
+    for name, ratio, target in rows:
+        verdict = "met" if ratio >= target else "MISSED"
+        print(f"  {name:48s} {ratio:6.2f}x  (target >= {target}x, {verdict})", file=sys.stderr)
+
+
+# ---- child cases ----------------------------------------------------------------------------
+
+
+def _child(args: argparse.Namespace) -> None:
+    path, loras = Path(args.path), [Path(p) for p in args.loras.split(",")]
+    cases: dict[str, Callable[[], dict[str, float]]] = {
+        "raw": lambda: _raw(path, args),
+        "ours_1": lambda: _ours(path, [None], loras, args),
+        "ours_1_repacked": lambda: _ours(path, [None], loras, args, repack_weights=True),
+        "ours_8_one_adapter": lambda: _ours(path, [0] * STREAMS, loras, args),
+        "ours_8_eight_adapters": lambda: _ours(path, list(range(STREAMS)), loras, args),
+        "reload_8": lambda: _reload(path, loras, args),
+        "switch": lambda: _switch_cost(path, loras, args),
+    }
+    result = cases[args.case]()
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def _raw(path: Path, args: argparse.Namespace, lora: Path | None = None) -> dict[str, float]:
+    from llama_cpp import Llama
+
+    llm = Llama(
+        str(path),
+        n_ctx=512,
+        n_threads=args.threads,
+        lora_path=None if lora is None else str(lora),
+        verbose=False,
+    )
+    started = time.perf_counter()
+    tokens = _raw_generate(llm, args.tokens)
+    elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def _raw_generate(llm: object, n_tokens: int) -> int:
+    """Greedy tokens through the high-level API, as a user of llama-cpp-python would."""
+    prompt = llm.tokenize(PROMPT.encode())  # type: ignore[attr-defined]
+    count = 0
+    for token in llm.generate(prompt, top_k=1, temp=0.0):  # type: ignore[attr-defined]
+        count += 1
+        if count == n_tokens or llm.token_eos() == token:  # type: ignore[attr-defined]
+            break
+    return count
+
+
+def _engine(
+    path: Path, loras: list[Path], args: argparse.Namespace, repack_weights: bool = False
+) -> GGUFEngine:
+    files = AdapterFiles()
+    for i, lora in enumerate(loras):
+        files.add(f"l{i}", lora)
+    config = RuntimeConfig(
+        n_ctx_per_seq=512,
+        n_seq_max=STREAMS,
+        n_threads=args.threads,
+        repack_weights=repack_weights,
+    )
+    return GGUFEngine(path, config, files, max_idle_adapters=len(loras))
+
+
+def _ours(
+    path: Path,
+    adapters: list[int | None],
+    loras: list[Path],
+    args: argparse.Namespace,
+    repack_weights: bool = False,
+) -> dict[str, float]:
+    engine = _engine(path, loras, args, repack_weights)
+    prompt = engine.encode(PROMPT)
+    requests = [
+        SequenceRequest(
+            f"s{i}",
+            prompt,
+            SamplingParams(max_new_tokens=args.tokens),
+            None if a is None else AdapterRef(f"l{a}", 1),
+        )
+        for i, a in enumerate(adapters)
+    ]
+    for r in requests:  # adapters load before the clock starts, as in a warm server
+        engine.check(r)
+    started = time.perf_counter()
+    tokens, switches, plan = 0, 0, StepPlan(prefill=requests)
+    while plan.prefill or plan.decode:
+        events = engine.step(plan)
+        tokens += sum(e.token_id is not None for e in events)
+        switches += engine.last_step.adapter_switches
+        plan = StepPlan(decode=engine.running())
+    elapsed = time.perf_counter() - started
+    engine.close()
+    return {
+        "tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "adapter_switches": switches,
+    }
+
+
+def _reload(path: Path, loras: list[Path], args: argparse.Namespace) -> dict[str, float]:
+    """8 requests on 8 adapters, served one after another by reloading Llama with lora_path."""
+    started = time.perf_counter()
+    tokens = sum(_raw(path, args, lora)["tokens"] for lora in loras[:STREAMS])
+    elapsed = time.perf_counter() - started
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def _switch_cost(path: Path, loras: list[Path], args: argparse.Namespace) -> dict[str, float]:
+    """Batch-1 decode time with the same adapter each call, and alternating two adapters."""
+    engine = _engine(path, loras, args)
+    prompt = engine.encode(PROMPT)
+    timings = {}
+    for name, ids in (("same", [0, 0]), ("alternating", [0, 1])):
+        refs = [AdapterRef(f"l{i}", 1) for i in ids]
+        requests = [
+            SequenceRequest(f"{name}{j}", prompt, SamplingParams(max_new_tokens=1000), ref)
+            for j, ref in enumerate(refs)
+        ]
+        engine.step(StepPlan(prefill=requests))
+        samples = []
+        for _ in range(args.tokens // 2):
+            for request in requests:  # one sequence per step: each step may switch adapters
+                started = time.perf_counter()
+                engine.step(StepPlan(decode=[request.seq_id]))
+                samples.append(time.perf_counter() - started)
+        timings[name] = float(np.median(samples)) * 1000
+        for request in requests:
+            engine.release(request.seq_id)
+    engine.close()
+    return {
+        "decode_ms_same_adapter": timings["same"],
+        "decode_ms_alternating": timings["alternating"],
+        "switch_ms": timings["alternating"] - timings["same"],
+    }
+
+
+if __name__ == "__main__":
+    _child(_parse()) if "--case" in sys.argv else main()

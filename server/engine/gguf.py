@@ -1,0 +1,237 @@
+"""The GGUF backend: a llama.cpp base with GGUF-LoRA adapters behind the Engine contract.
+
+Sequences share one context, each in its own KV sequence slot. llama.cpp applies one adapter
+set to a whole decode call, so each step groups the plan's sequences by (adapter version,
+scale) and runs one decode call per group. Every sequence in the plan still gets exactly one
+token per step, whatever its adapter, so groups are served equally; the price is that a step
+with G groups costs G decode calls. The group whose adapter set is already on the context runs
+first, which saves one adapter switch per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from loraplex.adapters.errors import AdapterNotFound
+from loraplex.server.engine.api import (
+    AdapterRef,
+    FinishReason,
+    SequenceRequest,
+    StepPlan,
+    TokenEvent,
+)
+from loraplex.server.engine.gguf_adapters import AdapterFileResolver, GGUFAdapterPool
+from loraplex.server.engine.gguf_runtime import (
+    AdapterSet,
+    LlamaRuntime,
+    RuntimeConfig,
+    TokenSlot,
+)
+from loraplex.server.engine.gguf_sampling import TokenSampler
+from loraplex.server.engine.gguf_text import TextStream
+from loraplex.server.errors import InvalidRequest
+
+GroupKey = tuple[str, int, float] | None  # (adapter id, version, scale); None is the base
+
+
+def _no_adapters(ref: AdapterRef) -> Path:
+    raise AdapterNotFound(ref.adapter_id, "this engine was started without adapter files")
+
+
+@dataclass
+class _Sequence:
+    seq_id: str
+    slot: int
+    request: SequenceRequest
+    sampler: TokenSampler
+    text: TextStream
+    pending: list[int]  # tokens to feed on the next run: the prompt, then each new token
+    pos: int = 0  # KV position of pending[0]
+    generated: int = 0
+    adapters: AdapterSet = field(default=())
+
+    @property
+    def group(self) -> GroupKey:
+        ref = self.request.adapter
+        return None if ref is None else (ref.adapter_id, ref.version, ref.scale)
+
+
+@dataclass
+class StepStats:
+    """What the last step cost, for benchmarks and metrics."""
+
+    decode_calls: int = 0
+    adapter_switches: int = 0
+
+
+class GGUFEngine:
+    """Implements loraplex.server.engine.api.Engine on llama-cpp-python; one thread only."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        config: RuntimeConfig | None = None,
+        adapter_files: AdapterFileResolver = _no_adapters,
+        max_idle_adapters: int = 16,
+    ) -> None:
+        self._runtime = LlamaRuntime(Path(model_path), config or RuntimeConfig())
+        self.max_context = self._runtime.n_ctx_per_seq
+        self.adapters = GGUFAdapterPool(
+            self._runtime.model, adapter_files, self._runtime.detach, max_idle_adapters
+        )
+        self._free_slots = list(range(self._runtime.config.n_seq_max))
+        self._sequences: dict[str, _Sequence] = {}
+        self.last_step = StepStats()
+
+    # ---- Engine -------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self._runtime.tokenize(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return b"".join(self._runtime.piece(t) for t in token_ids).decode("utf-8", "replace")
+
+    def running(self) -> list[str]:
+        return list(self._sequences)
+
+    def release(self, seq_id: str) -> None:
+        seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return
+        self._runtime.forget(seq.slot)
+        self._free_slots.append(seq.slot)
+        if seq.request.adapter is not None:
+            self.adapters.release(seq.request.adapter)
+
+    def step(self, plan: StepPlan) -> list[TokenEvent]:
+        for seq_id in plan.release:
+            self.release(seq_id)
+        self.check_all(plan.prefill)
+        started = [self._start(request) for request in plan.prefill]
+        runnable = started + [self._running(seq_id) for seq_id in plan.decode]
+        self.last_step = StepStats()
+        events: list[TokenEvent] = []
+        for group in self._ordered_groups(runnable):
+            events.extend(self._run_group(group))
+        return events
+
+    # ---- admission checks ---------------------------------------------------------------
+
+    def check(self, request: SequenceRequest) -> None:
+        """Raise the typed error that `request` would meet in `step`, before it is queued."""
+        request.sampling.validate()
+        if request.seq_id in self._sequences:
+            raise InvalidRequest("seq_id", f"{request.seq_id!r} is already running")
+        if not 1 <= len(request.prompt_ids) <= self.max_context:
+            raise InvalidRequest(
+                "prompt", f"needs 1 to {self.max_context} tokens, got {len(request.prompt_ids)}"
+            )
+        vocab = self._runtime.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        if request.adapter is not None:
+            self.adapters.check(request.adapter)
+
+    def check_all(self, requests: list[SequenceRequest]) -> None:
+        """Check a step's prefills together, so a bad one stops the step before any work."""
+        seq_ids = [r.seq_id for r in requests]
+        if len(set(seq_ids)) != len(seq_ids):
+            raise InvalidRequest("seq_id", "a step may not start the same sequence twice")
+        if len(requests) > len(self._free_slots):
+            raise InvalidRequest(
+                "prefill", f"{len(requests)} new sequences but {len(self._free_slots)} free slots"
+            )
+        for request in requests:
+            self.check(request)
+
+    # ---- execution ----------------------------------------------------------------------
+
+    def _start(self, request: SequenceRequest) -> _Sequence:
+        seq = _Sequence(
+            seq_id=request.seq_id,
+            slot=self._free_slots.pop(0),
+            request=request,
+            sampler=TokenSampler(request.sampling, request.prompt_ids, self._runtime.vocab_size),
+            text=TextStream(request.sampling.stop),
+            pending=list(request.prompt_ids),
+        )
+        if request.adapter is not None:
+            handle = self.adapters.acquire(request.adapter)
+            seq.adapters = ((handle, request.adapter.scale),)
+        self._sequences[request.seq_id] = seq
+        return seq
+
+    def _running(self, seq_id: str) -> _Sequence:
+        seq = self._sequences.get(seq_id)
+        if seq is None:
+            raise InvalidRequest("decode", f"sequence {seq_id!r} is not running")
+        return seq
+
+    def _ordered_groups(self, runnable: Iterable[_Sequence]) -> list[list[_Sequence]]:
+        """Sequences grouped by adapter set; the set already on the context goes first."""
+        groups: dict[GroupKey, list[_Sequence]] = {}
+        for seq in runnable:
+            groups.setdefault(seq.group, []).append(seq)
+        current = self._runtime.current_adapters
+        return sorted(groups.values(), key=lambda group: group[0].adapters != current)
+
+    def _run_group(self, group: list[_Sequence]) -> list[TokenEvent]:
+        """One decode call for the group's single new tokens, one per prompt being prefilled.
+
+        Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
+        shaped by its batch mates, which moves the logits more than batching single tokens."""
+        if self._runtime.set_adapters(group[0].adapters):
+            self.last_step.adapter_switches += 1
+        prefills = [[seq] for seq in group if len(seq.pending) > 1]
+        decodes = [seq for seq in group if len(seq.pending) == 1]
+        events = []
+        for batch in [*prefills, decodes] if decodes else prefills:
+            rows = self._runtime.decode([slot for seq in batch for slot in self._slots(seq)])
+            self.last_step.decode_calls += 1
+            events += [self._advance(seq, row) for seq, row in zip(batch, rows, strict=True)]
+        return events
+
+    @staticmethod
+    def _slots(seq: _Sequence) -> list[TokenSlot]:
+        last = len(seq.pending) - 1
+        return [
+            TokenSlot(token, seq.pos + i, seq.slot, i == last)
+            for i, token in enumerate(seq.pending)
+        ]
+
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> TokenEvent:
+        token, logprob = seq.sampler.choose(logits)
+        seq.pos += len(seq.pending)
+        seq.pending = [token]
+        seq.generated += 1
+        finish = self._finish_reason(seq, token)
+        if finish is FinishReason.EOS:
+            text = seq.text.flush()
+        else:
+            text = seq.text.push(self._runtime.piece(token))
+            if seq.text.stopped:
+                finish = FinishReason.STOP
+            elif finish is not None:
+                text += seq.text.flush()
+        if finish is not None:
+            self.release(seq.seq_id)
+        return TokenEvent(seq.seq_id, token, text, logprob, finish)
+
+    def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
+        if self._runtime.is_end_of_generation(token):
+            return FinishReason.EOS
+        if seq.generated >= seq.request.sampling.max_new_tokens:
+            return FinishReason.LENGTH
+        if seq.pos >= self.max_context:  # no KV cell left to feed this token back
+            return FinishReason.CONTEXT
+        return None
+
+    def close(self) -> None:
+        for seq_id in list(self._sequences):
+            self.release(seq_id)
+        self.adapters.close()
+        self._runtime.close()

@@ -1,0 +1,178 @@
+"""The GGUF engine's typed errors, adapter lifetimes, and finish reasons on the real base."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
+from loraplex.bench.gguf_random_lora import write_random_lora
+from loraplex.server.engine.api import (
+    AdapterRef,
+    FinishReason,
+    SamplingParams,
+    SequenceRequest,
+    StepPlan,
+    TokenEvent,
+)
+from loraplex.server.engine.gguf import GGUFEngine
+from loraplex.server.engine.gguf_adapters import AdapterFiles
+from loraplex.server.engine.gguf_runtime import RuntimeConfig
+from loraplex.server.errors import InvalidRequest
+from loraplex.server.models import ModelSource
+
+pytestmark = [pytest.mark.integration, pytest.mark.gguf]
+PROMPT = "The capital of France is"
+CONTEXT = 64  # llama.cpp may round it up; engine.max_context is what it gave
+
+
+@pytest.fixture(scope="module")
+def files(real_model: ModelSource, tmp_path_factory: pytest.TempPathFactory) -> AdapterFiles:
+    folder = tmp_path_factory.mktemp("gguf-lora-errors")
+    files = AdapterFiles()
+    files.add("good", write_random_lora(real_model.path, folder / "good.gguf", seed=0))
+    truncated = folder / "truncated.gguf"
+    truncated.write_bytes((folder / "good.gguf").read_bytes()[:5000])
+    files.add("truncated", truncated)
+    not_gguf = folder / "adapter_model.safetensors"
+    not_gguf.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    files.add("not-gguf", not_gguf)
+    files.add("missing", folder / "missing.gguf")
+    base_as_adapter = real_model.path  # a model, not an adapter
+    files.add("a-model", base_as_adapter)
+    return files
+
+
+@pytest.fixture(scope="module")
+def engine(real_model: ModelSource, files: AdapterFiles) -> Iterator[GGUFEngine]:
+    config = RuntimeConfig(n_ctx_per_seq=CONTEXT, n_seq_max=4, n_threads=2)
+    engine = GGUFEngine(real_model.path, config, files, max_idle_adapters=0)
+    yield engine
+    engine.close()
+
+
+def request(
+    engine: GGUFEngine, seq_id: str, adapter: AdapterRef | None = None, **sampling: object
+) -> SequenceRequest:
+    return SequenceRequest(
+        seq_id,
+        engine.encode(PROMPT),
+        SamplingParams(**sampling),
+        adapter,  # type: ignore[arg-type]
+    )
+
+
+def drain(engine: GGUFEngine, first: list[TokenEvent]) -> list[TokenEvent]:
+    events = list(first)
+    while engine.running():
+        events += engine.step(StepPlan(decode=engine.running()))
+    return events
+
+
+@pytest.mark.parametrize(
+    ("adapter_id", "error"),
+    [
+        ("unknown", AdapterNotFound),
+        ("missing", AdapterNotFound),
+        ("truncated", InvalidAdapter),
+        ("not-gguf", InvalidAdapter),
+        ("a-model", InvalidAdapter),
+    ],
+)
+def test_bad_adapters_raise_typed_errors_and_leave_the_engine_working(
+    engine: GGUFEngine, adapter_id: str, error: type[Exception]
+) -> None:
+    running = engine.step(StepPlan(prefill=[request(engine, "ok", max_new_tokens=3)]))
+    with pytest.raises(error, match=adapter_id):
+        engine.step(
+            StepPlan(prefill=[request(engine, "bad", AdapterRef(adapter_id, 1))], decode=["ok"])
+        )
+    assert engine.running() == ["ok"]
+    assert drain(engine, running)[-1].finish is FinishReason.LENGTH
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"stop": ("",)}, "stop"),
+    ],
+)
+def test_bad_sampling_is_refused(engine: GGUFEngine, change: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        engine.step(StepPlan(prefill=[request(engine, "bad", **change)]))
+    assert caught.value.field == field
+    assert engine.running() == []
+
+
+def test_bad_prompts_and_unknown_sequences_are_refused(engine: GGUFEngine) -> None:
+    too_long = SequenceRequest("long", [2] * (engine.max_context + 1))
+    for bad in (SequenceRequest("empty", []), too_long, SequenceRequest("oov", [2, 10**9])):
+        with pytest.raises(InvalidRequest, match="prompt"):
+            engine.step(StepPlan(prefill=[bad]))
+    with pytest.raises(InvalidRequest, match="not running"):
+        engine.step(StepPlan(decode=["nobody"]))
+    assert engine.running() == []
+
+
+def test_adapter_is_freed_only_after_its_last_sequence(engine: GGUFEngine) -> None:
+    ref = AdapterRef("good", 1)
+    first = engine.step(StepPlan(prefill=[request(engine, "a", ref), request(engine, "b", ref)]))
+    assert engine.adapters.users(ref) == 2
+    engine.adapters.retire("good")
+    assert ("good", 1) in engine.adapters.loaded()  # in use: retiring only marks it
+    engine.release("a")
+    assert ("good", 1) in engine.adapters.loaded()
+    drain(engine, first)
+    assert ("good", 1) not in engine.adapters.loaded()
+    assert engine.running() == []
+
+
+def test_finish_reasons(engine: GGUFEngine) -> None:
+    events = drain(engine, engine.step(StepPlan(prefill=[request(engine, "n", max_new_tokens=4)])))
+    assert [e.finish for e in events] == [None, None, None, FinishReason.LENGTH]
+    text = "".join(e.text for e in events)
+    assert text == engine.decode([e.token_id for e in events if e.token_id is not None])
+
+    stop = text.strip()[:3]
+    stopped = drain(engine, engine.step(StepPlan(prefill=[request(engine, "s", stop=(stop,))])))
+    assert stopped[-1].finish is FinishReason.STOP
+    assert stop not in "".join(e.text for e in stopped)
+
+    words = engine.encode(PROMPT)[1:]
+    prompt = (engine.encode(PROMPT) + words * engine.max_context)[: engine.max_context - 4]
+    full = SequenceRequest("c", prompt, SamplingParams(max_new_tokens=1000))
+    filled = drain(engine, engine.step(StepPlan(prefill=[full])))
+    assert filled[-1].finish in (FinishReason.CONTEXT, FinishReason.EOS)
+    if filled[-1].finish is FinishReason.CONTEXT:  # the last token had no KV cell left
+        assert len(prompt) + len(filled) == engine.max_context + 1
+
+
+def test_logprobs_and_seeded_sampling(engine: GGUFEngine) -> None:
+    def sampled(seq_id: str, seed: int) -> list[TokenEvent]:
+        first = engine.step(
+            StepPlan(
+                prefill=[
+                    request(
+                        engine,
+                        seq_id,
+                        temperature=1.0,
+                        top_k=50,
+                        seed=seed,
+                        logprobs=True,
+                        max_new_tokens=8,
+                    )
+                ]
+            )
+        )
+        return drain(engine, first)
+
+    runs = [sampled("x", 1), sampled("y", 1), sampled("z", 2)]
+    tokens = [[e.token_id for e in run] for run in runs]
+    assert tokens[0] == tokens[1] != tokens[2]
+    logprobs = np.array([e.logprob for e in runs[0]], dtype=float)
+    assert np.all(np.isfinite(logprobs)) and np.all(logprobs <= 0)
