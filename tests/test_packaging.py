@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -49,6 +50,14 @@ def scratch_python(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     env_dir = tmp_path_factory.mktemp("scratch-env")
     venv.create(env_dir, with_pip=False)
     python = env_dir / "bin" / "python"
+    # The dependencies come from this environment's site-packages, added as a plain path so
+    # that its own .pth files (the editable install's import hook among them) stay inactive.
+    scratch_site = Path(
+        subprocess.check_output(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+        ).strip()
+    )
+    (scratch_site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     subprocess.run(
         [
             sys.executable,
