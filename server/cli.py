@@ -79,14 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("bench", "run load benchmarks against a server"),
     ]:
         commands.add_parser(name, help=text).set_defaults(run=_not_built(name))
-    _add_adapters_commands(commands)
     return parser
-
-
-def _add_adapters_commands(commands: argparse._SubParsersAction) -> None:
-    adapters = commands.add_parser("adapters", help="manage adapters: export-gguf")
-    actions = adapters.add_subparsers(dest="action", required=True, metavar="ACTION")
-    trainer_cli.add_export_gguf(actions)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
