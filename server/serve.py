@@ -114,15 +114,22 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=lambda args: serve(config_from_args(ServeConfig, args)))
 
 
+def offers_packaged_adapters(config: ServeConfig) -> bool:
+    """The shipped adapters were trained on the default base and fit no other model."""
+    from loraplex.server.models import DEFAULT_ALIASES
+
+    return config.model in DEFAULT_ALIASES and PACKAGED_ADAPTERS.is_dir()
+
+
 def adapter_roots(config: ServeConfig) -> list[Path]:
     roots = list(config.adapter_roots) or [config.cache_dir / "adapters"]
-    if PACKAGED_ADAPTERS.is_dir():
+    if offers_packaged_adapters(config):
         roots.append(PACKAGED_ADAPTERS)
     return roots
 
 
-def packaged_adapter_ids() -> list[str]:
-    if not PACKAGED_ADAPTERS.is_dir():
+def packaged_adapter_ids(config: ServeConfig) -> list[str]:
+    if not offers_packaged_adapters(config):
         return []
     return sorted(p.parent.name for p in PACKAGED_ADAPTERS.glob("*/adapter_config.json"))
 
@@ -150,7 +157,7 @@ def build_engine(config: ServeConfig) -> HFEngine:
 
 
 def prepare_adapters(engine: HFEngine, config: ServeConfig) -> None:
-    preload = config.preload_adapters or packaged_adapter_ids()
+    preload = config.preload_adapters or packaged_adapter_ids(config)
     if not preload and not config.pinned_adapters:
         roots = ", ".join(str(r) for r in adapter_roots(config))
         log.warning("no adapters preloaded; adapters under %s load on first use", roots)

@@ -315,7 +315,9 @@ def test_full_queue_cancellation_and_deadlines(tight_server: ServerProcess) -> N
         blocker = client.stream(PROMPTS[0], max_new_tokens=500)
         next(iter(blocker))
         with pytest.raises(client_errors.DeadlineExceeded):
-            client.generate(PROMPTS[1], max_new_tokens=3, timeout=0.5)
+            client.generate(
+                PROMPTS[1], max_new_tokens=3, timeout=0.05
+            )  # well inside the blocker run
         _wait_for(lambda: client.server_info().waiting == 0)
         blocker.cancel()
         assert client.generate(PROMPTS[1], max_new_tokens=3).completion_tokens == 3
