@@ -1,6 +1,6 @@
 """Throughput of the hf engine against PEFT baselines, on the real base in NF4, in one run.
 
-    .venv/bin/python -m loraplex.bench.engine_bench [--threads 1] [--new-tokens 64]
+    .venv/bin/python -m loraplex.bench.engine_bench [--threads 1] [--output-head int8]
 
 Workload (issue 3): 16 concurrent requests spread over 8 rank-16 all-linear LoRAs, 64 greedy
 new tokens each. Prints a table with every figure beside its target, then the raw JSON.
@@ -29,7 +29,7 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.bench.peft_baselines import peft_model, peft_naive, peft_static
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
-from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.config import EngineConfig, OutputHead
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.models import hf_checkpoint, resolve
 
@@ -113,10 +113,12 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def nf4_phase(checkpoint: Path, root: Path, names: list[str], count: int, n: int) -> dict:
+def nf4_phase(
+    checkpoint: Path, root: Path, names: list[str], count: int, n: int, head: OutputHead
+) -> dict:
     """Engine figures on the NF4 base: mixed, base-only, 8 vs 64 resident, one owner."""
     config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_slots=DEVICE_SLOTS,
-                          max_lora_rank=16, adapter_mode="batched")  # fmt: skip
+                          max_lora_rank=16, adapter_mode="batched", output_head=head)  # fmt: skip
     engine = HFEngine.from_config(config, AdapterStore([root], max_resident=RESIDENT))
     prompts = [engine.encode(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
     over8 = [names[i % 8] for i in range(count)]
@@ -160,8 +162,8 @@ def fp32_phase(
 
 
 def peft_phase(checkpoint: Path, root: Path, names: list[str], prompts: list[list[int]],
-               n: int, naive_requests: int) -> dict:  # fmt: skip
-    config = EngineConfig(checkpoint=checkpoint, quantization="nf4")
+               n: int, naive_requests: int, head: OutputHead) -> dict:  # fmt: skip
+    config = EngineConfig(checkpoint=checkpoint, quantization="nf4", output_head=head)
     model = peft_model(checkpoint, root, names[:8], config)
     over8 = [names[i % 8] for i in range(len(prompts))]
     static = timed(lambda: peft_static(model, prompts, over8, n))
@@ -231,6 +233,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--adapters", type=Path, default=None, help="reuse adapters written before")
+    parser.add_argument(
+        "--output-head",
+        choices=["full", "int8"],
+        default="full",
+        help="output head of the NF4 base, for the engine and PEFT alike",
+    )
     args = parser.parse_args()  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -242,13 +250,14 @@ def main() -> None:
     else:
         names = adapters_in_child(root, checkpoint)
     n, count = args.new_tokens, args.requests
-    r = nf4_phase(checkpoint, root, names, count, n)
+    r = nf4_phase(checkpoint, root, names, count, n, args.output_head)
     prompts = r.pop("prompts")
-    r.update(peft_phase(checkpoint, root, names, prompts, n, args.naive_requests))
+    r.update(peft_phase(checkpoint, root, names, prompts, n, args.naive_requests, args.output_head))
     r.update(fp32_phase(checkpoint, root, names, prompts, n))
     r.update(ratios(r))
     r.update(requests=count, new_tokens=n, threads=torch.get_num_threads(),
-             naive_requests=args.naive_requests, load_average=os.getloadavg())  # fmt: skip
+             naive_requests=args.naive_requests, output_head=args.output_head,
+             load_average=os.getloadavg())  # fmt: skip
     print(table(r))
     print(json.dumps(r, indent=2))
 

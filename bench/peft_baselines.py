@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.hf_model import quantization_kwargs
+from loraplex.server.engine.hf_model import OUTPUT_HEAD_CALIBRATION, quantization_kwargs
+from loraplex.server.engine.output_head import quantize_output_head
 
 
 def make_adapters(checkpoint: Path, root: Path, count: int) -> list[str]:
@@ -38,6 +39,10 @@ def peft_model(checkpoint: Path, root: Path, names: list[str], config: EngineCon
     model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(root / name, adapter_name=name)
+    if config.output_head == "int8":  # the same output head as the engine's
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
+        quantize_output_head(model.get_base_model(), calibration)
     return model.eval()
 
 

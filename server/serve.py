@@ -57,6 +57,12 @@ class ServeConfig(ModelConfig):
         description="batched: per-row adapter deltas; merged: W+s·BA while one adapter owns "
         "the batch; auto: the engine decides",
     )
+    output_head: Literal["full", "int8"] = Field(
+        default="full",
+        description="full: the model's own output projection; int8: about 5x faster on the "
+        "CPU for large vocabularies (greedy tokens may differ on near ties)",
+    )
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     adapter_roots: list[Path] = Field(
         default_factory=list,
         description="directories holding PEFT adapter folders; an adapter's id is its folder "
@@ -145,6 +151,8 @@ def build_engine(config: ServeConfig) -> HFEngine:
         quantization=config.quantization,
         device=config.device,
         adapter_mode=config.adapter_mode,
+        output_head=config.output_head,
+        threads=config.threads,
         max_lora_rank=config.max_lora_rank,
         adapter_slots=config.max_adapters_per_step,
         max_batch_size=config.max_batch_sequences,

@@ -87,6 +87,8 @@ class HFEngine:
     def from_config(cls, config: EngineConfig, store: AdapterStore | None = None) -> HFEngine:
         """Load the base once; `store` defaults to one over config.adapter_roots."""
         device = pick_device(None if config.device == "auto" else config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)
         routing = RoutingContext()
         base = load_base(config, device, routing)
         if store is None:

@@ -13,9 +13,16 @@ from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server.device import compute_dtype
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
+from loraplex.server.engine.output_head import quantize_output_head
 from loraplex.server.engine.routing import RoutingContext
 
 LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
+# Ordinary prose whose forward shows which hidden channels run large (output_head=int8).
+OUTPUT_HEAD_CALIBRATION = (
+    "A library lends books, music and films to anyone with a card. Most branches open at "
+    "nine in the morning; on Sundays they close early. Ask at the desk for help finding a "
+    "title, printing a page or booking a study room."
+)
 
 
 @dataclass
@@ -51,6 +58,9 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     ).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+    if config.output_head == "int8":
+        calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
+        quantize_output_head(model, calibration)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}

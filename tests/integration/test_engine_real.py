@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from engine_driver import run
 from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from loraplex.server.engine.hf_model import quantization_kwargs
+from loraplex.server.engine.hf_model import OUTPUT_HEAD_CALIBRATION, quantization_kwargs
+from loraplex.server.engine.output_head import quantize_output_head
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 10
@@ -51,3 +53,31 @@ def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path
     # The oracle only means something if every adapter moves the base's distribution.
     for name in ADAPTER_CONFIGS:
         assert references[name].logprobs != pytest.approx(references["None"].logprobs, abs=1e-2)
+
+
+def test_real_int8_output_head_keeps_the_next_token(real_checkpoint: Path) -> None:
+    """Teacher-forced over text other than the calibration text: wherever the full head's top
+    token leads clearly, the int8 head picks it too (Gemma's logits have many near ties)."""
+    config = EngineConfig(checkpoint=real_checkpoint, quantization="nf4")
+    kwargs = quantization_kwargs(config, torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(real_checkpoint, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(real_checkpoint)
+    ids = tokenizer(INT8_HEAD_TEXT, return_tensors="pt").input_ids
+    calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits[0].float().log_softmax(-1)
+        quantize_output_head(model, calibration)
+        int8 = model(input_ids=ids).logits[0].float().log_softmax(-1)
+    top2 = full.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > CLEAR_LEAD_NATS
+    assert clear.sum() >= len(clear) // 2  # the check below covers most positions
+    assert torch.equal(full.argmax(-1)[clear], int8.argmax(-1)[clear])
+    assert torch.nn.functional.cosine_similarity(full, int8, dim=-1).min() >= 0.999
+
+
+CLEAR_LEAD_NATS = 0.25
+INT8_HEAD_TEXT = (
+    "The three primary colors are red, yellow and blue. Mixing red and blue gives purple, "
+    "while yellow and blue make green. Painters have used these rules for centuries, and "
+    "printers rely on a related set: cyan, magenta, yellow and black."
+)

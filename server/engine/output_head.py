@@ -1,0 +1,86 @@
+"""An int8 output projection for CPU serving: the vocabulary-sized matmul, 3.5x faster.
+
+bitsandbytes leaves `lm_head` in full precision. For Gemma 3 (262,144 tokens × 640) that is a
+671 MB fp32 matrix read on every decode step, about half of a 16-row step on this machine's
+CPU. fbgemm's dynamic int8 linear reads a quarter of the bytes, but it quantizes the whole
+input with one scale, and a few hidden channels run 10x larger than the rest (Gemma 3 270M:
+peaks near 70, median 6): on real text the top token then changed at 20% of positions. As
+in LLM.int8(), those outlier channels stay in fp32: the 5% of input channels with the
+largest values over one calibration forward. 16 rows, one thread: 227 ms full, about 55 ms split.
+llama.cpp's Q4_K_M files quantize the same matrix (to Q6_K).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+OUTLIER_FRACTION = 0.05
+
+
+class OutputHeadError(ValueError):
+    """The requested output head cannot run on this model or device."""
+
+
+def quantize_output_head(model: nn.Module, calibration_ids: torch.Tensor) -> None:
+    """Replace `model.lm_head` with an int8 head that keeps outlier channels in fp32.
+
+    The outlier channels are those with the largest inputs to lm_head over one forward of
+    `calibration_ids` [1, tokens] (any ordinary text: they are a property of the model).
+    """
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear or head.bias is not None:
+        raise OutputHeadError(f"output_head=int8 needs a bias-free nn.Linear lm_head, got {head}")
+    if head.weight.device.type != "cpu":
+        raise OutputHeadError(
+            "output_head=int8 runs on the CPU only (fbgemm); use output_head=full on "
+            f"{head.weight.device.type}"
+        )
+    peak = _input_peaks(model, head, calibration_ids)
+    outliers = peak.topk(max(1, int(head.in_features * OUTLIER_FRACTION))).indices
+    model.lm_head = SplitInt8Head(head.weight.detach(), outliers.sort().values)
+
+
+def _input_peaks(model: nn.Module, head: nn.Linear, ids: torch.Tensor) -> torch.Tensor:
+    """Per input channel, the largest |value| lm_head sees over a forward of `ids`."""
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids.to(head.weight.device), logits_to_keep=0)
+    finally:
+        hook.remove()
+    return seen[0].float().abs().flatten(0, -2).amax(0)
+
+
+class SplitInt8Head(nn.Module):
+    """logits = x[:, outliers] · W[:, outliers]ᵀ (fp32) + int8(x[:, rest] · W[:, rest]ᵀ)."""
+
+    def __init__(self, weight: torch.Tensor, outliers: torch.Tensor) -> None:
+        super().__init__()
+        rest = torch.ones(weight.shape[1], dtype=torch.bool)
+        rest[outliers] = False
+        self.dtype = weight.dtype
+        self.register_buffer("outliers", outliers)
+        self.register_buffer("rest", rest.nonzero().flatten())
+        self.register_buffer("outlier_weight_t", weight[:, outliers].float().T.contiguous())
+        self.int8 = _dynamic_int8(weight[:, self.rest].float().contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        y = self.int8(flat.index_select(1, self.rest))
+        y = y.addmm_(flat.index_select(1, self.outliers), self.outlier_weight_t)
+        return y.view(*x.shape[:-1], -1).to(self.dtype)
+
+
+def _dynamic_int8(weight: torch.Tensor) -> nn.Module:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    linear.qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # type: ignore[assignment]
+    with warnings.catch_warnings():
+        # torch marks eager-mode quantization deprecated in favour of torchao; the kernel
+        # (fbgemm, per-channel int8 weights) is the same and torch is pinned in pyproject.toml.
+        warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+        return torch.ao.nn.quantized.dynamic.Linear.from_float(linear)

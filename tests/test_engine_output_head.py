@@ -1,0 +1,62 @@
+"""The int8 output head against the model's own full-precision lm_head (the oracle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from loraplex.adapters.store import AdapterStore
+from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.hf import HFEngine
+from loraplex.server.engine.output_head import OutputHeadError, quantize_output_head
+
+MIN_COSINE = 0.999  # per-row logits; int8 per-channel weights, per-call activation scale
+
+
+def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cosine_similarity(a.flatten(0, -2), b.flatten(0, -2), dim=-1)
+
+
+def test_int8_head_logits_follow_the_full_head(tiny_checkpoint: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    ids = torch.randint(
+        4, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.inference_mode():
+        full = model(input_ids=ids).logits
+        quantize_output_head(model, ids[:1])
+        int8 = model(input_ids=ids).logits
+    assert int8.shape == full.shape and int8.dtype == full.dtype
+    assert row_cosines(int8, full).min() >= MIN_COSINE
+    assert not torch.equal(int8, full)  # the head really was replaced
+
+
+def test_engine_with_int8_head_generates_near_the_full_head(tiny_checkpoint: Path) -> None:
+    results = {}
+    for head in ("full", "int8"):
+        config = EngineConfig(checkpoint=tiny_checkpoint, quantization="fp32", output_head=head)
+        engine = HFEngine.from_config(config, AdapterStore([]))
+        params = SamplingParams(max_new_tokens=1, logprobs=True)
+        request = SequenceRequest("r", engine.encode("The capital of France"), params)
+        (event,) = engine.step(StepPlan(prefill=[request]))
+        assert event.error is None and event.logprob is not None
+        results[head] = event.logprob
+    # Near ties may pick another token, but its log-probability is then nearly the same.
+    assert results["int8"] == pytest.approx(results["full"], abs=0.05)
+
+
+def test_int8_head_refuses_other_devices_and_heads() -> None:
+    model = nn.Module()
+    with torch.device("meta"):
+        model.lm_head = nn.Linear(8, 16, bias=False)
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(OutputHeadError, match="CPU only"):
+        quantize_output_head(model, ids)
+    model.lm_head = nn.Identity()
+    with pytest.raises(OutputHeadError, match=r"nn\.Linear"):
+        quantize_output_head(model, ids)
