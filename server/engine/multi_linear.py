@@ -49,17 +49,21 @@ class MultiAdapterLinear(nn.Module):
         if routing is None:
             return y
         if routing.used_slots & self.lora_slots:
-            y = y + self._lora_delta(x, routing).to(y.dtype)
+            y = y.add_(self._lora_delta(x, routing).to(y.dtype))
         if routing.used_slots & self.vera_slots:
-            y = y + self._vera_delta(x, routing).to(y.dtype)
+            y = y.add_(self._vera_delta(x, routing).to(y.dtype))
         return y
 
     def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         assert self.lora_a is not None and self.lora_b is not None
-        rank = routing.rank
-        a = self.lora_a[:, :, :rank].index_select(0, routing.slots)  # [rows, in, r]
-        b = self.lora_b[:, :rank].index_select(0, routing.slots)  # [rows, r, out]
-        h = torch.bmm(x.to(self.dtype), a) * routing.scales.to(self.dtype)
+        stack_a, stack_b = self.lora_a, self.lora_b
+        if routing.rank < self.max_rank:
+            stack_a, stack_b = stack_a[:, :, : routing.rank], stack_b[:, : routing.rank]
+        a = stack_a.index_select(0, routing.slots)  # [rows, in, r]
+        b = stack_b.index_select(0, routing.slots)  # [rows, r, out]
+        h = torch.bmm(x.to(self.dtype), a)
+        if routing.scales is not None:
+            h = h * routing.scales.to(self.dtype)
         return torch.bmm(h, b)
 
     def _vera_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -67,7 +71,9 @@ class MultiAdapterLinear(nn.Module):
         assert self.vera_d is not None and self.vera_lb is not None
         d = self.vera_d.index_select(0, routing.slots)[:, None, :]  # [rows, 1, r]
         lb = self.vera_lb.index_select(0, routing.slots)[:, None, :]  # [rows, 1, out]
-        h = (x.to(self.dtype) @ self.vera_a.T) * d * routing.scales.to(self.dtype)
+        h = (x.to(self.dtype) @ self.vera_a.T) * d
+        if routing.scales is not None:
+            h = h * routing.scales.to(self.dtype)
         return (h @ self.vera_b.T) * lb
 
     # ---- slot management (engine thread, between forward passes) -------------------------

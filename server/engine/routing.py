@@ -14,7 +14,7 @@ import torch
 @dataclass(frozen=True)
 class Routing:
     slots: torch.Tensor  # [rows] long: slot per row, 0 = no adapter
-    scales: torch.Tensor  # [rows, 1, 1]: the request's adapter scale per row
+    scales: torch.Tensor | None  # [rows, 1, 1]: each row's adapter scale; None: all 1.0
     used_slots: frozenset[int]  # nonzero slots present in this forward
     rank: int  # largest LoRA rank among the used slots (stacks are sliced to it)
 
@@ -32,7 +32,9 @@ class RoutingContext:
             return
         self.current = Routing(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
-            scales=torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1),
+            scales=None
+            if all(s == 1.0 for s in scales)
+            else torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1),
             used_slots=used,
             rank=rank,
         )
