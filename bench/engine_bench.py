@@ -2,7 +2,7 @@
 
     .venv/bin/python -m loraplex.bench.engine_bench [--threads 1] [--output-head int8]
 
-Workload (issue 3): 16 concurrent requests spread over 8 rank-16 all-linear LoRAs, 64 greedy
+Workload: 16 concurrent requests spread over 8 rank-16 all-linear LoRAs, 64 greedy
 new tokens each. Prints a table with every figure beside its target, then the raw JSON.
 Also measures merged against batched mode while one adapter owns the batch (fp32 and NF4
 bases), the figures behind `adapter_mode=auto`.
@@ -221,8 +221,8 @@ def adapters_in_child(root: Path, checkpoint: Path) -> list[str]:
     return [f"lora-{i}" for i in range(RESIDENT)]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="loraplex bench engine", description=__doc__)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument(
@@ -239,7 +239,7 @@ def main() -> None:
         default="full",
         help="output head of the NF4 base, for the engine and PEFT alike",
     )
-    args = parser.parse_args()  # fmt: skip
+    args = parser.parse_args(argv)  # fmt: skip
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +42,8 @@ CASES = (
 )
 
 
-def main() -> None:
-    args = _parse()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse(argv)
     base = resolve(args.model, default_cache_dir())
     assert base.sha256 is not None
     with tempfile.TemporaryDirectory(prefix="gguf-bench-") as scratch:
@@ -59,8 +59,10 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="loraplex bench gguf", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--quants", default="q4_k_m,q5_k_m")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
@@ -68,7 +70,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--loras", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def _run_quant(path: Path, loras: list[Path], args: argparse.Namespace) -> dict[str, dict]:

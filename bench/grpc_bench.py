@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 
 from loraplex.clients import Client
@@ -161,16 +162,18 @@ def progress(**figures: object) -> None:
     print(json.dumps(figures), file=sys.stderr, flush=True)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     # A SIGTERM (e.g. from `timeout`) unwinds through the finally that stops the server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="loraplex bench grpc",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=32, help="requests in the workload")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per request")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from loraplex.bench.peft_baselines import make_adapters
     from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
     from loraplex.server.models import hf_checkpoint, resolve

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from loraplex.adapters.trainer import cli as trainer_cli
 from loraplex.clients.cli import add_adapters_parser, add_generate_parser
 from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
 from loraplex.server.errors import LoraplexError
 from loraplex.server.serve import add_serve_parser
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _model_prepare(args: argparse.Namespace) -> int:
@@ -35,14 +34,31 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(name: str) -> Handler:
-    def run(args: argparse.Namespace) -> int:
-        print(
-            f"loraplex {name}: this command is not available in this version yet", file=sys.stderr
-        )
-        return 2
+BENCH_SUITES = {
+    "engine": "the hf engine against PEFT baselines: throughput ratios, load time, RSS",
+    "grpc": "the gRPC server: time to first token, server against engine alone",
+    "gguf": "the GGUF backend against raw llama-cpp-python (Q4_K_M, Q5_K_M)",
+}
 
-    return run
+
+def _add_bench(commands: argparse._SubParsersAction) -> None:
+    suites = "\n".join(f"  {name:<8}{text}" for name, text in BENCH_SUITES.items())
+    bench = commands.add_parser(
+        "bench",
+        help="run a benchmark on the default model",
+        description=f"Run one benchmark; it prints its figures as a table and JSON.\n\n{suites}"
+        "\n\n`loraplex bench SUITE --help` lists the suite's own options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("suite", choices=sorted(BENCH_SUITES))
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the suite's own options")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"loraplex.bench.{args.suite}_bench")
+    module.main(args.options)
+    return 0
 
 
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:
@@ -75,10 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(commands)
     trainer_cli.add_train_adapter(commands)
     trainer_cli.add_eval_adapter(commands)
-    for name, text in [
-        ("bench", "run load benchmarks against a server"),
-    ]:
-        commands.add_parser(name, help=text).set_defaults(run=_not_built(name))
+    _add_bench(commands)
     return parser
 
 

@@ -31,7 +31,7 @@ class EngineConfig(BaseModel):
     output_head: OutputHead = Field(
         default="full",
         description="full: the model's own lm_head; int8: fbgemm dynamic int8 (CPU only), "
-        "~5x faster vocabulary projection, greedy tokens may differ on near ties",
+        "~3.5x faster vocabulary projection, greedy tokens may differ on near ties",
     )
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads; default: torch's choice"
