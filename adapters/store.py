@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +52,20 @@ class AdapterStore:
         max_resident: int = 64,
         max_resident_bytes: int = 4 << 30,
         base: BaseSpec | None = None,
+        prepare: Callable[[LoadedAdapter], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
     ) -> None:
+        """`prepare` runs on each new version before it is installed (for example, converting
+        it for another backend); an error it raises refuses the load. `on_drop` hears of each
+        id that is unloaded or evicted (versions in use still live until their release)."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
         self.max_resident = max_resident
         self.max_resident_bytes = max_resident_bytes
         self._base = base
+        self._prepare = prepare
+        self._on_drop = on_drop or (lambda _adapter_id: None)
         self._lock = threading.Condition(threading.RLock())
         self._load_lock = threading.Lock()  # one disk load at a time; dedupes lazy loads
         self._current: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
@@ -98,6 +105,7 @@ class AdapterStore:
                 raise AdapterInUse(adapter_id, f"{self._in_use(adapter_id)} sequences use it")
             self._current.pop(adapter_id, None)
             self._pinned.discard(adapter_id)
+            self._on_drop(adapter_id)
             while self._in_use(adapter_id):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -179,10 +187,12 @@ class AdapterStore:
         if base is None:
             raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
         weights = read_adapter(adapter_id, path, base)
-        with self._lock:
+        with self._lock:  # only loads bump versions, and they are serialized by _load_lock
             version = self._last_version.get(adapter_id, 0) + 1
-            nbytes = tensors_nbytes(weights)
-            adapter = LoadedAdapter(adapter_id, version, str(path), weights, nbytes)
+        adapter = LoadedAdapter(adapter_id, version, str(path), weights, tensors_nbytes(weights))
+        if self._prepare is not None:
+            self._prepare(adapter)
+        with self._lock:
             self._current.pop(adapter_id, None)
             self._make_room(adapter)
             self._last_version[adapter_id] = version
@@ -215,6 +225,7 @@ class AdapterStore:
                     "is pinned or in use",
                 )
             del self._current[victim.adapter_id]
+            self._on_drop(victim.adapter_id)
 
     def _bytes_locked(self) -> int:
         alive = {(a.adapter_id, a.version): a for a in self._current.values()}

@@ -35,6 +35,8 @@ from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
 
 if TYPE_CHECKING:
+    from loraplex.adapters.store import AdapterStore
+    from loraplex.server.engine.gguf import GGUFEngine
     from loraplex.server.engine.hf import HFEngine
 
 log = logging.getLogger("loraplex.serve")
@@ -47,9 +49,13 @@ class ServeConfig(ModelConfig):
 
     toml_table: ClassVar[str] = "serve"
 
-    backend: Literal["hf"] = Field(default="hf", description="inference backend")
+    backend: Literal["auto", "hf", "gguf"] = Field(
+        default="auto",
+        description="hf: transformers (+ bitsandbytes); gguf: llama.cpp; auto: gguf for a "
+        ".gguf file, hf otherwise (the default model included)",
+    )
     quantization: Literal["nf4", "int8", "bf16", "fp32"] = Field(
-        default="nf4", description="resident base weights"
+        default="nf4", description="resident base weights (hf backend; a GGUF file keeps its own)"
     )
     device: str = Field(default="auto", description="torch device; auto picks CUDA when present")
     adapter_mode: Literal["batched", "merged", "auto"] = Field(
@@ -164,16 +170,53 @@ def build_engine(config: ServeConfig) -> HFEngine:
     return HFEngine.from_config(engine_config)
 
 
-def prepare_adapters(engine: HFEngine, config: ServeConfig) -> None:
+def pick_backend(config: ServeConfig) -> Literal["hf", "gguf"]:
+    if config.backend != "auto":
+        return config.backend
+    from loraplex.server.models import DEFAULT_ALIASES
+
+    is_file = config.model not in DEFAULT_ALIASES and config.model.endswith(".gguf")
+    return "gguf" if is_file else "hf"
+
+
+def build_backend(config: ServeConfig) -> tuple[Engine, AdapterAdmin, ChatTemplating | None]:
+    """The engine, its adapter store, and chat templating when the tokenizer has a template."""
+    if pick_backend(config) == "gguf":
+        engine, store = build_gguf(config)
+        return engine, store, None
+    hf = build_engine(config)
+    chat = TokenizerChat(hf.tokenizer) if hf.tokenizer.chat_template else None
+    return hf, hf.store, chat
+
+
+def build_gguf(config: ServeConfig) -> tuple[GGUFEngine, AdapterStore]:
+    from loraplex.server import models
+    from loraplex.server.engine.gguf_runtime import RuntimeConfig
+    from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backend
+
+    source = models.resolve(config.model, config.cache_dir)
+    if source.format != "gguf":
+        raise ConfigError(f"--backend gguf needs a GGUF model file; {config.model} is not one")
+    limits = AdapterLimits(adapter_roots(config), config.max_lora_rank,
+                           config.max_resident_adapters, config.max_resident_bytes)  # fmt: skip
+    runtime = RuntimeConfig(
+        n_ctx_per_seq=config.max_context or RuntimeConfig.n_ctx_per_seq,
+        n_seq_max=config.max_batch_sequences,
+        n_threads=config.threads,
+    )
+    return build_gguf_backend(source.path, source.sha256, limits, runtime, config.cache_dir)
+
+
+def prepare_adapters(store: AdapterAdmin, config: ServeConfig) -> None:
     preload = config.preload_adapters or packaged_adapter_ids(config)
     if not preload and not config.pinned_adapters:
         roots = ", ".join(str(r) for r in adapter_roots(config))
         log.warning("no adapters preloaded; adapters under %s load on first use", roots)
     for adapter_id in dict.fromkeys([*preload, *config.pinned_adapters]):
-        info = engine.store.load(adapter_id)
+        info = store.load(adapter_id)
         log.info("adapter %s v%d ready (%s, rank %d)", *_adapter_summary(info))
     for adapter_id in config.pinned_adapters:
-        engine.store.pin(adapter_id)
+        store.pin(adapter_id)
 
 
 def _adapter_summary(info: object) -> tuple[object, ...]:
@@ -249,10 +292,11 @@ def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
 
 
 def describe(config: ServeConfig) -> ServerDescription:
+    backend = pick_backend(config)
     return ServerDescription(
         model=config.model,
-        backend=config.backend,
-        quantization=config.quantization,
+        backend=backend,
+        quantization=config.quantization if backend == "hf" else "the GGUF file's own",
         max_new_tokens_limit=config.max_new_tokens_limit,
         version=version("loraplex"),
     )
@@ -305,10 +349,9 @@ def serve(config: ServeConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    engine = build_engine(config)
-    prepare_adapters(engine, config)
-    chat = TokenizerChat(engine.tokenizer) if engine.tokenizer.chat_template else None
-    running = start(config, engine, engine.store, chat)
+    engine, store, chat = build_backend(config)
+    prepare_adapters(store, config)
+    running = start(config, engine, store, chat)
     log.info(
         "serving %s on %s:%d (metrics on port %d)",
         config.model, config.host, running.port, running.metrics_port,

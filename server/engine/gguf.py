@@ -10,6 +10,7 @@ first, which saves one adapter switch per step.
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ class GGUFEngine:
         )
         self._free_slots = list(range(self._runtime.config.n_seq_max))
         self._sequences: dict[str, _Sequence] = {}
+        self._to_retire: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.last_step = StepStats()
 
     # ---- Engine -------------------------------------------------------------------------
@@ -107,9 +109,16 @@ class GGUFEngine:
         if seq.request.adapter is not None:
             self.adapters.release(seq.request.adapter)
 
+    def retire_later(self, adapter_id: str) -> None:
+        """Any thread: free the adapter's llama.cpp handles at the next step (a handle still
+        in use is freed at its last release)."""
+        self._to_retire.put(adapter_id)
+
     def step(self, plan: StepPlan) -> list[TokenEvent]:
         for seq_id in plan.release:
             self.release(seq_id)
+        while not self._to_retire.empty():
+            self.adapters.retire(self._to_retire.get())
         self.check_all(plan.prefill)
         started = [self._start(request) for request in plan.prefill]
         runnable = started + [self._running(seq_id) for seq_id in plan.decode]

@@ -1,5 +1,6 @@
-"""A fresh `loraplex serve` on the default model: the shipped adapters are ready and each one
-answers its own task the way it was trained to, where the base does not."""
+"""A fresh `loraplex serve` on the default model, on either backend (transformers NF4, or the
+Q4_K_M file in llama.cpp with the adapters converted to GGUF-LoRA on load): the shipped
+adapters are ready and each one answers its own task as trained, where the base does not."""
 
 from __future__ import annotations
 
@@ -18,23 +19,27 @@ ROWS = 3  # held-out rows per task, from the trainer's test split
 TASKS = ["date-iso", "json-extract"]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=["hf", "gguf"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerProcess, str]]:
     log = tmp_path_factory.mktemp("defaults-logs") / "server.log"
-    proc = ServerProcess(["--log-level", "warning"], log)  # no adapter flags at all
-    yield proc
+    args = ["--backend", request.param, "--log-level", "warning"]  # no adapter flags at all
+    proc = ServerProcess(args, log)
+    yield proc, request.param
     proc.stop()
 
 
-def test_at_least_two_shipped_adapters_are_ready(server: ServerProcess) -> None:
+def test_at_least_two_shipped_adapters_are_ready(server: tuple[ServerProcess, str]) -> None:
     assert len(default_adapter_ids()) >= 2
-    with Client(server.target) as client:
+    with Client(server[0].target) as client:
+        assert client.server_info().backend == server[1]
         ready = {a.adapter_id for a in client.list_adapters() if a.resident}
     assert set(default_adapter_ids()) <= ready
 
 
-def test_each_shipped_adapter_answers_its_task(server: ServerProcess) -> None:
-    with Client(server.target) as client:
+def test_each_shipped_adapter_answers_its_task(server: tuple[ServerProcess, str]) -> None:
+    with Client(server[0].target) as client:
         for task in TASKS:
             rows = [json.loads(line) for line in TASKS_DATA[task].read_text().splitlines()[:ROWS]]
             right = {adapter: 0 for adapter in ("", task)}
