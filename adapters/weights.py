@@ -39,10 +39,12 @@ class VeraModule:
     lambda_d: torch.Tensor  # [r]
     lambda_b: torch.Tensor  # [out]
 
-    def delta_weight(self, projection: VeraProjection) -> torch.Tensor:
+    def delta_weight(self, projection: VeraProjection, in_features: int) -> torch.Tensor:
+        """ΔW [out, in]: the shared projection sliced to this layer's shape, as PEFT does."""
         out_features = self.lambda_b.shape[0]
         b = projection.b[:out_features].float() * self.lambda_b.float()[:, None]
-        return b @ (projection.a.float() * self.lambda_d.float()[:, None])
+        a = projection.a[:, :in_features].float() * self.lambda_d.float()[:, None]
+        return b @ a
 
 
 @dataclass(frozen=True)

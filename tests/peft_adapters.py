@@ -22,7 +22,7 @@ ADAPTER_CONFIGS: dict[str, PeftConfig] = {
         alpha_pattern={"down_proj": 4},
     ),
     "vera-r16": VeraConfig(
-        r=16, target_modules=["q_proj", "v_proj", "up_proj"], save_projection=False
+        r=16, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], save_projection=False
     ),
 }
 

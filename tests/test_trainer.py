@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import torch
+from engine_driver import run
 from peft import PeftModel, get_peft_model
+from peft_adapters import greedy_reference
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,6 +20,9 @@ from loraplex.adapters.trainer.config import TrainConfig
 from loraplex.adapters.trainer.output import METADATA_FILE, OutputExists
 from loraplex.adapters.trainer.peft_setup import adapter_config
 from loraplex.adapters.trainer.tasks import TASKS
+from loraplex.server.engine.api import SamplingParams, SequenceRequest
+from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.hf import HFEngine
 
 DATA = {"sft": TASKS["json-extract"].path("train"), "dpo": TASKS["concise"].path("train")}
 ADAPTER_KEYS = ("lora_A", "lora_B", "vera_lambda", "vera_A", "vera_B")
@@ -94,6 +99,20 @@ def test_training_changes_adapter_not_base_and_reloads(
 
     reloaded = PeftModel.from_pretrained(base_model(tiny_checkpoint), result.adapter_dir)
     torch.testing.assert_close(logits(reloaded), logits(trained), rtol=1e-5, atol=1e-5)
+    assert_engine_serves_it(tiny_checkpoint, result.adapter_dir, reloaded)
+
+
+def assert_engine_serves_it(checkpoint: Path, adapter_dir: Path, reference: Any) -> None:
+    """The output directory is an adapter root entry: the engine serves it by its folder name,
+    token for token as PEFT generates with it."""
+    engine = HFEngine.from_config(
+        EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_roots=[adapter_dir.parent])
+    )
+    prompt = engine.encode("Record: Ana Silva (41) works as a pilot in Lisbon.\nJSON:")
+    ref = engine.store.acquire(adapter_dir.name)
+    request = SequenceRequest("r", prompt, SamplingParams(max_new_tokens=8), ref)
+    served = run(engine, {0: [request]})["r"].tokens
+    assert served == greedy_reference(reference, prompt, 8).tokens
 
 
 def test_metadata_records_base_data_and_metrics(

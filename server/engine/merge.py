@@ -40,7 +40,7 @@ class MergeState:
                 delta = module.delta_weight()
             else:
                 assert isinstance(weights, VeraWeights)
-                delta = module.delta_weight(weights.projection)
+                delta = module.delta_weight(weights.projection, self.layers[name].in_features)
             self._merge_layer(name, delta * ref.scale)
         self.merged = ref
 

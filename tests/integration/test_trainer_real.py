@@ -1,7 +1,7 @@
 """The trainer on the real default base (Gemma 3 270M, NF4): the shipped default adapters
 meet their targets on held-out data, and a fresh training run reproduces one of them.
 
-Targets (issue 5): each SFT adapter beats the base by >= 50 points of exact match; the DPO
+Targets: each SFT adapter beats the base by >= 50 points of exact match; the DPO
 adapter's implicit-reward preference accuracy is >= 0.8 and its answers are more concise.
 """
 
