@@ -14,18 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
+from bad_inputs import BAD_GENERATIONS, write_bad_adapters
 from engine_driver import run as engine_run
 from grpc_helpers import field_bytes, metric, raw_unary, scrape
-from peft import LoraConfig, get_peft_model
 from peft_adapters import ADAPTER_CONFIGS, save_adapter
 from server_process import ServerProcess
 from transformers import (
     AutoModelForCausalLM,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
 from loraplex.clients import Client
@@ -55,28 +50,8 @@ def adapter_root(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     for seed, (name, config_name) in enumerate(ADAPTERS.items()):
         save_adapter(base, ADAPTER_CONFIGS[config_name], root / name, seed=seed + 1, std=1.0)
     save_adapter(base, ADAPTER_CONFIGS["lora-qv-r4"], root / "lora-v2", seed=99, std=1.0)
-    _write_bad_adapters(root)
+    write_bad_adapters(root, root / "lora")
     return root
-
-
-def _write_bad_adapters(root: Path) -> None:
-    # Wrong shapes: the same module names on a narrower llama.
-    narrow = LlamaConfig(
-        vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-    )  # fmt: skip
-    save_adapter(LlamaForCausalLM(narrow), ADAPTER_CONFIGS["lora-qv-r4"], root / "bad-shapes", 5)
-    # Another architecture: GPT-2's fused attention projection.
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4))
-    other = get_peft_model(gpt2, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
-    other.save_pretrained(root / "bad-arch")
-    # Only a pickle file holding the weights.
-    pickled = root / "bad-pickle"
-    shutil.copytree(root / "lora", pickled)
-    from safetensors.torch import load_file
-
-    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
-    (pickled / "adapter_model.safetensors").unlink()
 
 
 @pytest.fixture(scope="module")
@@ -210,28 +185,11 @@ def _wait_for(condition: object, within_s: float = 300) -> None:
     raise AssertionError("condition never became true")
 
 
-BAD_GENERATIONS = [
-    ({"adapter": "no-such-adapter"}, grpc.StatusCode.NOT_FOUND, "no-such-adapter"),
-    ({"adapter": "../lora"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
-    ({"adapter": "swap/../lora"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
-    ({"adapter": "/etc"}, grpc.StatusCode.INVALID_ARGUMENT, "adapter_id"),
-    ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    ({"prompt": "hello world " * 400}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-    ({"max_new_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
-    ({"max_new_tokens": 10**9}, grpc.StatusCode.INVALID_ARGUMENT, "max_new_tokens"),
-    ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    ({"top_p": 0.0}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    ({"top_p": 1.01}, grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
-    ({"adapter": "bad-shapes"}, grpc.StatusCode.FAILED_PRECONDITION, "shape"),
-    ({"adapter": "bad-arch"}, grpc.StatusCode.FAILED_PRECONDITION, "bad-arch"),
-    ({"adapter": "bad-pickle"}, grpc.StatusCode.FAILED_PRECONDITION, "safetensors"),
-]
-
-
 @pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
 def test_bad_generation_requests(
     client: Client, options: dict, code: grpc.StatusCode, named: str
 ) -> None:
+    options = dict(options)
     prompt = options.pop("prompt", "hello")
     with pytest.raises(client_errors.LoraplexClientError) as caught:
         client.generate(prompt, **options)

@@ -7,12 +7,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import grpc
 import pytest
+from bad_inputs import BAD_GENERATIONS, write_bad_adapters
 from server_process import ServerProcess
 
-from loraplex.adapters.trainer.defaults import default_adapter_ids
+from loraplex.adapters.trainer.defaults import DEFAULTS_DIR, default_adapter_ids
 from loraplex.adapters.trainer.tasks import TASKS as TASKS_BY_NAME
 from loraplex.clients import Client
+from loraplex.clients.errors import LoraplexClientError
 
 pytestmark = pytest.mark.integration
 ROWS = 3  # held-out rows per task, from the trainer's test split
@@ -24,7 +27,10 @@ def server(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[ServerProcess, str]]:
     log = tmp_path_factory.mktemp("defaults-logs") / "server.log"
-    args = ["--backend", request.param, "--log-level", "warning"]  # no adapter flags at all
+    root = tmp_path_factory.mktemp("bad-adapters")  # adapters that must be refused
+    write_bad_adapters(root, DEFAULTS_DIR / "date-iso")
+    # The shipped adapters come with the default model whatever the roots; nothing preloaded.
+    args = ["--backend", request.param, "--adapter-roots", str(root), "--log-level", "warning"]
     proc = ServerProcess(args, log)
     yield proc, request.param
     proc.stop()
@@ -51,3 +57,17 @@ def test_each_shipped_adapter_answers_its_task(server: tuple[ServerProcess, str]
 
 
 TASKS_DATA = {task: TASKS_BY_NAME[task].path("test") for task in TASKS}
+
+
+@pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
+def test_bad_generation_requests(
+    server: tuple[ServerProcess, str], options: dict, code: grpc.StatusCode, named: str
+) -> None:
+    options = dict(options)
+    prompt = options.pop("prompt", "hello")
+    with Client(server[0].target) as client:
+        with pytest.raises(LoraplexClientError) as caught:
+            client.generate(prompt, **options)
+        assert caught.value.code == code
+        assert named in caught.value.details
+        assert client.generate("still serving", max_new_tokens=2).completion_tokens == 2
