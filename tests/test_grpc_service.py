@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -358,3 +359,17 @@ def test_adapter_loads_and_evictions_are_counted() -> None:
     finally:
         s.client.close()
         s.server.drain(grace_s=5)
+
+
+def test_train_adapter_push_loads_the_new_adapter(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loraplex.adapters.trainer.cli import push
+
+    assert push(served.target, tmp_path / "b") == 0
+    assert "as b v" in capsys.readouterr().err
+    assert next(a for a in served.client.list_adapters() if a.adapter_id == "b").resident
+    assert push(served.target, tmp_path / "not-in-any-root") == 1
+    message = capsys.readouterr().err
+    assert f"saved in {tmp_path / 'not-in-any-root'}" in message
+    assert f"Is {tmp_path} one of its --adapter-roots?" in message

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from loraplex.adapters.trainer.config import EvalConfig, ExportGgufConfig, TrainConfig
 from loraplex.server.config import add_config_arguments, config_from_args
@@ -57,13 +58,34 @@ def add_export_gguf(actions: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     from loraplex.adapters.trainer import train
 
-    result = train.run(config_from_args(TrainConfig, args))
+    config = config_from_args(TrainConfig, args)
+    result = train.run(config)
     print(
         f"adapter written to {result.adapter_dir} in {result.train_seconds:.0f} s, "
         f"peak RSS {result.peak_rss_mb:.0f} MB",
         file=sys.stderr,
     )
     print(json.dumps(result.metrics, indent=2))
+    return push(config.push, result.adapter_dir) if config.push else 0
+
+
+def push(server: str, adapter_dir: Path) -> int:
+    """Load the adapter into a running server by its id (the directory's name)."""
+    from loraplex.clients import Client
+    from loraplex.clients.errors import LoraplexClientError
+
+    try:
+        with Client(server, timeout=120) as client:
+            info = client.load_adapter(adapter_dir.name)
+    except LoraplexClientError as err:
+        print(
+            f"loraplex train-adapter: the adapter is saved in {adapter_dir}, but the server at "
+            f"{server} did not load it: {err}. Is {adapter_dir.parent} one of its "
+            "--adapter-roots?",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"loaded into {server} as {info.adapter_id} v{info.version}", file=sys.stderr)
     return 0
 
 

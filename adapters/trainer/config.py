@@ -37,6 +37,11 @@ class TrainConfig(BaseModelConfig):
         default=None, description="adapter directory to write (its name is the adapter id)"
     )
     overwrite: bool = Field(default=False, description="replace an existing output directory")
+    push: str | None = Field(
+        default=None,
+        description="address of a running loraplex server to load the new adapter into "
+        "(the output directory must lie in one of its adapter roots)",
+    )
     method: Literal["sft", "dpo"] = Field(default="sft", description="training method")
     adapter_type: Literal["lora", "vera"] = Field(default="lora", description="adapter type")
     rank: int = Field(default=8, ge=1, description="adapter rank")
