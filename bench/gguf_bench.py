@@ -239,4 +239,4 @@ def _switch_cost(path: Path, loras: list[Path], args: argparse.Namespace) -> dic
 
 
 if __name__ == "__main__":
-    _child(_parse()) if "--case" in sys.argv else main()
+    _child(_parse(None)) if "--case" in sys.argv else main()

@@ -91,9 +91,6 @@ class TrainConfig(BaseModelConfig):
     resume: bool = Field(default=False, description="resume from the latest checkpoint")
     logging_steps: int = Field(default=10, ge=1, description="log the loss every N steps")
     progress: bool = Field(default=True, description="show progress bars")
-    push: str | None = Field(
-        default=None, description="address of a running server to load the adapter into"
-    )
 
 
 class EvalConfig(BaseModelConfig):

@@ -58,6 +58,10 @@ def _input_peaks(model: nn.Module, head: nn.Linear, ids: torch.Tensor) -> torch.
 class SplitInt8Head(nn.Module):
     """logits = x[:, outliers] · W[:, outliers]ᵀ (fp32) + int8(x[:, rest] · W[:, rest]ᵀ)."""
 
+    outliers: torch.Tensor  # buffers, registered in __init__
+    rest: torch.Tensor
+    outlier_weight_t: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, outliers: torch.Tensor) -> None:
         super().__init__()
         rest = torch.ones(weight.shape[1], dtype=torch.bool)

@@ -1,0 +1,58 @@
+"""`loraplex bench load` end to end: a tiny seeded trace against a real tiny-model server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loraplex.bench.load_bench import main
+from loraplex.bench.workload import WorkloadSpec, generate
+
+
+@pytest.fixture(scope="module")
+def results(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("load-results")
+    main([
+        "--model", str(tiny_checkpoints["llama"]), "--serve-args", "--quantization fp32",
+        "--arrival", "closed", "--concurrency", "3", "--requests", "10", "--seed", "7",
+        "--vera-fraction", "0.5", "--ranks", "4,8", "--prompt-tokens", "2,6",
+        "--output-tokens", "2,5", "--sweep", "num_adapters=1,4", "--out", str(out),
+        "--no-progress",
+    ])  # fmt: skip
+    return out
+
+
+def test_every_request_is_accounted_for(results: Path) -> None:
+    data = json.loads((results / "results.json").read_text())
+    assert [p["value"] for p in data["points"]] == [1, 4]
+    for point in data["points"]:
+        summary, records = point["summary"], point["records"]
+        assert summary["requests"] == len(records) == 10
+        assert sum(summary["statuses"].values()) == 10
+        assert summary["statuses"] == {"OK": 10}
+        assert summary["completion_tokens"] == sum(r["completion_tokens"] for r in records)
+        assert all(1 <= r["completion_tokens"] <= 5 for r in records)
+        assert all(0 <= r["ttft_s"] <= r["e2e_s"] for r in records)
+        assert summary["ttft_s"]["count"] == 10
+
+
+def test_records_follow_the_seeded_trace(results: Path) -> None:
+    data = json.loads((results / "results.json").read_text())
+    spec = WorkloadSpec(**{**data["workload"], "num_adapters": 4})
+    trace = generate(spec)
+    records = data["points"][1]["records"]
+    assert [r["adapter_id"] for r in records] == [q.adapter_id for q in trace.requests]
+    assert {q.adapter_id for q in trace.requests} - {""}  # adapters really were used
+
+
+def test_report_files_and_environment(results: Path) -> None:
+    data = json.loads((results / "results.json").read_text())
+    env = data["environment"]
+    assert env["backend"] == "hf" and env["quantization"] == "fp32"
+    assert len(env["git_commit"]) == 40 and env["cpu_count"] >= 1
+    summary = (results / "summary.md").read_text()
+    assert "| num_adapters | requests | failed |" in summary
+    for plot in ("throughput.png", "latency.png"):
+        assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
