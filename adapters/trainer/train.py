@@ -54,7 +54,6 @@ def run(config: TrainConfig) -> TrainResult:
     """Train, then write the adapter and its metadata atomically to `config.output`."""
     target = _output_dir(config)
     output.check_output(target, config.overwrite)
-    _check_push(config)
     dataset = load_data(config)
     base = resolve_base(config)
     device = pick_device(config.device)
@@ -77,14 +76,6 @@ def _output_dir(config: TrainConfig) -> Path:
     if config.output is None:
         raise data_mod.DatasetError("--output is required: the adapter directory to write")
     return config.output
-
-
-def _check_push(config: TrainConfig) -> None:
-    if config.push is not None:
-        raise data_mod.DatasetError(
-            "--push needs the gRPC client, which this build does not include yet; write the "
-            "adapter into the server's adapter root instead"
-        )
 
 
 def load_data(config: TrainConfig) -> TrainData:
