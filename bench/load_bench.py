@@ -26,8 +26,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from loraplex.bench import report
 from loraplex.bench.runner import run_trace
 from loraplex.bench.workload import AdapterSpec, Trace, TraceRequest, WorkloadSpec, generate
@@ -65,6 +63,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--prompt-tokens", default="16,64", help="inclusive range LOW,HIGH")
     add("--output-tokens", default="16,64", help="inclusive range LOW,HIGH")
     add("--sweep", help=f"PARAM=V1,V2,... with PARAM one of {', '.join(SWEEPABLE)}")
+    add("--baselines", default="", help="also run the trace on: naive, static (comma-separated)")
+    add("--baseline-batch-rows", type=int, default=16, help="rows per static PEFT batch")
     add("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -98,25 +98,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     spec = workload(args)
     parameter, values = sweep(args)
     traces = [generate(replace(spec, **{parameter: value})) for value in values]
+    baselines = [b for b in args.baselines.split(",") if b]
+    if baselines and args.target:
+        raise SystemExit("--baselines needs the servers started here: drop --target")
     out = args.out or Path("bench/results") / time.strftime("load-%Y%m%d-%H%M%S")
-    progress = not args.no_progress
-    with server(args, traces, progress) as (target, info):
-        points = []
-        bar = tqdm(values, desc=parameter, disable=not progress)
-        for value, trace in zip(bar, traces, strict=True):
-            result = asyncio.run(run_trace(target, onto(trace, info["adapters"]), progress))
-            records = [asdict(r) for r in result.records]
-            points.append({"value": value, "summary": result.summary(), "records": records})
+    with tempfile.TemporaryDirectory(prefix="loraplex-load-") as scratch:
+        root = None if args.target else write_trace_adapters(args, traces, Path(scratch))
+        with loraplex_server(args, root, traces) as (target, info):
+            points = [
+                {"value": value, **run_point(target, trace, info["adapters"], args)}
+                for value, trace in zip(values, traces, strict=True)
+            ]
+        for kind in baselines:
+            with baseline_server(args, root, kind) as (target, base_info):
+                for point, trace in zip(points, traces, strict=True):
+                    run = run_point(target, trace, base_info["adapters"], args)
+                    point.setdefault("baselines", {})[kind] = run["summary"]
     info.pop("adapters")
     results = {
         "environment": report.environment(info),
         "workload": asdict(spec),
         "sweep": {"parameter": parameter, "values": values},
+        "baselines": baselines,
         "points": points,
     }
     files = report.write(results, out)
     print(report.markdown(results))
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+
+
+def run_point(
+    target: str, trace: Trace, available: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    result = asyncio.run(run_trace(target, onto(trace, available), not args.no_progress))
+    return {"summary": result.summary(), "records": [asdict(r) for r in result.records]}
 
 
 def onto(trace: Trace, available: list[str]) -> Trace:
@@ -133,25 +148,46 @@ def onto(trace: Trace, available: list[str]) -> Trace:
     return Trace(trace.spec, trace.adapters, requests)
 
 
+def write_trace_adapters(args: argparse.Namespace, traces: list[Trace], root: Path) -> Path:
+    adapters = {a.adapter_id: a for trace in traces for a in trace.adapters}
+    _write_adapters(args.model, root, list(adapters.values()), not args.no_progress)
+    return root
+
+
 @contextlib.contextmanager
-def server(
-    args: argparse.Namespace, traces: list[Trace], progress: bool
+def loraplex_server(
+    args: argparse.Namespace, root: Path | None, traces: list[Trace]
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The target, and what it serves: model, backend, quantization, adapter ids."""
-    if args.target:
+    if args.target or root is None:
         yield args.target, describe(args.target)
         return
-    adapters = {a.adapter_id: a for trace in traces for a in trace.adapters}
-    with tempfile.TemporaryDirectory(prefix="loraplex-load-") as scratch:
-        root = Path(scratch)
-        _write_adapters(args.model, root, list(adapters.values()), progress)
-        max_rank = max(a.rank for a in adapters.values())
-        proc, target = start_server(args, root, max_rank, len(adapters))
-        try:
-            yield target, describe(target)
-        finally:
-            proc.terminate()
-            proc.wait(120)
+    max_rank = max(a.rank for trace in traces for a in trace.adapters)
+    count = len({a.adapter_id for trace in traces for a in trace.adapters})
+    port = _free_port()
+    command = [
+        "-m", "loraplex.server.cli", "serve", "--model", args.model,
+        "--adapter-roots", str(root), "--max-lora-rank", str(max_rank),
+        "--max-resident-adapters", str(count), "--port", str(port),
+        "--metrics-port", "0", "--log-level", "warning", *shlex.split(args.serve_args),
+    ]  # fmt: skip
+    with running(command, port) as target:
+        yield target, describe(target)
+
+
+@contextlib.contextmanager
+def baseline_server(
+    args: argparse.Namespace, root: Path | None, kind: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    assert root is not None
+    port = _free_port()
+    command = [
+        "-m", "loraplex.bench.baseline_server", "--kind", kind, "--model", args.model,
+        "--adapter-roots", str(root), "--port", str(port),
+        "--batch-rows", str(args.baseline_batch_rows),
+    ]  # fmt: skip
+    with running(command, port) as target:
+        yield target, describe(target)
 
 
 def _write_adapters(model: str, root: Path, adapters: list[AdapterSpec], progress: bool) -> None:
@@ -177,27 +213,28 @@ def describe(target: str) -> dict[str, Any]:
     }
 
 
-def start_server(
-    args: argparse.Namespace, root: Path, max_rank: int, count: int
-) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    command = [
-        sys.executable, "-m", "loraplex.server.cli", "serve", "--model", args.model,
-        "--adapter-roots", str(root), "--max-lora-rank", str(max_rank),
-        "--max-resident-adapters", str(max(count, 1)), "--port", str(port),
-        "--metrics-port", "0", "--log-level", "warning", *shlex.split(args.serve_args),
-    ]  # fmt: skip
-    proc = subprocess.Popen(command)
+@contextlib.contextmanager
+def running(command: list[str], port: int) -> Iterator[str]:
+    """A server process (`python COMMAND`), SERVING on `port` until the block ends."""
+    proc = subprocess.Popen([sys.executable, *command])
     target = f"127.0.0.1:{port}"
+    try:
+        wait_until_serving(proc, target)
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(120)
+
+
+def wait_until_serving(proc: subprocess.Popen[bytes], target: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     with Client(target, timeout=5) as client:
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 if client.health() == "SERVING":
-                    return proc, target
+                    return
             except LoraplexClientError:
                 time.sleep(0.5)
-    proc.kill()
     raise SystemExit(f"the server did not start (exit code {proc.poll()}); see its output above")
 
 

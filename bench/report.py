@@ -72,7 +72,26 @@ def markdown(results: dict[str, Any]) -> str:
         cells = [str(point["value"]), str(summary["requests"]), str(failed)]
         cells += [f"{lookup(summary, key):.3f}" for key, _ in ROW_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _baseline_table(results)) + "\n"
+
+
+def _baseline_table(results: dict[str, Any]) -> list[str]:
+    """loraplex's throughput beside each baseline's on the same trace, with the ratio."""
+    kinds = results.get("baselines") or []
+    if not kinds:
+        return []
+    head = [results["sweep"]["parameter"], "loraplex tok/s"]
+    for kind in kinds:
+        head += [f"{kind} tok/s", f"loraplex / {kind}"]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for point in results["points"]:
+        ours = point["summary"]["throughput_tok_s"]
+        cells = [str(point["value"]), f"{ours:.2f}"]
+        for kind in kinds:
+            theirs = point["baselines"][kind]["throughput_tok_s"]
+            cells += [f"{theirs:.2f}", f"{ours / theirs:.2f}x" if theirs else "n/a"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -97,6 +116,15 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     axis.set(xlabel=swept, ylabel="seconds", title=f"latency against {swept}")
     axis.legend()
     written.append(_save(figure, out_dir / "latency.png"))
+    if results.get("baselines"):
+        figure, axis = plt.subplots(figsize=(6, 4))
+        axis.plot(xs, [s["throughput_tok_s"] for s in summaries], marker="o", label="loraplex")
+        for kind in results["baselines"]:
+            rates = [p["baselines"][kind]["throughput_tok_s"] for p in results["points"]]
+            axis.plot(xs, rates, marker="o", label=kind)
+        axis.set(xlabel=swept, ylabel="tokens/s", title="loraplex against the baselines")
+        axis.legend()
+        written.append(_save(figure, out_dir / "baselines.png"))
     return written
 
 

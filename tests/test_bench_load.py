@@ -19,7 +19,7 @@ def results(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPath
         "--arrival", "closed", "--concurrency", "3", "--requests", "10", "--seed", "7",
         "--vera-fraction", "0.5", "--ranks", "4,8", "--prompt-tokens", "2,6",
         "--output-tokens", "2,5", "--sweep", "num_adapters=1,4", "--out", str(out),
-        "--no-progress",
+        "--baselines", "naive,static", "--baseline-batch-rows", "4", "--no-progress",
     ])  # fmt: skip
     return out
 
@@ -36,6 +36,8 @@ def test_every_request_is_accounted_for(results: Path) -> None:
         assert all(1 <= r["completion_tokens"] <= 5 for r in records)
         assert all(0 <= r["ttft_s"] <= r["e2e_s"] for r in records)
         assert summary["ttft_s"]["count"] == 10
+        for kind in ("naive", "static"):  # the same trace, through the same client timing
+            assert point["baselines"][kind]["statuses"] == {"OK": 10}
 
 
 def test_records_follow_the_seeded_trace(results: Path) -> None:
@@ -54,5 +56,6 @@ def test_report_files_and_environment(results: Path) -> None:
     assert len(env["git_commit"]) == 40 and env["cpu_count"] >= 1
     summary = (results / "summary.md").read_text()
     assert "| num_adapters | requests | failed |" in summary
-    for plot in ("throughput.png", "latency.png"):
+    assert "| num_adapters | loraplex tok/s | naive tok/s | loraplex / naive |" in summary
+    for plot in ("throughput.png", "latency.png", "baselines.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
