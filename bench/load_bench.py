@@ -64,6 +64,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--output-tokens", default="16,64", help="inclusive range LOW,HIGH")
     add("--sweep", help=f"PARAM=V1,V2,... with PARAM one of {', '.join(SWEEPABLE)}")
     add("--baselines", default="", help="also run the trace on: naive, static (comma-separated)")
+    add("--baselines-at", help="run the baselines only at this value of the swept parameter")
     add("--baseline-batch-rows", type=int, default=16, help="rows per static PEFT batch")
     add("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -93,7 +94,8 @@ def sweep(args: argparse.Namespace) -> tuple[str, list[Any]]:
     return name, [SWEEPABLE[name](v) for v in values.split(",")]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run, write the report, and return the results (also in OUT/results.json)."""
     args = parse(argv)
     spec = workload(args)
     parameter, values = sweep(args)
@@ -112,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for kind in baselines:
             with baseline_server(args, root, kind) as (target, base_info):
                 for point, trace in zip(points, traces, strict=True):
+                    if args.baselines_at is not None and str(point["value"]) != args.baselines_at:
+                        continue
                     run = run_point(target, trace, base_info["adapters"], args)
                     point.setdefault("baselines", {})[kind] = run["summary"]
     info.pop("adapters")
@@ -125,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     files = report.write(results, out)
     print(report.markdown(results))
     print("wrote " + ", ".join(str(f) for f in files), file=sys.stderr)
+    return results
 
 
 def run_point(

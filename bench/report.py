@@ -84,7 +84,7 @@ def _baseline_table(results: dict[str, Any]) -> list[str]:
     for kind in kinds:
         head += [f"{kind} tok/s", f"loraplex / {kind}"]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for point in results["points"]:
+    for point in (p for p in results["points"] if "baselines" in p):
         ours = point["summary"]["throughput_tok_s"]
         cells = [str(point["value"]), f"{ours:.2f}"]
         for kind in kinds:
@@ -118,10 +118,15 @@ def plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     written.append(_save(figure, out_dir / "latency.png"))
     if results.get("baselines"):
         figure, axis = plt.subplots(figsize=(6, 4))
-        axis.plot(xs, [s["throughput_tok_s"] for s in summaries], marker="o", label="loraplex")
+        compared = [p for p in results["points"] if "baselines" in p]
+        at = [str(p["value"]) for p in compared]
+        series = {"loraplex": [p["summary"]["throughput_tok_s"] for p in compared]}
         for kind in results["baselines"]:
-            rates = [p["baselines"][kind]["throughput_tok_s"] for p in results["points"]]
-            axis.plot(xs, rates, marker="o", label=kind)
+            series[kind] = [p["baselines"][kind]["throughput_tok_s"] for p in compared]
+        width = 0.8 / len(series)
+        for i, (name, rates) in enumerate(series.items()):
+            axis.bar([j + i * width for j in range(len(at))], rates, width, label=name)
+        axis.set_xticks([j + 0.4 - width / 2 for j in range(len(at))], at)
         axis.set(xlabel=swept, ylabel="tokens/s", title="loraplex against the baselines")
         axis.legend()
         written.append(_save(figure, out_dir / "baselines.png"))

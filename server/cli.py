@@ -39,6 +39,7 @@ BENCH_SUITES = {
     "grpc": "the gRPC server: time to first token, server against engine alone",
     "gguf": "the GGUF backend against raw llama-cpp-python (Q4_K_M, Q5_K_M)",
     "load": "a seeded multi-adapter workload against a live server, swept; JSON, table, plots",
+    "readme": "the README's load figures: saturation sweep, then 70% load against baselines",
 }
 
 

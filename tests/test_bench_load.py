@@ -59,3 +59,27 @@ def test_report_files_and_environment(results: Path) -> None:
     assert "| num_adapters | loraplex tok/s | naive tok/s | loraplex / naive |" in summary
     for plot in ("throughput.png", "latency.png", "baselines.png"):
         assert (results / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_summary_puts_each_figure_beside_its_target() -> None:
+    from loraplex.bench.readme_bench import summary
+
+    def point(value: int, tok_s: float, p50: float, p99: float, **baselines: float) -> dict:
+        dist = {"p50": p50, "p99": p99}
+        point = {"value": value, "summary": {"throughput_tok_s": tok_s, "ttft_s": dist,
+                                             "tpot_s": {"p50": 0.1}}}  # fmt: skip
+        if baselines:
+            point["baselines"] = {k: {"throughput_tok_s": v} for k, v in baselines.items()}
+        return point
+
+    env = {"model": "m", "backend": "hf", "quantization": "nf4", "cpu_count": 2, "git_commit": "c"}
+    load = {
+        "environment": env,
+        "points": [point(8, 50.0, 1.0, 1.5), point(256, 46.0, 1.0, 2.5, naive=8.0, static=23.0)],
+    }
+    text = summary(2.0, load)
+    assert "(1.400 of 2.000 req/s)" in text
+    assert "| throughput vs naive PEFT loop (256 adapters) | 5.75x | >= 5x | met |" in text
+    assert "| throughput vs PEFT static batches | 2.00x | reported |  |" in text
+    assert "| TTFT p99 / p50 (256 adapters) | 2.50 | <= 2 | NOT met |" in text
+    assert "| throughput cost, 8 -> 256 adapters | 8.0% | <= 10% | met |" in text
