@@ -1,0 +1,55 @@
+"""The GGUF backend as `serve` assembles it: PEFT adapters become GGUF-LoRA files when the
+shared adapter store loads them, and unloading frees their llama.cpp handles."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from engine_driver import run
+from peft import LoraConfig
+from peft_adapters import save_adapter
+from transformers import AutoModelForCausalLM
+
+from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.trainer.defaults import DEFAULTS_DIR
+from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
+from loraplex.server.engine.gguf_runtime import RuntimeConfig
+from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backend
+from loraplex.server.models import ModelSource
+
+pytestmark = [pytest.mark.integration, pytest.mark.gguf]
+
+
+def test_load_converts_serves_and_unload_frees(
+    real_model: ModelSource, real_checkpoint: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "adapters"
+    shutil.copytree(DEFAULTS_DIR / "date-iso", root / "date-iso")
+    mixed = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+    save_adapter(AutoModelForCausalLM.from_pretrained(real_checkpoint), mixed, root / "mixed", 1)
+    limits = AdapterLimits([root], max_rank=64, max_resident=8, max_resident_bytes=1 << 30)
+    runtime = RuntimeConfig(n_ctx_per_seq=256, n_seq_max=2)
+    engine, store = build_gguf_backend(
+        real_model.path, real_model.sha256, limits, runtime, tmp_path / "cache"
+    )
+    try:
+        assert store.load("date-iso").version == 1
+        assert len(list((tmp_path / "cache" / "gguf-lora").glob("date-iso-*.gguf"))) == 1
+        ref = store.acquire("date-iso")
+        prompt = engine.encode("Date: March 3rd, 1999\nStamp:")
+        request = SequenceRequest("r", prompt, SamplingParams(max_new_tokens=12), ref)
+        tokens = run(engine, {0: [request]})["r"].tokens
+        assert engine.decode(tokens).strip().startswith("1999-03-03")
+        store.release(ref)
+        assert engine.adapters.loaded() == [("date-iso", 1)]
+        store.unload("date-iso")
+        engine.step(StepPlan())  # retirements take effect on the engine thread's next step
+        assert engine.adapters.loaded() == []
+        # layers of different ranks cannot share one GGUF alpha: refused at load, not later
+        with pytest.raises(InvalidAdapter, match="different ranks"):
+            store.load("mixed")
+        assert [a.adapter_id for a in store.list() if a.resident] == []
+    finally:
+        engine.close()
