@@ -45,7 +45,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--target", help="address of a running server (default: start one)")
     add("--model", default="gemma3-270m", help="model spec for the server started here")
-    add("--serve-args", default="", help="extra `loraplex serve` flags, one quoted string")
+    add("--serve-args", default="", help="extra `loraplex serve` flags: --serve-args='--flag V'")
     add("--out", type=Path, help="results folder (default: bench/results/load-<time>)")
     add("--seed", type=int, default=0)
     add("--num-adapters", type=int, default=8)

@@ -25,7 +25,11 @@ COMMON = ["--alpha", "1", "--ranks", "8,16", "--prompt-tokens", "16,64",
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="loraplex bench readme", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="loraplex bench readme",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/readme"))
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--requests", type=int, default=64, help="requests per load run")
