@@ -17,9 +17,13 @@ def check_adapter_id(adapter_id: str) -> PurePosixPath:
     if not adapter_id or len(adapter_id) > MAX_ID_LENGTH:
         raise InvalidAdapter(adapter_id, f"ids must be 1 to {MAX_ID_LENGTH} characters")
     relative = PurePosixPath(adapter_id)
-    bad_part = any(part in ("", ".", "..") for part in adapter_id.split("/"))
+    bad_part = any(
+        part in ("", ".", "..") or part.startswith(".") for part in adapter_id.split("/")
+    )
     if relative.is_absolute() or bad_part or "\\" in adapter_id or "\0" in adapter_id:
-        raise InvalidAdapter(adapter_id, "ids must be relative names inside an adapter root")
+        raise InvalidAdapter(
+            adapter_id, "ids must be relative names inside an adapter root, no part hidden"
+        )
     return relative
 
 
@@ -45,6 +49,7 @@ def scan_adapter_ids(roots: Sequence[Path]) -> Iterator[str]:
         for depth in range(1, MAX_SCAN_DEPTH + 1):
             for config in sorted(root.glob("/".join(["*"] * depth) + "/" + CONFIG_FILE)):
                 adapter_id = config.parent.relative_to(root).as_posix()
-                if adapter_id not in seen:
+                hidden = any(part.startswith(".") for part in adapter_id.split("/"))
+                if not hidden and adapter_id not in seen:  # hidden: a writer's scratch copy
                     seen.add(adapter_id)
                     yield adapter_id

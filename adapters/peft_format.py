@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.peft_config import validated
+from loraplex.adapters.safetensors_header import HeaderError, read_header
 from loraplex.adapters.weights import (
     AdapterWeights,
     LoraModule,
@@ -29,6 +31,7 @@ from loraplex.adapters.weights import (
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+MAX_CONFIG_BYTES = 1 << 20
 KEY_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
 VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
@@ -47,29 +50,34 @@ class BaseSpec:
 def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     """Parse and validate the adapter in `path` against `base`."""
     config = _read_config(adapter_id, path)
-    tensors = _read_tensors(adapter_id, path)
     peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in ("LORA", "VERA"):
+        raise InvalidAdapter(adapter_id, f"peft_type {peft_type!r} is not supported (LORA or VERA)")
+    tensors = _read_tensors(adapter_id, path, base)
     if peft_type == "LORA":
         return _parse_lora(adapter_id, config, tensors, base)
-    if peft_type == "VERA":
-        return _parse_vera(adapter_id, config, tensors, base)
-    raise InvalidAdapter(adapter_id, f"peft_type {peft_type!r} is not supported (LORA or VERA)")
+    return _parse_vera(adapter_id, config, tensors, base)
 
 
 def _read_config(adapter_id: str, path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is missing in {path}")
+    if config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} must hold a JSON object")
-    return config
+    checked = validated(config)
+    if isinstance(checked, str):
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE}: {checked}")
+    return checked
 
 
-def _read_tensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(adapter_id: str, path: Path, base: BaseSpec) -> dict[str, torch.Tensor]:
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file():
         pickles = [name for name in PICKLED_WEIGHTS if (path / name).exists()]
@@ -80,10 +88,34 @@ def _read_tensors(adapter_id: str, path: Path) -> dict[str, torch.Tensor]:
                 f"save the adapter as {WEIGHTS_FILE}",
             )
         raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} is missing in {path}")
+    _check_header(adapter_id, weights_path, base)
     try:
         return load_file(str(weights_path))
     except Exception as err:  # safetensors raises several types for truncated/corrupt files
         raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} is corrupt: {err}") from None
+
+
+def largest_adapter(base: BaseSpec) -> tuple[int, int]:
+    """(bytes, longest dimension) of the largest adapter `base` can take: LoRA factors of the
+    top rank on every layer plus VeRA's shared projections, in 8-byte floats to be generous."""
+    widest = max((max(shape) for shape in base.linear_shapes.values()), default=0)
+    features = sum(i + o for i, o in base.linear_shapes.values()) + 2 * widest
+    return 8 * base.max_rank * features, max(widest, base.max_rank)
+
+
+def _check_header(adapter_id: str, weights_path: Path, base: BaseSpec) -> None:
+    """Refuse impossible tensors from the header alone, before anything is allocated."""
+    max_bytes, longest = largest_adapter(base)
+    try:
+        entries = read_header(weights_path, max_bytes)
+    except (HeaderError, OSError) as err:
+        raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} is invalid: {err}") from None
+    for name, entry in entries.items():
+        if len(entry.shape) > 2 or any(d > longest for d in entry.shape):
+            raise InvalidAdapter(
+                adapter_id, f"tensor {name!r} of shape {list(entry.shape)} fits no layer of the "
+                f"resident {base.model_type} base",
+            )  # fmt: skip
 
 
 def _group_by_module(

@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from loraplex.adapters.errors import (
     AdapterCapacityExceeded,
@@ -26,6 +27,9 @@ from loraplex.adapters.paths import resolve_adapter_dir, scan_adapter_ids
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, read_adapter
 from loraplex.adapters.types import AdapterInfo, AdapterRef
 from loraplex.adapters.weights import LoadedAdapter, tensors_nbytes
+
+RESIDENCY_WAIT_S = 30.0
+T = TypeVar("T")
 
 Key = tuple[str, int]  # (adapter id, version)
 
@@ -54,10 +58,13 @@ class AdapterStore:
         base: BaseSpec | None = None,
         prepare: Callable[[LoadedAdapter], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
+        residency_wait_s: float = RESIDENCY_WAIT_S,
     ) -> None:
         """`prepare` runs on each new version before it is installed (for example, converting
         it for another backend); an error it raises refuses the load. `on_drop` hears of each
-        id that is unloaded or evicted (versions in use still live until their release)."""
+        id that is unloaded or evicted (versions in use still live until their release).
+        `acquire` waits up to `residency_wait_s` for room when every resident adapter is in
+        use."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
@@ -66,6 +73,8 @@ class AdapterStore:
         self._base = base
         self._prepare = prepare
         self._on_drop = on_drop or (lambda _adapter_id: None)
+        self.residency_wait_s = residency_wait_s
+        self._releases = 0  # counts versions that stopped being in use, for waiting acquires
         self._lock = threading.Condition(threading.RLock())
         self._load_lock = threading.Lock()  # one disk load at a time; dedupes lazy loads
         self._current: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
@@ -90,8 +99,14 @@ class AdapterStore:
         return [infos[k] for k in sorted(infos)]
 
     def load(self, adapter_id: str) -> AdapterInfo:
-        with self._load_lock:
-            adapter = self._load_locked(adapter_id, reuse_unchanged=True)
+        """Load the files' current version (a no-op when unchanged); waits for room as
+        `acquire` does."""
+
+        def load_exclusively() -> LoadedAdapter:
+            with self._load_lock:
+                return self._load_locked(adapter_id, reuse_unchanged=True)
+
+        adapter = self._with_room(load_exclusively)
         with self._lock:
             return self._info(adapter)
 
@@ -126,6 +141,9 @@ class AdapterStore:
             return self._info(adapter)
 
     def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
+        """Hold the current version, loading it first if needed. When there is no room because
+        every resident adapter is in use, wait for a release (backpressure) rather than fail,
+        up to residency_wait_s; then AdapterCapacityExceeded."""
         while True:
             with self._lock:
                 adapter = self._current.get(adapter_id)
@@ -134,7 +152,29 @@ class AdapterStore:
                     key = (adapter_id, adapter.version)
                     self._held.setdefault(key, _Held(adapter)).count += 1
                     return AdapterRef(adapter_id, adapter.version, scale)
-            self._ensure_loaded(adapter_id)
+            self._with_room(lambda: self._ensure_loaded(adapter_id))
+
+    def _with_room(self, load: Callable[[], T]) -> T:
+        """Run `load`, retrying after each release while it finds every resident adapter in
+        use, until residency_wait_s has passed."""
+        deadline = time.monotonic() + self.residency_wait_s
+        while True:
+            with self._lock:
+                releases = self._releases
+            try:
+                return load()
+            except AdapterCapacityExceeded:
+                if not self._wait_for_release(releases, deadline):
+                    raise
+
+    def _wait_for_release(self, seen: int, deadline: float) -> bool:
+        """True once some version was released after `seen`; False at the deadline, or at
+        once when nothing is in use (pinned adapters alone fill the room: waiting is futile)."""
+        with self._lock:
+            if not self._held:
+                return False
+            timeout = max(0.0, deadline - time.monotonic())
+            return self._lock.wait_for(lambda: self._releases != seen, timeout=timeout)
 
     def release(self, ref: AdapterRef) -> None:
         with self._lock:
@@ -145,6 +185,7 @@ class AdapterStore:
             held.count -= 1
             if held.count <= 0:
                 del self._held[key]
+                self._releases += 1
                 self._lock.notify_all()
 
     # ---- engine side --------------------------------------------------------------------
@@ -258,6 +299,6 @@ class AdapterStore:
             targets = config.get("target_modules") or ()
             targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))
             peft_type, rank = str(config.get("peft_type", "")), int(config.get("r", 0))
-        except (AdapterError, OSError, ValueError, TypeError, AttributeError):
+        except (AdapterError, OSError, ValueError, TypeError, AttributeError, RecursionError):
             path, targets, peft_type, rank = Path(), (), "", 0
         return AdapterInfo(adapter_id, 0, peft_type, rank, targets, 0, False, False, 0, str(path))

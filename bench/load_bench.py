@@ -63,7 +63,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--prompt-tokens", default="16,64", help="inclusive range LOW,HIGH")
     add("--output-tokens", default="16,64", help="inclusive range LOW,HIGH")
     add("--sweep", help=f"PARAM=V1,V2,... with PARAM one of {', '.join(SWEEPABLE)}")
-    add("--baselines", default="", help="also run the trace on: naive, static (comma-separated)")
+    add(
+        "--baselines",
+        default="",
+        help="also run the trace on: naive, static, llama-reload (comma-separated)",
+    )
     add("--baselines-at", help="run the baselines only at this value of the swept parameter")
     add("--baseline-batch-rows", type=int, default=16, help="rows per static PEFT batch")
     add("--no-progress", action="store_true")

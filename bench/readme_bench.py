@@ -3,8 +3,8 @@
 1. Saturation: closed-loop clients sweep over concurrency on 256 adapters; the highest request
    rate reached is the server's saturation rate.
 2. Load: Poisson arrivals at 70% of that rate, Zipf popularity α=1, swept over 8 and 256
-   registered adapters, with the naive PEFT loop and PEFT's static batches run on the same
-   256-adapter trace.
+   registered adapters, with the naive PEFT loop, PEFT's static batches and llama-cpp-python
+   reloading its model per adapter change run on the same 256-adapter trace.
 
 Writes bench/results/readme/{saturation,load}/ and bench/results/readme/summary.md, which
 lists every figure beside its target.
@@ -19,7 +19,9 @@ from typing import Any
 
 from loraplex.bench import load_bench
 
-SERVE_ARGS = "--max-batch-sequences 32 --max-adapters-per-step 32 --max-batch-tokens 4096"
+SERVE_ARGS = (
+    "--max-batch-sequences 32 --max-adapters-per-step 32 --max-batch-tokens 4096 --output-head int8"
+)
 COMMON = ["--alpha", "1", "--ranks", "8,16", "--prompt-tokens", "16,64",
           "--output-tokens", "16,64", "--serve-args", SERVE_ARGS]  # fmt: skip
 
@@ -45,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     load = load_bench.main([
         *model, *COMMON, "--arrival", "poisson", "--rate", f"{0.7 * peak:.4f}",
         "--requests", str(args.requests), "--sweep", "num_adapters=8,256",
-        "--baselines", "naive,static", "--baselines-at", "256", "--out", str(args.out / "load"),
+        "--baselines", "naive,static,llama-reload", "--baselines-at", "256",
+        "--out", str(args.out / "load"),
     ])  # fmt: skip
     text = summary(peak, load)
     (args.out / "summary.md").write_text(text)
@@ -57,6 +60,7 @@ def summary(peak_req_s: float, load: dict[str, Any]) -> str:
     at8, at256 = by_adapters[8]["summary"], by_adapters[256]["summary"]
     naive = by_adapters[256]["baselines"]["naive"]["throughput_tok_s"]
     static = by_adapters[256]["baselines"]["static"]["throughput_tok_s"]
+    reload = by_adapters[256]["baselines"].get("llama-reload", {}).get("throughput_tok_s")
     ours = at256["throughput_tok_s"]
     ttft = at256["ttft_s"]
     cost = 1 - ours / at8["throughput_tok_s"]
@@ -64,6 +68,8 @@ def summary(peak_req_s: float, load: dict[str, Any]) -> str:
         ("throughput vs naive PEFT loop (256 adapters)", f"{ours / naive:.2f}x", ">= 5x",
          ours / naive >= 5),
         ("throughput vs PEFT static batches", f"{ours / static:.2f}x", "reported", None),
+        *([("throughput vs llama-cpp-python reloading per adapter", f"{ours / reload:.2f}x",
+            "reported", None)] if reload else []),
         ("TTFT p99 / p50 (256 adapters)", f"{ttft['p99'] / ttft['p50']:.2f}", "<= 2",
          ttft["p99"] <= 2 * ttft["p50"]),
         ("throughput cost, 8 -> 256 adapters", f"{100 * cost:.1f}%", "<= 10%", cost <= 0.10),
@@ -81,7 +87,9 @@ def summary(peak_req_s: float, load: dict[str, Any]) -> str:
             for name, value, target, met in rows
         ],
         "",
-        f"loraplex {ours:.2f} tok/s, naive {naive:.2f}, static {static:.2f}; TTFT p50 "
+        f"loraplex {ours:.2f} tok/s, naive {naive:.2f}, static {static:.2f}"
+        + (f", llama-reload {reload:.2f}" if reload else "")
+        + "; TTFT p50 "
         f"{ttft['p50']:.2f} s, p99 {ttft['p99']:.2f} s; TPOT p50 {at256['tpot_s']['p50']:.3f} s.",
     ]
     return "\n".join(lines) + "\n"

@@ -33,6 +33,7 @@ class RequestRecord:
     prompt_tokens: int
     completion_tokens: int
     send_lag_s: float  # sent later than the trace said, by this much (runner overhead)
+    error: str = ""  # the server's message when status is not OK
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ async def run_trace(
     async with AsyncClient(target, timeout=timeout_s) as client:
 
         async def one(request: TraceRequest, due: float) -> RequestRecord:
-            record = await _send(client, request, start, due)
+            record = await send(client, request, start, due)
             bar.update()
             return record
 
@@ -110,7 +111,7 @@ async def _closed_loop(one: Any, trace: Trace) -> list[RequestRecord]:
     return records
 
 
-async def _send(
+async def send(
     client: AsyncClient, request: TraceRequest, start: float, due: float
 ) -> RequestRecord:
     sent = time.perf_counter()
@@ -122,14 +123,14 @@ async def _send(
         max_new_tokens=request.output_tokens,
         request_id=f"trace-{request.index}",
     )
-    status = "OK"
+    status, error = "OK", ""
     try:
         async for chunk in stream:
             now = time.perf_counter()
             first = first or now
             stamps += [now] * len(chunk.token_ids)
     except LoraplexClientError as err:
-        status = err.code.name
+        status, error = err.code.name, err.details
     end = time.perf_counter()
     result = stream.result
     gaps = len(stamps) - 1
@@ -144,4 +145,5 @@ async def _send(
         prompt_tokens=result.prompt_tokens if result else 0,
         completion_tokens=result.completion_tokens if result else len(stamps),
         send_lag_s=max(0.0, sent - due),
+        error=error,
     )

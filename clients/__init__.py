@@ -3,6 +3,7 @@
 from loraplex.clients.client import AsyncClient, Client, GenerationStream, ServerInfo
 from loraplex.clients.errors import LoraplexClientError
 from loraplex.clients.messages import Adapter, Chunk, Generation
+from loraplex.clients.security import Security, read_token
 
 __all__ = [
     "Adapter",
@@ -12,5 +13,7 @@ __all__ = [
     "Generation",
     "GenerationStream",
     "LoraplexClientError",
+    "Security",
     "ServerInfo",
+    "read_token",
 ]

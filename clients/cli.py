@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
 from loraplex.server.config import CommandConfig, add_config_arguments, config_from_args
+
+if TYPE_CHECKING:
+    from loraplex.clients.client import Client
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -17,6 +21,21 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 class ClientConfig(CommandConfig):
     server: str = Field(default=DEFAULT_SERVER, description="address of the loraplex server")
     timeout: float | None = Field(default=None, gt=0, description="deadline in seconds")
+    token_file: Path | None = Field(
+        default=None, description="file holding the bearer token (default: $LORAPLEX_TOKEN)"
+    )
+    tls: bool = Field(default=False, description="use TLS, trusting the system's CAs")
+    tls_ca: Path | None = Field(default=None, description="CA certificate to trust (implies TLS)")
+    tls_cert: Path | None = Field(default=None, description="client certificate (mutual TLS)")
+    tls_key: Path | None = Field(default=None, description="client private key (mutual TLS)")
+
+    def client(self) -> Client:
+        from loraplex.clients.client import Client
+        from loraplex.clients.security import Security, read_token
+
+        security = Security(read_token(self.token_file), self.tls, self.tls_ca, self.tls_cert,
+                            self.tls_key)  # fmt: skip
+        return Client(self.server, self.timeout, security)
 
 
 class GenerateConfig(ClientConfig):
@@ -63,13 +82,11 @@ def _failing(action: Callable[[Any], int]) -> Callable[[Any], int]:
 
 
 def _generate(config: GenerateConfig) -> int:
-    from loraplex.clients.client import Client
-
     options = {
         k: getattr(config, k)
         for k in ("adapter", "scale", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
     }
-    with Client(config.server, config.timeout) as client:
+    with config.client() as client:
         if not config.stream:
             result = client.generate(config.prompt, stop=config.stop, **options)
             print(result.text)
@@ -100,9 +117,7 @@ def add_generate_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _list(config: AdaptersConfig) -> int:
-    from loraplex.clients.client import Client
-
-    with Client(config.server, config.timeout) as client:
+    with config.client() as client:
         adapters = client.list_adapters()
     print(f"{'ADAPTER':30} {'VER':>4} {'TYPE':5} {'RANK':>4} {'BYTES':>10} STATE")
     for a in adapters:
@@ -125,27 +140,21 @@ def _list(config: AdaptersConfig) -> int:
 
 
 def _load(config: AdaptersConfig) -> int:
-    from loraplex.clients.client import Client
-
-    with Client(config.server, config.timeout) as client:
+    with config.client() as client:
         a = client.load_adapter(config.adapter_id)
     print(f"loaded {a.adapter_id} version {a.version} ({a.peft_type}, rank {a.rank})")
     return 0
 
 
 def _unload(config: AdaptersConfig) -> int:
-    from loraplex.clients.client import Client
-
-    with Client(config.server, config.timeout) as client:
+    with config.client() as client:
         client.unload_adapter(config.adapter_id, wait=config.wait)
     print(f"unloaded {config.adapter_id}")
     return 0
 
 
 def _pin(config: AdaptersConfig) -> int:
-    from loraplex.clients.client import Client
-
-    with Client(config.server, config.timeout) as client:
+    with config.client() as client:
         a = client.pin_adapter(config.adapter_id, pinned=not config.unpin)
     print(f"{a.adapter_id} version {a.version} is {'pinned' if a.pinned else 'not pinned'}")
     return 0
@@ -173,3 +182,17 @@ def add_adapters_parser(commands: argparse._SubParsersAction) -> argparse._SubPa
             run=lambda a, act=action: _failing(act)(config_from_args(AdaptersConfig, a))
         )
     return actions
+
+
+def _drain(config: ClientConfig) -> int:
+    with config.client() as client:
+        in_flight = client.drain()
+    print(f"draining: {in_flight} requests finish, then the server stops")
+    return 0
+
+
+def add_drain_parser(commands: argparse._SubParsersAction) -> None:
+    text = "stop a running server gracefully: refuse new requests, finish the running ones"
+    parser = commands.add_parser("drain", help=text, description=text + " (admin token).")
+    add_config_arguments(parser, ClientConfig)
+    parser.set_defaults(run=lambda a: _failing(_drain)(config_from_args(ClientConfig, a)))

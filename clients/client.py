@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.clients import messages
 from loraplex.clients.errors import from_rpc_error
 from loraplex.clients.messages import Adapter, Chunk, GenerateArgs, Generation
+from loraplex.clients.security import Security, read_token
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.proto.v1 import loraplex_pb2_grpc as pb_grpc
 
@@ -93,8 +94,13 @@ class GenerationStream:
 class Client:
     """Blocking client; `timeout` (seconds) is the default deadline of every call."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(target)
+    def __init__(
+        self, target: str = DEFAULT_TARGET, timeout: float | None = None,
+        security: Security | None = None,
+    ) -> None:  # fmt: skip
+        security = security or Security(token=read_token(None))
+        self._channel = security.channel(target)
+        self._metadata = security.metadata()
         self._stub = pb_grpc.LoraplexStub(self._channel)
         self.timeout = timeout
 
@@ -109,7 +115,9 @@ class Client:
 
     def _call(self, method: str, request: object, timeout: float | None = None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+            return getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -127,7 +135,11 @@ class Client:
         """Generate, receiving tokens as they come; options are the fields of `GenerateArgs`."""
         args = GenerateArgs(prompt=prompt, **options)
         request = pb.GenerateStreamRequest(**messages.request_fields(args))
-        return GenerationStream(self._stub.GenerateStream(request, timeout=timeout or self.timeout))
+        return GenerationStream(
+            self._stub.GenerateStream(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        )
 
     def tokenize(self, text: str) -> list[int]:
         return list(self._call("Tokenize", pb.TokenizeRequest(text=text)).token_ids)
@@ -157,11 +169,18 @@ class Client:
         )
         return messages.adapter(msg.adapter)
 
+    def drain(self) -> int:
+        """Ask the server to stop gracefully (admin); returns the requests it will finish first."""
+        return int(self._call("Drain", pb.DrainRequest()).in_flight)
+
     def health(self, service: str = "") -> str:
         """The grpc.health.v1 status name, e.g. "SERVING"."""
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout, metadata=self._metadata,
+            )  # fmt: skip
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -194,8 +213,13 @@ class AsyncGenerationStream:
 class AsyncClient:
     """asyncio client with the same calls as `Client`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    def __init__(
+        self, target: str = DEFAULT_TARGET, timeout: float | None = None,
+        security: Security | None = None,
+    ) -> None:  # fmt: skip
+        security = security or Security(token=read_token(None))
+        self._channel = security.aio_channel(target)
+        self._metadata = security.metadata()
         self._stub = pb_grpc.LoraplexStub(self._channel)
         self.timeout = timeout
 
@@ -210,7 +234,9 @@ class AsyncClient:
 
     async def _call(self, method: str, request: object, timeout: float | None = None) -> Any:
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout or self.timeout)
+            return await getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
@@ -227,7 +253,9 @@ class AsyncClient:
     ) -> AsyncGenerationStream:
         args = GenerateArgs(prompt=prompt, **options)
         request = pb.GenerateStreamRequest(**messages.request_fields(args))
-        call = self._stub.GenerateStream(request, timeout=timeout or self.timeout)
+        call = self._stub.GenerateStream(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
         return AsyncGenerationStream(call)
 
     async def tokenize(self, text: str) -> list[int]:
@@ -255,3 +283,6 @@ class AsyncClient:
     async def pin_adapter(self, adapter_id: str, pinned: bool = True) -> Adapter:
         request = pb.PinAdapterRequest(adapter_id=adapter_id, unpin=not pinned)
         return messages.adapter((await self._call("PinAdapter", request)).adapter)
+
+    async def drain(self) -> int:
+        return int((await self._call("Drain", pb.DrainRequest())).in_flight)

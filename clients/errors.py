@@ -38,6 +38,21 @@ class Unavailable(LoraplexClientError):
     """The server cannot be reached or is shutting down."""
 
 
+class Unauthenticated(LoraplexClientError):
+    """The server wants a valid token: pass `token=` or set LORAPLEX_TOKEN."""
+
+
+class PermissionDenied(LoraplexClientError):
+    """The token is valid but its role may not make this call (admin calls need an admin token)."""
+
+
+class ClientSetupError(LoraplexClientError):
+    """The client could not be set up (unreadable token or certificate file); nothing was sent."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
 class Cancelled(LoraplexClientError):
     """The call was cancelled."""
 
@@ -54,6 +69,8 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[LoraplexClientError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
 from collections.abc import Sequence
 
 from loraplex.adapters.trainer import cli as trainer_cli
-from loraplex.clients.cli import add_adapters_parser, add_generate_parser
+from loraplex.clients.cli import add_adapters_parser, add_drain_parser, add_generate_parser
 from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
 from loraplex.server.errors import LoraplexError
 from loraplex.server.serve import add_serve_parser
@@ -40,6 +41,7 @@ BENCH_SUITES = {
     "gguf": "the GGUF backend against raw llama-cpp-python (Q4_K_M, Q5_K_M)",
     "load": "a seeded multi-adapter workload against a live server, swept; JSON, table, plots",
     "readme": "the README's load figures: saturation sweep, then 70% load against baselines",
+    "soak": "a long mixed run with adapter churn: failures, RSS growth and leaks (20 min)",
 }
 
 
@@ -90,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands)
     adapter_actions = add_adapters_parser(commands)
     trainer_cli.add_export_gguf(adapter_actions)
+    add_drain_parser(commands)
     _add_model_commands(commands)
     trainer_cli.add_train_adapter(commands)
     trainer_cli.add_eval_adapter(commands)
     _add_bench(commands)
     return parser
+
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file-size limit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loraplex: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno not in NO_ROOM:
+            raise
+        print(f"loraplex: error: no room to write ({err}); free some space and run again. "
+              "A file that was being replaced is left as it was.", file=sys.stderr)  # fmt: skip
+        return 2
     return code
 
 

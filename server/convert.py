@@ -76,6 +76,24 @@ def prompt_text(req: GenerationRequest, chat: ChatTemplating | None) -> str:
     return req.prompt
 
 
+def check_prompt_size(req: GenerationRequest, max_chars: int) -> None:
+    """Refuse an oversized prompt before the tokenizer spends time on it."""
+    size = len(req.prompt) + sum(len(m.role) + len(m.content) for m in req.messages)
+    _check_size("messages" if req.messages else "prompt", size, max_chars)
+
+
+def check_text_size(field: str, text: str, max_chars: int) -> None:
+    _check_size(field, len(text), max_chars)
+
+
+def _check_size(field: str, size: int, max_chars: int) -> None:
+    if size > max_chars:
+        raise InvalidRequest(
+            field, f"is {size} characters; this server accepts at most {max_chars} characters "
+            "(--max-prompt-chars)",
+        )  # fmt: skip
+
+
 def prompt_ids(text: str, encode: Callable[[str], list[int]], max_context: int) -> list[int]:
     ids = encode(text)
     if not ids:

@@ -107,6 +107,13 @@ class Metrics:
     def watch_adapters(self, list_adapters: Callable[[], list[AdapterInfo]]) -> None:
         self.registry.register(_AdapterResidency(list_adapters))
 
+    def watch_engine(self, resources: Callable[[], dict[str, int]]) -> None:
+        """Read what the engine's sequences hold (see HFEngine.resources) at scrape time."""
+        gauge = Gauge("loraplex_engine_held", "Engine resources held by sequences", ["resource"],
+                      registry=self.registry)  # fmt: skip
+        for name in resources():
+            gauge.labels(name).set_function(_reader(resources, name))
+
     def watch_scheduler(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Read (running, waiting) from the scheduler at scrape time."""
         self.running.set_function(lambda: counts()[0])
@@ -145,3 +152,7 @@ class Metrics:
             thread.join()
 
         return int(server.server_port), stop
+
+
+def _reader(resources: Callable[[], dict[str, int]], name: str) -> Callable[[], float]:
+    return lambda: resources()[name]

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 
+from loraplex.server.auth import BearerAuth, Role, load_tokens
 from loraplex.server.config import (
     ConfigError,
     ModelConfig,
@@ -33,6 +34,7 @@ from loraplex.server.metrics import Metrics
 from loraplex.server.observed_adapters import ObservedAdapters
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
+from loraplex.server.tls import server_credentials
 
 if TYPE_CHECKING:
     from loraplex.adapters.store import AdapterStore
@@ -91,6 +93,25 @@ class ServeConfig(ModelConfig):
         default=9464, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)"
     )
     metrics: bool = Field(default=True, description="serve Prometheus metrics")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint binds (apart from --host)"
+    )
+    auth_tokens_file: Path | None = Field(
+        default=None,
+        description="file of 'admin TOKEN' / 'generate TOKEN' lines; with it (or "
+        "$LORAPLEX_AUTH_TOKENS) every call but health checks needs a bearer token",
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM certificate chain: serve TLS")
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(
+        default=None, description="PEM CA: require client certificates it signed (mutual TLS)"
+    )
+    max_message_bytes: int = Field(
+        default=4 << 20, ge=1024, description="largest request message accepted (bytes)"
+    )
+    max_prompt_chars: int = Field(
+        default=1 << 20, ge=1, description="longest prompt accepted, checked before tokenizing"
+    )
     max_batch_sequences: int = Field(default=8, ge=1, description="sequences per engine step")
     max_batch_tokens: int = Field(
         default=2048, ge=1, description="tokens per engine step (prefill plus decode)"
@@ -249,6 +270,14 @@ class RunningServer:
     port: int
     metrics_port: int  # 0 when metrics are off
     stop_metrics: Callable[[], None]
+    drain_requested: threading.Event = field(default_factory=threading.Event)
+
+    def request_drain(self) -> int:
+        """Refuse new requests now; whoever runs the server then drains it. Returns in-flight."""
+        self.scheduler.stop_admitting()
+        self.health.enter_graceful_shutdown()
+        self.drain_requested.set()
+        return sum(self.scheduler.counts())
 
     def drain(self, grace_s: float) -> bool:
         self.scheduler.stop_admitting()  # before health changes, so NOT_SERVING means refusing
@@ -268,8 +297,12 @@ def start(
     observed = ObservedAdapters(store, metrics)
     scheduler = Scheduler(engine, observed, scheduler_limits(config), observer=metrics)
     metrics.watch_scheduler(scheduler.counts)
+    if hasattr(engine, "resources"):
+        metrics.watch_engine(engine.resources)
     service = LoraplexService(scheduler, engine, observed, describe(config), metrics, chat)
-    server, health_servicer, port = _grpc_server(config, service)
+    server, health_servicer, port = _grpc_server(
+        config, service, load_tokens(config.auth_tokens_file)
+    )
     scheduler.start()
     server.start()
     try:
@@ -278,7 +311,9 @@ def start(
         server.stop(grace=0)
         scheduler.stop()
         raise
-    return RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
+    running = RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
+    service.on_drain = running.request_drain
+    return running
 
 
 def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
@@ -299,6 +334,7 @@ def describe(config: ServeConfig) -> ServerDescription:
         quantization=config.quantization if backend == "hf" else "the GGUF file's own",
         max_new_tokens_limit=config.max_new_tokens_limit,
         version=version("loraplex"),
+        max_prompt_chars=config.max_prompt_chars,
     )
 
 
@@ -306,9 +342,9 @@ def _serve_metrics(config: ServeConfig, metrics: Metrics) -> tuple[int, Callable
     if not config.metrics:
         return 0, _noop
     try:
-        return metrics.serve_http(config.metrics_port, config.host)
+        return metrics.serve_http(config.metrics_port, config.metrics_host)
     except OSError as err:
-        problem = f"cannot listen on {config.host}:{config.metrics_port} ({err})"
+        problem = f"cannot listen on {config.metrics_host}:{config.metrics_port} ({err})"
         raise ConfigError(f"--metrics-port: {problem}") from None
 
 
@@ -317,7 +353,7 @@ def _noop() -> None:
 
 
 def _grpc_server(
-    config: ServeConfig, service: LoraplexService
+    config: ServeConfig, service: LoraplexService, tokens: dict[str, Role]
 ) -> tuple[grpc.Server, health.HealthServicer, int]:
     # Every request waiting or running holds a thread; past that, gRPC answers
     # RESOURCE_EXHAUSTED itself rather than queueing invisibly.
@@ -325,8 +361,12 @@ def _grpc_server(
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         handlers=[service.handler()],
+        interceptors=[BearerAuth(tokens)] if tokens else [],
         maximum_concurrent_rpcs=workers,
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+        ],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -335,8 +375,13 @@ def _grpc_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    address = f"{config.host}:{config.port}"
     try:
-        port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         raise ConfigError(f"--port: cannot listen on {config.host}:{config.port} ({err})") from None
     return server, health_servicer, port
@@ -359,7 +404,7 @@ def serve(config: ServeConfig) -> int:
     print(f"loraplex: serving on {config.host}:{running.port}", file=sys.stderr, flush=True)
     # The kernel may deliver SIGTERM to one of gRPC's threads, which leaves a main thread
     # blocked in an untimed wait asleep; waking up regularly lets Python run the handler.
-    while not stop.wait(timeout=0.5):
+    while not stop.wait(timeout=0.5) and not running.drain_requested.is_set():
         pass
     log.info("draining: no new requests; waiting up to %.0fs", config.grace_period)
     clean = running.drain(config.grace_period)

@@ -42,6 +42,7 @@ class ServerDescription:
     quantization: str
     max_new_tokens_limit: int
     version: str
+    max_prompt_chars: int = 1 << 20
 
 
 class Unparsable:
@@ -116,6 +117,7 @@ class LoraplexService:
         self.adapters = adapters
         self.description = description
         self.metrics = metrics
+        self.on_drain: Callable[[], int] | None = None  # set by whoever runs the server
 
     # ---- generation ----------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class LoraplexService:
     ) -> RequestHandle:
         if request.adapter_id:
             convert.check_adapter_id(request.adapter_id)
+        convert.check_prompt_size(request, self.description.max_prompt_chars)
         limit = self.description.max_new_tokens_limit
         sampling = convert.sampling_from_proto(request.sampling, limit)
         scale = convert.adapter_scale(request)
@@ -202,6 +205,7 @@ class LoraplexService:
 
     @_guard
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> Message:
+        convert.check_text_size("text", request.text, self.description.max_prompt_chars)
         return pb.TokenizeResponse(token_ids=self.engine.encode(request.text))
 
     @_guard
@@ -264,6 +268,14 @@ class LoraplexService:
         adapter_id = convert.check_adapter_id(request.adapter_id)
         info = self._store().pin(adapter_id, pinned=not request.unpin)
         return pb.PinAdapterResponse(adapter=convert.adapter_to_proto(info))
+
+    # ---- lifecycle -----------------------------------------------------------------------
+
+    @_guard
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> Message:
+        if self.on_drain is None:
+            raise InvalidRequest("drain", "this server cannot be drained over gRPC")
+        return pb.DrainResponse(in_flight=self.on_drain())
 
     # ---- registration --------------------------------------------------------------------
 

@@ -43,8 +43,10 @@ class FakeEngine:
     gate: threading.Event | None = None  # when set, each step waits for it to open
     plans: list[StepPlan] = field(default_factory=list)
     seqs: dict[str, _Seq] = field(default_factory=dict)
+    encode_calls: int = 0
 
     def encode(self, text: str) -> list[int]:
+        self.encode_calls += 1
         return [VOCAB.index(c) if c in VOCAB else len(VOCAB) for c in text]
 
     def decode(self, token_ids: list[int]) -> str:

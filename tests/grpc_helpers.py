@@ -31,9 +31,11 @@ def field_bytes(number: int, payload: bytes) -> bytes:
     return bytes([number << 3 | 2, len(payload)]) + payload
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(
+    port: int, host: str = "127.0.0.1"
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """GET /metrics and parse it; keys are (sample name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as reply:
         text = reply.read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):

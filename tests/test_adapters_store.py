@@ -21,6 +21,7 @@ from loraplex.adapters.errors import (
 )
 from loraplex.adapters.peft_format import BaseSpec, read_adapter, regenerate_projection
 from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.types import AdapterRef
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,7 @@ def test_vera_projection_regenerated_like_peft(tiny_base: torch.nn.Module) -> No
 
 
 def test_lru_eviction_skips_pinned_and_in_use(root: Path, spec: BaseSpec) -> None:
-    store = store_over(root, spec, max_resident=2)
+    store = store_over(root, spec, max_resident=2, residency_wait_s=0)
     store.pin("a0")
     held = store.acquire("a1")
     with pytest.raises(AdapterCapacityExceeded):
@@ -144,6 +145,34 @@ def test_lru_eviction_skips_pinned_and_in_use(root: Path, spec: BaseSpec) -> Non
     store.pin("a0", False)
     store.acquire("a3")  # lazy load evicts a0 now (least recently used, unpinned, idle)
     assert {i.adapter_id for i in store.list() if i.resident} == {"a2", "a3"}
+
+
+def test_a_full_store_makes_acquire_wait_for_a_release(root: Path, spec: BaseSpec) -> None:
+    store = AdapterStore([root], base=spec, max_resident=1, residency_wait_s=30)
+    held = store.acquire("a0")
+    got: list[AdapterRef] = []
+    waiter = threading.Thread(target=lambda: got.append(store.acquire("a1")))
+    waiter.start()
+    waiter.join(timeout=0.5)
+    assert waiter.is_alive() and not got  # no room: a0 is in use
+    store.release(held)
+    waiter.join(timeout=30)
+    assert [r.adapter_id for r in got] == ["a1"]
+    assert [i.adapter_id for i in store.list() if i.resident] == ["a1"]
+
+
+def test_waiting_for_room_has_limits(root: Path, spec: BaseSpec) -> None:
+    store = AdapterStore([root], base=spec, max_resident=1, residency_wait_s=0.3)
+    held = store.acquire("a0")
+    with pytest.raises(AdapterCapacityExceeded, match="in use"):
+        store.acquire("a1")  # after 0.3 s
+    with pytest.raises(AdapterCapacityExceeded, match="in use"):
+        store.load("a1")  # an admin load waits the same way
+    store.release(held)
+    store.pin("a0")
+    store.residency_wait_s = 3600.0
+    with pytest.raises(AdapterCapacityExceeded, match="pinned"):
+        store.acquire("a1")  # nothing in use to wait for: refused at once
 
 
 def test_byte_limit_evicts(root: Path, spec: BaseSpec) -> None:

@@ -9,6 +9,7 @@ frozen `ref` adapter. Nothing here is a hand-written training loop.
 from __future__ import annotations
 
 import functools
+import json
 import resource
 import sys
 import time
@@ -59,9 +60,8 @@ def run(config: TrainConfig) -> TrainResult:
     device = pick_device(config.device)
     started = time.perf_counter()
     trainer = build_trainer(config, dataset, base, device)
-    checkpoint_dir = Path(trainer.args.output_dir)
-    resume = config.resume and any(checkpoint_dir.glob("checkpoint-*"))
-    metrics = dict(trainer.train(resume_from_checkpoint=True if resume else None).metrics)
+    resume_from = _resume_point(config, Path(trainer.args.output_dir))
+    metrics = dict(trainer.train(resume_from_checkpoint=resume_from).metrics)
     if dataset.eval:
         metrics.update(trainer.evaluate())
     seconds = time.perf_counter() - started
@@ -70,6 +70,30 @@ def run(config: TrainConfig) -> TrainResult:
     save = functools.partial(_save, trainer.model, dtype=config.save_dtype)
     output.write_adapter(target, save, meta, config.overwrite)
     return TrainResult(target, metrics, seconds, peak_rss_mb, trainer.model)
+
+
+def _resume_point(config: TrainConfig, checkpoint_dir: Path) -> str | None:
+    if not config.resume:
+        return None
+    latest = latest_complete_checkpoint(checkpoint_dir)
+    where = f"resuming from {latest}" if latest else f"no complete checkpoint in {checkpoint_dir}"
+    print(f"loraplex: {where}", file=sys.stderr, flush=True)
+    return str(latest) if latest else None
+
+
+def latest_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint saved whole. The Trainer writes trainer_state.json last, so a
+    checkpoint cut short (kill -9, full disk) lacks a readable one and is passed over."""
+    complete = []
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if step.isdigit():
+            complete.append((int(step), path))
+    return max(complete)[1] if complete else None
 
 
 def _output_dir(config: TrainConfig) -> Path:

@@ -74,6 +74,11 @@ class LoraplexStub:
                 request_serializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.PinAdapterRequest.SerializeToString,
                 response_deserializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.PinAdapterResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/loraplex.v1.Loraplex/Drain',
+                request_serializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.DrainRequest.SerializeToString,
+                response_deserializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class LoraplexServicer:
@@ -132,6 +137,13 @@ class LoraplexServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """Stop admitting requests, let the running ones finish, then shut the server down.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoraplexServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +186,11 @@ def add_LoraplexServicer_to_server(servicer, server):
                     servicer.PinAdapter,
                     request_deserializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.PinAdapterRequest.FromString,
                     response_serializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.PinAdapterResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.DrainRequest.FromString,
+                    response_serializer=loraplex_dot_proto_dot_v1_dot_loraplex__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +409,33 @@ class Loraplex:
             '/loraplex.v1.Loraplex/PinAdapter',
             loraplex_dot_proto_dot_v1_dot_loraplex__pb2.PinAdapterRequest.SerializeToString,
             loraplex_dot_proto_dot_v1_dot_loraplex__pb2.PinAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Loraplex/Drain',
+            loraplex_dot_proto_dot_v1_dot_loraplex__pb2.DrainRequest.SerializeToString,
+            loraplex_dot_proto_dot_v1_dot_loraplex__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

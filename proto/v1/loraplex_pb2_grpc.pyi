@@ -48,6 +48,8 @@ class LoraplexStub:
     """Load an adapter from the adapter roots, or a newer copy of a loaded one (a new version)."""
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.UnloadAdapterRequest, _loraplex_pb2.UnloadAdapterResponse]
     PinAdapter: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.PinAdapterRequest, _loraplex_pb2.PinAdapterResponse]
+    Drain: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.DrainRequest, _loraplex_pb2.DrainResponse]
+    """Stop admitting requests, let the running ones finish, then shut the server down."""
 
 @_typing.type_check_only
 class LoraplexAsyncStub(LoraplexStub):
@@ -65,6 +67,8 @@ class LoraplexAsyncStub(LoraplexStub):
     """Load an adapter from the adapter roots, or a newer copy of a loaded one (a new version)."""
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.UnloadAdapterRequest, _loraplex_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
     PinAdapter: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.PinAdapterRequest, _loraplex_pb2.PinAdapterResponse]  # type: ignore[assignment]
+    Drain: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.DrainRequest, _loraplex_pb2.DrainResponse]  # type: ignore[assignment]
+    """Stop admitting requests, let the running ones finish, then shut the server down."""
 
 class LoraplexServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -127,5 +131,13 @@ class LoraplexServicer(metaclass=_abc_1.ABCMeta):
         request: _loraplex_pb2.PinAdapterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_loraplex_pb2.PinAdapterResponse, _abc.Awaitable[_loraplex_pb2.PinAdapterResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Drain(
+        self,
+        request: _loraplex_pb2.DrainRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_loraplex_pb2.DrainResponse, _abc.Awaitable[_loraplex_pb2.DrainResponse]]:
+        """Stop admitting requests, let the running ones finish, then shut the server down."""
 
 def add_LoraplexServicer_to_server(servicer: LoraplexServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -100,6 +100,14 @@ class GGUFEngine:
     def running(self) -> list[str]:
         return list(self._sequences)
 
+    def resources(self) -> dict[str, int]:
+        """What running sequences hold; all zero when idle, so a soak run can spot leaks."""
+        return {
+            "sequences": len(self._sequences),
+            "kv_cache_slots": self._runtime.config.n_seq_max - len(self._free_slots),
+            "adapter_holds": self.adapters.holds(),
+        }
+
     def release(self, seq_id: str) -> None:
         seq = self._sequences.pop(seq_id, None)
         if seq is None:

@@ -108,6 +108,10 @@ class GGUFAdapterPool:
         resident = self._resident.get((ref.adapter_id, ref.version))
         return 0 if resident is None else resident.users
 
+    def holds(self) -> int:
+        """Acquisitions not yet released, over all handles."""
+        return sum(r.users for r in self._resident.values())
+
     def loaded(self) -> list[Key]:
         return list(self._resident)
 

@@ -110,6 +110,14 @@ class HFEngine:
     def running(self) -> list[str]:
         return [s.request.seq_id for s in self._sequences]
 
+    def resources(self) -> dict[str, int]:
+        """What running sequences hold; all zero when idle, so a soak run can spot leaks."""
+        return {
+            "sequences": len(self._sequences),
+            "kv_cache_rows": self._cache.rows,
+            "adapter_slot_holds": self.slots.holds(),
+        }
+
     def release(self, seq_id: str) -> None:
         """Drop a sequence (finished or cancelled) and its cache rows."""
         rows = [i for i, s in enumerate(self._sequences) if s.request.seq_id != seq_id]

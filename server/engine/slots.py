@@ -42,6 +42,10 @@ class AdapterSlots:
         if slot:
             self._holders[slot] -= 1
 
+    def holds(self) -> int:
+        """Sequences holding a slot right now (0 when idle: anything else is a leak)."""
+        return sum(self._holders.values())
+
     def rank(self, slots: set[int]) -> int:
         return max((self._ranks.get(s, 0) for s in slots), default=0)
 

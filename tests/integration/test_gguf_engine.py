@@ -177,7 +177,7 @@ def test_mixed_adapter_batch_matches_solo_runs(batch_engine: GGUFEngine) -> None
     cases = [(f"s{i}", PROMPTS[i % 4], adapters[(i // 2) % 4]) for i in range(8)]
     together = greedy_events(engine, cases)
     assert engine.last_step.decode_calls == len(adapters)  # one call per adapter group
-    assert engine.running() == []
+    assert engine.running() == [] and set(engine.resources().values()) == {0}
     for seq_id, prompt, adapter in cases:
         alone = greedy_events(engine, [(seq_id, prompt, adapter)])[seq_id]
         assert_equal_until_a_near_tie(together[seq_id], alone)

@@ -123,6 +123,7 @@ def test_adapter_is_freed_only_after_its_last_sequence(engine: GGUFEngine) -> No
     ref = AdapterRef("good", 1)
     first = engine.step(StepPlan(prefill=[request(engine, "a", ref), request(engine, "b", ref)]))
     assert engine.adapters.users(ref) == 2
+    assert engine.resources() == {"sequences": 2, "kv_cache_slots": 2, "adapter_holds": 2}
     engine.adapters.retire("good")
     assert ("good", 1) in engine.adapters.loaded()  # in use: retiring only marks it
     engine.release("a")
@@ -130,6 +131,7 @@ def test_adapter_is_freed_only_after_its_last_sequence(engine: GGUFEngine) -> No
     drain(engine, first)
     assert ("good", 1) not in engine.adapters.loaded()
     assert engine.running() == []
+    assert set(engine.resources().values()) == {0}
 
 
 def test_finish_reasons(engine: GGUFEngine) -> None:

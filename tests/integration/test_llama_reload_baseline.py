@@ -1,0 +1,62 @@
+"""The llama-cpp-python reload baseline of the load benchmark answers as loraplex's own GGUF
+engine does, and reloads the model only when the adapter changes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from engine_driver import run
+
+from loraplex.adapters.trainer.defaults import DEFAULTS_DIR
+from loraplex.bench.baseline_server import build
+from loraplex.bench.llama_reload import LlamaReloadEngine
+from loraplex.server.engine.api import AdapterAdmin, Engine, SamplingParams, SequenceRequest
+from loraplex.server.engine.gguf_runtime import RuntimeConfig
+from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backend
+from loraplex.server.models import ModelSource
+from loraplex.server.serve import ServeConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.gguf]
+
+PROMPTS = {
+    "date-iso": "Date: March 3rd, 1999\nStamp:",
+    "json-extract": "Text: Ana Lima, 34, lives in Porto.\nJSON:",
+}
+
+
+def test_reload_baseline_matches_the_gguf_engine(real_model: ModelSource, tmp_path: Path) -> None:
+    root = tmp_path / "adapters"
+    for adapter_id in PROMPTS:
+        shutil.copytree(DEFAULTS_DIR / adapter_id, root / adapter_id)
+    config = ServeConfig(model=str(real_model.path), adapter_roots=[root],
+                         cache_dir=tmp_path / "cache")  # fmt: skip
+    baseline, baseline_store = build("llama-reload", config, rows=1)
+    assert isinstance(baseline, LlamaReloadEngine)
+    limits = AdapterLimits([root], max_rank=64, max_resident=8, max_resident_bytes=1 << 30)
+    runtime = RuntimeConfig(n_ctx_per_seq=256, n_seq_max=4)
+    ours, our_store = build_gguf_backend(
+        real_model.path, real_model.sha256, limits, runtime, tmp_path / "cache"
+    )
+    try:
+        order = ["date-iso", "date-iso", "json-extract", None, "date-iso"]
+        expected = answers(ours, our_store, order)
+        assert answers(baseline, baseline_store, order) == expected
+        assert expected[0] != expected[3]  # the adapter really changes the answer
+        assert baseline.reloads == 4  # base -> date-iso -> json-extract -> base -> date-iso
+    finally:
+        ours.close()
+
+
+def answers(engine: Engine, store: AdapterAdmin, order: list[str | None]) -> list[str]:
+    """Each prompt alone, one after another, greedy."""
+    texts = []
+    for i, adapter_id in enumerate(order):
+        ref = store.acquire(adapter_id) if adapter_id else None
+        prompt = engine.encode(PROMPTS[adapter_id or "date-iso"])
+        request = SequenceRequest(f"r{i}", prompt, SamplingParams(max_new_tokens=16), ref)
+        texts.append(run(engine, {0: [request]})[f"r{i}"].text)
+        if ref:
+            store.release(ref)
+    return texts
