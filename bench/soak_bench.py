@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from loraplex.bench import report
 from loraplex.bench.load_bench import _free_port, _write_adapters, wait_until_serving
 from loraplex.bench.runner import RequestRecord, send
@@ -57,6 +59,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--seed", type=int, default=0)
     add("--serve-args", default="", help="more `loraplex serve` flags, in one quoted string")
     add("--out", type=Path, default=Path("bench/results/soak"))
+    add("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -91,13 +94,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     soak = Soak()
     with tempfile.TemporaryDirectory(prefix="loraplex-soak-") as scratch:
         root, spares = Path(scratch) / "adapters", Path(scratch) / "replacements"
-        _write_adapters(args.model, root, trace.adapters, True)
-        _write_adapters(args.model, spares, [_replacement(a) for a in trace.adapters], True)
-        with serving(args, root) as (proc, target, metrics_port):
+        progress = not args.no_progress
+        _write_adapters(args.model, root, trace.adapters, progress)
+        _write_adapters(args.model, spares, [_replacement(a) for a in trace.adapters], progress)
+        with (
+            serving(args, root) as (proc, target, metrics_port),
+            tqdm(
+                total=round(60 * args.minutes), unit="s", desc="soak", disable=not progress
+            ) as bar,
+        ):
             started = time.monotonic()
             weights = WeightSets(root, spares, [a.adapter_id for a in trace.adapters])
             threads = [
-                threading.Thread(target=sample_rss, args=(proc.pid, soak, started)),
+                threading.Thread(target=sample_rss, args=(proc.pid, soak, started, bar)),
                 threading.Thread(target=administer, args=(target, weights, soak, args.admin_every)),
             ]
             for thread in threads:
@@ -199,7 +208,8 @@ def _replacement_id(adapter_id: str) -> str:
     return f"adapter-{int(adapter_id.rsplit('-', 1)[1]) + REPLACEMENT_OFFSET}"
 
 
-def sample_rss(pid: int, soak: Soak, started: float) -> None:
+def sample_rss(pid: int, soak: Soak, started: float, bar: tqdm) -> None:
+    """Every RSS_EVERY_S: the server's resident set size, and the progress bar."""
     while True:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
@@ -207,6 +217,9 @@ def sample_rss(pid: int, soak: Soak, started: float) -> None:
             return
         kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
         soak.rss.append((round(time.monotonic() - started, 1), kib / 1024))
+        bar.update(min(bar.total, round(soak.rss[-1][0])) - bar.n)
+        failed = sum(r.status != "OK" for r in soak.records)
+        bar.set_postfix(served=len(soak.records) - failed, failed=failed, rss_mib=round(kib / 1024))
         if soak.done.wait(RSS_EVERY_S):
             return
 

@@ -91,6 +91,12 @@ class AdmissionQueue(Generic[ItemT]):
         self._queues.setdefault(item.adapter_key, deque()).append(item)
         self._size += 1
 
+    def push_back_to_head(self, item: ItemT) -> None:
+        """Return a selected item that could not start; it was admitted, so no capacity
+        check."""
+        self._queues.setdefault(item.adapter_key, deque()).appendleft(item)
+        self._size += 1
+
     def remove(self, item: ItemT) -> bool:
         queue = self._queues.get(item.adapter_key)
         if queue is None or item not in queue:

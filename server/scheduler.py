@@ -292,6 +292,11 @@ class Scheduler:
         handle = self._running.get(event.seq_id)
         if handle is None:
             return  # ended (cancelled or expired) while the step ran
+        if event.deferred:  # it waits at the head of its queue for what it conflicts with
+            del self._running[event.seq_id]
+            handle.timings.scheduled = None
+            self._waiting.push_back_to_head(handle)
+            return
         if event.token_id is not None:
             handle.completion_tokens += 1
             if handle.timings.first_token is None:

@@ -17,7 +17,7 @@ def test_a_short_soak_serves_everything_and_leaks_nothing(
         "--model", str(tiny_checkpoints["llama"]), "--serve-args", "--quantization fp32",
         "--minutes", "0.4", "--admin-every", "1", "--adapters", "4", "--resident", "2",
         "--concurrency", "3", "--prompt-tokens", "2,6", "--output-tokens", "2,5",
-        "--out", str(out),
+        "--out", str(out), "--no-progress",
     ])  # fmt: skip
     requests, admin = results["requests"], results["admin"]
     assert requests["served"] > 20 and requests["failed"] == 0, requests["statuses"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from engine_driver import run
-from peft import LoraConfig
-from peft_adapters import save_adapter
+from peft import LoraConfig, VeraConfig
+from peft_adapters import greedy_reference, load_reference, save_adapter
 from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.errors import AdapterInUse
@@ -84,3 +85,54 @@ def test_bad_requests_get_error_events_and_others_continue(
     errors = {e.seq_id: e for e in events if e.error}
     assert set(errors) == {"empty"} and "prompt_ids" in (errors["empty"].error or "")
     assert engine.running() == ["good"]
+
+
+def test_vera_adapters_with_different_projections_take_turns(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Installed VeRA adapters share one projection; one made with another key or rank waits
+    for the running ones (deferred, never failed) and then evicts the idle ones."""
+    checkpoint = tiny_checkpoints["gemma3"]
+    base = AutoModelForCausalLM.from_pretrained(checkpoint)
+    for name, key, rank in (("v1", 1, 8), ("v2", 2, 8), ("v3", 3, 4)):
+        config = VeraConfig(r=rank, target_modules=["q_proj", "v_proj"], projection_prng_key=key,
+                            save_projection=False)  # fmt: skip
+        save_adapter(base, config, tmp_path / name, seed=key)
+    engine = engine_over(checkpoint, tmp_path)
+    prompt = engine.encode("The quick brown fox")
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    requests = [
+        SequenceRequest(seq_id, prompt, params, engine.store.acquire(adapter_id))
+        for seq_id, adapter_id in (("v1", "v1"), ("v2", "v2"), ("v1-again", "v1"))
+    ]
+    results, deferrals = drive_with_deferrals(engine, requests)
+    assert deferrals["v2"] >= NEW_TOKENS - 1 and "v1-again" not in deferrals
+    late = SequenceRequest("v3", prompt, params, engine.store.acquire("v3"))
+    results |= drive_with_deferrals(engine, [late])[0]  # v1 and v2 idle: evicted for v3
+    for name in ("v1", "v2", "v3"):
+        expected = greedy_reference(load_reference(checkpoint, tmp_path / name), prompt, NEW_TOKENS)
+        assert results[name] == expected.tokens, name
+    assert results["v1-again"] == results["v1"]
+    assert engine.resources() == {"sequences": 0, "kv_cache_rows": 0, "adapter_slot_holds": 0}
+
+
+def drive_with_deferrals(
+    engine: HFEngine, requests: list[SequenceRequest]
+) -> tuple[dict[str, list[int]], Counter[str]]:
+    """Run the requests to the end as the scheduler does, planning deferred ones again."""
+    tokens: dict[str, list[int]] = {r.seq_id: [] for r in requests}
+    deferrals: Counter[str] = Counter()
+    pending = list(requests)
+    for _ in range(10 * NEW_TOKENS):
+        plan = StepPlan(prefill=pending, decode=engine.running())
+        pending = []
+        for event in engine.step(plan):
+            assert event.error is None, event.error
+            if event.deferred:
+                deferrals[event.seq_id] += 1
+                pending += [r for r in plan.prefill if r.seq_id == event.seq_id]
+            elif event.token_id is not None:
+                tokens[event.seq_id].append(event.token_id)
+        if not pending and not engine.running():
+            return tokens, deferrals
+    raise AssertionError("sequences did not finish")

@@ -103,6 +103,7 @@ class TokenEvent:
     logprob: float | None = None
     finish: FinishReason | None = None
     error: str | None = None  # with finish=ERROR: what went wrong, for the client
+    deferred: bool = False  # not started: the engine cannot take it yet; plan it again later
 
 
 class Engine(Protocol):

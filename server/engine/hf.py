@@ -28,7 +28,7 @@ from loraplex.server.engine.kv_cache import NO_TOKEN, BatchKVCache
 from loraplex.server.engine.merge import MergeState, can_merge
 from loraplex.server.engine.routing import RoutingContext
 from loraplex.server.engine.sampling import TokenSampler
-from loraplex.server.engine.slots import AdapterSlots
+from loraplex.server.engine.slots import AdapterSlots, SlotsBusy
 from loraplex.server.engine.text import TextStream
 from loraplex.server.errors import InvalidRequest
 
@@ -153,6 +153,8 @@ class HFEngine:
         for request in requests:
             try:
                 fresh.append(self._admit(request, len(fresh)))
+            except SlotsBusy:
+                events.append(TokenEvent(request.seq_id, None, deferred=True))
             except (InvalidRequest, AdapterError) as err:
                 events.append(_error_event(request.seq_id, str(err)))
         if not fresh:

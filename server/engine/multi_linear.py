@@ -99,7 +99,8 @@ class MultiAdapterLinear(nn.Module):
 
     def set_vera(self, slot: int, module: VeraModule, projection: VeraProjection) -> None:
         rank = projection.rank
-        if self.vera_d is None or self.vera_d.shape[1] != rank:
+        # With no VeRA slot left, a new projection (another key or rank) may replace the old.
+        if self.vera_d is None or not self.vera_slots or self.vera_d.shape[1] != rank:
             device = self._device()
             a = projection.a[:, : self.in_features]
             self.vera_a = a.to(device=device, dtype=self.dtype).contiguous()

@@ -10,11 +10,16 @@ from collections import OrderedDict
 
 import torch
 
-from loraplex.adapters.errors import AdapterCapacityExceeded, InvalidAdapter
+from loraplex.adapters.errors import AdapterCapacityExceeded
 from loraplex.adapters.weights import LoadedAdapter, LoraWeights, VeraProjection, VeraWeights
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 
 SlotKey = tuple[str, int]  # (adapter id, version)
+
+
+class SlotsBusy(Exception):
+    """The adapter cannot be installed while the running sequences hold what it conflicts
+    with; the request should wait for them, not fail."""
 
 
 class AdapterSlots:
@@ -25,6 +30,7 @@ class AdapterSlots:
         self._holders: dict[int, int] = {}
         self._ranks: dict[int, int] = {}
         self._vera_projection: VeraProjection | None = None
+        self._vera_slots: set[int] = set()
 
     def hold(self, adapter: LoadedAdapter) -> int:
         """The slot holding this adapter version (installed if needed), held until `drop`."""
@@ -67,7 +73,8 @@ class AdapterSlots:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         self._ranks.pop(slot, None)
-        if not any(layer.vera_slots for layer in self.layers.values()):
+        self._vera_slots.discard(slot)
+        if not self._vera_slots:
             self._vera_projection = None
 
     def _install(self, slot: int, adapter: LoadedAdapter) -> None:
@@ -77,22 +84,26 @@ class AdapterSlots:
                 self.layers[name].set_lora(slot, lora)
             self._ranks[slot] = weights.rank
         elif isinstance(weights, VeraWeights):
-            self._check_projection(adapter.adapter_id, weights.projection)
+            self._adopt_projection(weights.projection)
             for name, vera in weights.modules.items():
                 self.layers[name].set_vera(slot, vera, weights.projection)
+            self._vera_slots.add(slot)
 
-    def _check_projection(self, adapter_id: str, projection: VeraProjection) -> None:
-        """Every VeRA adapter in the batch shares one projection, as in PEFT itself."""
+    def _adopt_projection(self, projection: VeraProjection) -> None:
+        """Installed VeRA adapters share one projection, as in PEFT itself. Idle ones made
+        with another projection are evicted; running ones make the newcomer wait."""
         current = self._vera_projection
-        if current is None:
-            self._vera_projection = projection
-            return
-        same = current.a.shape == projection.a.shape and current.b.shape == projection.b.shape
-        if not (
-            same and torch.equal(current.a, projection.a) and torch.equal(current.b, projection.b)
-        ):
-            raise InvalidAdapter(
-                adapter_id,
-                "its VeRA projection differs from the one the running VeRA adapters share "
-                "(projection_prng_key, r and target layer sizes must match)",
-            )
+        if current is not None and not _same_projection(current, projection):
+            if any(self._holders.get(slot) for slot in self._vera_slots):
+                raise SlotsBusy("running VeRA adapters use another projection")
+            for key, slot in [(k, s) for k, s in self._slots.items() if s in self._vera_slots]:
+                del self._slots[key]
+                self._clear(slot)
+        self._vera_projection = projection
+
+
+def _same_projection(one: VeraProjection, other: VeraProjection) -> bool:
+    return (
+        one.a.shape == other.a.shape and one.b.shape == other.b.shape
+        and torch.equal(one.a, other.a) and torch.equal(one.b, other.b)
+    )  # fmt: skip
