@@ -59,7 +59,9 @@ def copy_adapter(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("bad_id", ["../a0", "/etc", "a0/../../x", "", "a\\b", "./a0"])
+@pytest.mark.parametrize(
+    "bad_id", ["../a0", "/etc", "a0/../../x", "", "a\\b", "./a0", ".a0", "x/.git"]
+)
 def test_ids_that_escape_the_root_are_refused(root: Path, spec: BaseSpec, bad_id: str) -> None:
     with pytest.raises(InvalidAdapter) as err:
         store_over(root, spec).load(bad_id)
