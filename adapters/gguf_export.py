@@ -56,7 +56,7 @@ def adapter_as_lora(adapter_dir: Path, in_features: Callable[[str], int]) -> lis
     if kind == "LORA":
         return _lora_pairs(config, tensors, adapter_dir.name)
     if kind == "VERA":
-        return _vera_pairs(tensors, adapter_dir.name, in_features)
+        return _vera_pairs(config, tensors, adapter_dir.name, in_features)
     raise InvalidAdapter(adapter_dir.name, f"cannot export a {kind} adapter to GGUF")
 
 
@@ -102,18 +102,40 @@ def _pattern_value(pattern: dict[str, float], module: str, default: float) -> fl
 
 
 def _vera_pairs(
-    tensors: dict[str, torch.Tensor], name: str, in_features: Callable[[str], int]
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    name: str,
+    in_features: Callable[[str], int],
 ) -> list[LoraPair]:
-    if "base_model.vera_A" not in tensors:
-        raise InvalidAdapter(name, "VeRA adapter saved without its projections (save_projection)")
-    shared_a, shared_b = tensors["base_model.vera_A"].float(), tensors["base_model.vera_B"].float()
+    layers = _by_module(tensors, name)
+    if "base_model.vera_A" in tensors:
+        shared_a = tensors["base_model.vera_A"].float()
+        shared_b = tensors["base_model.vera_B"].float()
+    else:  # saved without projections: draw them again from the key, as PEFT does
+        from loraplex.adapters.peft_format import regenerate_projection
+
+        in_max = max(in_features(module) for module in layers)
+        out_max = max(parts["vera_lambda_b"].shape[0] for parts in layers.values())
+        key, rank = int(config.get("projection_prng_key", 0)), int(config.get("r", 256))
+        projection = regenerate_projection(key, rank, in_max, out_max)
+        shared_a, shared_b = projection.a, projection.b
     pairs = []
-    for module, parts in _by_module(tensors, name).items():
+    for module, parts in layers.items():
         lambda_b, lambda_d = parts["vera_lambda_b"], parts["vera_lambda_d"]
         a = lambda_d.unsqueeze(1) * shared_a[:, : in_features(module)]
         b = lambda_b.unsqueeze(1) * shared_b[: lambda_b.shape[0], :]
         pairs.append(LoraPair(module, a, b))
     return pairs
+
+
+def padded_to(pair: LoraPair, rank: int) -> LoraPair:
+    """The same delta at a higher rank: zero rows of A meet zero columns of B."""
+    extra = rank - pair.a.shape[0]
+    if extra == 0:
+        return pair
+    a = torch.cat([pair.a, pair.a.new_zeros(extra, pair.a.shape[1])])
+    b = torch.cat([pair.b, pair.b.new_zeros(pair.b.shape[0], extra)], dim=1)
+    return LoraPair(pair.module, a, b)
 
 
 @dataclass
@@ -164,15 +186,10 @@ def export_gguf(
             adapter_dir.name, f"GGUF export supports {supported} bases, not {layout.architecture}"
         )
     pairs = adapter_as_lora(adapter_dir, layout.in_features)
-    ranks = {pair.a.shape[0] for pair in pairs}
-    if len(ranks) != 1:
-        raise InvalidAdapter(
-            adapter_dir.name,
-            f"layers of different ranks {sorted(ranks)} cannot share one GGUF alpha",
-        )
-    _write(
-        out_file, layout, pairs, ranks.pop(), np.float16 if dtype == "f16" else np.float32, progress
-    )
+    # one GGUF alpha covers every layer; the scale is already in B, so pad lower ranks
+    rank = max(pair.a.shape[0] for pair in pairs)
+    pairs = [padded_to(pair, rank) for pair in pairs]
+    _write(out_file, layout, pairs, rank, np.float16 if dtype == "f16" else np.float32, progress)
     return out_file
 
 

@@ -6,10 +6,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
 from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
+from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.adapters.peft_format import CONFIG_FILE
 
 MAX_ID_LENGTH = 200
 MAX_SCAN_DEPTH = 3
+MARKERS = (CONFIG_FILE, GGUF_LORA_FILE)  # a PEFT adapter directory, or a ready GGUF-LoRA one
 
 
 def check_adapter_id(adapter_id: str) -> PurePosixPath:
@@ -35,7 +37,7 @@ def resolve_adapter_dir(adapter_id: str, roots: Sequence[Path]) -> Path:
         candidate = (root / relative).resolve()
         if not candidate.is_relative_to(real_root):
             raise InvalidAdapter(adapter_id, "the id leads outside its adapter root")
-        if (candidate / CONFIG_FILE).is_file():
+        if any((candidate / marker).is_file() for marker in MARKERS):
             return candidate
     raise AdapterNotFound(adapter_id, "no adapter with this id under the adapter roots")
 
@@ -47,8 +49,10 @@ def scan_adapter_ids(roots: Sequence[Path]) -> Iterator[str]:
         if not root.is_dir():
             continue
         for depth in range(1, MAX_SCAN_DEPTH + 1):
-            for config in sorted(root.glob("/".join(["*"] * depth) + "/" + CONFIG_FILE)):
-                adapter_id = config.parent.relative_to(root).as_posix()
+            pattern = "/".join(["*"] * depth)
+            found = {f.parent for marker in MARKERS for f in root.glob(f"{pattern}/{marker}")}
+            for folder in sorted(found):
+                adapter_id = folder.relative_to(root).as_posix()
                 hidden = any(part.startswith(".") for part in adapter_id.split("/"))
                 if not hidden and adapter_id not in seen:  # hidden: a writer's scratch copy
                     seen.add(adapter_id)

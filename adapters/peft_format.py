@@ -62,6 +62,12 @@ def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
 def _read_config(adapter_id: str, path: Path) -> dict[str, Any]:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
+        if (path / "adapter_model.gguf").is_file():
+            raise InvalidAdapter(
+                adapter_id,
+                "is a ready GGUF-LoRA file (adapter_model.gguf); serve it with --backend gguf, "
+                "or give its PEFT form (adapter_config.json and adapter_model.safetensors)",
+            )
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is missing in {path}")
     if config_path.stat().st_size > MAX_CONFIG_BYTES:
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE} is over {MAX_CONFIG_BYTES} bytes")

@@ -23,15 +23,18 @@ from loraplex.adapters.errors import (
     AdapterNotFound,
     InvalidAdapter,
 )
+from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.adapters.paths import resolve_adapter_dir, scan_adapter_ids
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, read_adapter
 from loraplex.adapters.types import AdapterInfo, AdapterRef
-from loraplex.adapters.weights import LoadedAdapter, tensors_nbytes
+from loraplex.adapters.weights import AdapterWeights, LoadedAdapter, tensors_nbytes
 
 RESIDENCY_WAIT_S = 30.0
 T = TypeVar("T")
 
 Key = tuple[str, int]  # (adapter id, version)
+AdapterReader = Callable[[str, Path, BaseSpec], AdapterWeights]  # (id, directory, base)
+Fingerprint = tuple[tuple[str, float, int], ...]
 
 
 @dataclass
@@ -40,10 +43,16 @@ class _Held:
     count: int = 0
 
 
-def _fingerprint(path: Path) -> tuple[float, int, float, int]:
-    """Changes whenever either adapter file is rewritten."""
-    config, weights = (path / CONFIG_FILE).stat(), (path / WEIGHTS_FILE).stat()
-    return (config.st_mtime, config.st_size, weights.st_mtime, weights.st_size)
+def _fingerprint(path: Path) -> Fingerprint:
+    """Changes whenever an adapter file is written, added or removed."""
+    stats = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE, GGUF_LORA_FILE):
+        try:
+            stat = (path / name).stat()
+        except FileNotFoundError:
+            continue  # a missing file is the reader's to report
+        stats.append((name, stat.st_mtime, stat.st_size))
+    return tuple(stats)
 
 
 class AdapterStore:
@@ -59,18 +68,20 @@ class AdapterStore:
         prepare: Callable[[LoadedAdapter], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
         residency_wait_s: float = RESIDENCY_WAIT_S,
+        read: AdapterReader = read_adapter,
     ) -> None:
         """`prepare` runs on each new version before it is installed (for example, converting
         it for another backend); an error it raises refuses the load. `on_drop` hears of each
         id that is unloaded or evicted (versions in use still live until their release).
         `acquire` waits up to `residency_wait_s` for room when every resident adapter is in
-        use."""
+        use. `read` parses and validates one adapter directory against the base."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
         self.max_resident = max_resident
         self.max_resident_bytes = max_resident_bytes
         self._base = base
+        self._read = read
         self._prepare = prepare
         self._on_drop = on_drop or (lambda _adapter_id: None)
         self.residency_wait_s = residency_wait_s
@@ -78,7 +89,7 @@ class AdapterStore:
         self._lock = threading.Condition(threading.RLock())
         self._load_lock = threading.Lock()  # one disk load at a time; dedupes lazy loads
         self._current: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
-        self._fingerprints: dict[Key, tuple[float, int, float, int]] = {}
+        self._fingerprints: dict[Key, Fingerprint] = {}
         self._held: dict[Key, _Held] = {}
         self._pinned: set[str] = set()
         self._last_version: dict[str, int] = {}
@@ -227,7 +238,7 @@ class AdapterStore:
             return current
         if base is None:
             raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
-        weights = read_adapter(adapter_id, path, base)
+        weights = self._read(adapter_id, path, base)
         with self._lock:  # only loads bump versions, and they are serialized by _load_lock
             version = self._last_version.get(adapter_id, 0) + 1
         adapter = LoadedAdapter(adapter_id, version, str(path), weights, tensors_nbytes(weights))
@@ -295,6 +306,8 @@ class AdapterStore:
         """What the config file says about an adapter that is not loaded (best effort)."""
         try:
             path = resolve_adapter_dir(adapter_id, self.roots)
+            if not (path / CONFIG_FILE).is_file():
+                return AdapterInfo(adapter_id, 0, "LORA", 0, (), 0, False, False, 0, str(path))
             config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
             targets = config.get("target_modules") or ()
             targets = (targets,) if isinstance(targets, str) else tuple(sorted(targets))

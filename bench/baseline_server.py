@@ -61,7 +61,7 @@ def build(kind: str, config: ServeConfig, rows: int) -> tuple[Engine, AdapterSto
             raise SystemExit(f"--kind llama-reload needs a GGUF model; {config.model} is not one")
         files = PreparedAdapterFiles(source.path, source.sha256 or str(source.path),
                                      config.cache_dir)  # fmt: skip
-        base = gguf_base_spec(source.path, 1024)
+        base, _ = gguf_base_spec(source.path, 1024)
         store = AdapterStore(roots, max_resident=residents, max_resident_bytes=resident_bytes,
                              base=base, prepare=files.prepare)  # fmt: skip
         return LlamaReloadEngine(source.path, files), store

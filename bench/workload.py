@@ -2,7 +2,10 @@
 
 Modelled on S-LoRA's trace generator, with two deliberate differences: popularity follows
 a Zipf law p(i) ∝ (i+1)^-alpha (alpha=0 is uniform, alpha=1 the classic long tail), and all
-randomness comes from one `numpy.random.Generator`, so a seed alone fixes the whole trace.
+randomness comes from one seed, so a seed alone fixes the whole trace. Each aspect (adapters,
+arrivals, adapter picks, lengths, prompts) draws from its own stream spawned from that seed:
+traces that differ only in their number of adapters share arrivals, lengths and prompts, so
+a sweep over adapters compares like with like.
 """
 
 from __future__ import annotations
@@ -105,20 +108,21 @@ def adapter_popularity(spec: WorkloadSpec) -> np.ndarray:
 
 
 def generate(spec: WorkloadSpec) -> Trace:
-    rng = np.random.default_rng(spec.seed)
-    adapters = _adapters(spec, rng)
-    arrivals = _arrivals(spec, rng)
+    streams = np.random.SeedSequence(spec.seed).spawn(5)
+    adapter_rng, arrival_rng, pick_rng, length_rng, prompt_rng = map(np.random.default_rng, streams)
+    adapters = _adapters(spec, adapter_rng)
+    arrivals = _arrivals(spec, arrival_rng)
     count = len(arrivals)
-    picks = rng.choice(spec.num_adapters, size=count, p=adapter_popularity(spec))
-    use_base = rng.random(count) < spec.base_fraction
-    prompt_lens = rng.integers(spec.prompt_tokens[0], spec.prompt_tokens[1] + 1, size=count)
-    output_lens = rng.integers(spec.output_tokens[0], spec.output_tokens[1] + 1, size=count)
+    picks = pick_rng.choice(spec.num_adapters, size=count, p=adapter_popularity(spec))
+    use_base = pick_rng.random(count) < spec.base_fraction
+    prompt_lens = length_rng.integers(spec.prompt_tokens[0], spec.prompt_tokens[1] + 1, size=count)
+    output_lens = length_rng.integers(spec.output_tokens[0], spec.output_tokens[1] + 1, size=count)
     requests = [
         TraceRequest(
             index=i,
             arrival_s=arrivals[i],
             adapter_id="" if use_base[i] else adapters[picks[i]].adapter_id,
-            prompt=_prompt(rng, int(prompt_lens[i])),
+            prompt=_prompt(prompt_rng, int(prompt_lens[i])),
             prompt_tokens=int(prompt_lens[i]),
             output_tokens=int(output_lens[i]),
         )

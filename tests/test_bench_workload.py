@@ -20,6 +20,18 @@ def test_same_seed_same_trace_other_seed_other_trace() -> None:
     assert generate(spec).requests != generate(replace(spec, seed=8)).requests
 
 
+def test_an_adapter_sweep_changes_only_the_adapter_picks() -> None:
+    """8 and 256 adapters get the same arrivals, lengths and prompts: a fair comparison."""
+    few = generate(WorkloadSpec(seed=5, num_adapters=8, num_requests=100))
+    many = generate(WorkloadSpec(seed=5, num_adapters=256, num_requests=100))
+
+    def shape(trace: Trace) -> list[tuple[object, ...]]:
+        return [(r.arrival_s, r.prompt, r.prompt_tokens, r.output_tokens) for r in trace.requests]
+
+    assert shape(few) == shape(many)
+    assert len({r.adapter_id for r in many.requests}) > len({r.adapter_id for r in few.requests})
+
+
 def test_trace_round_trips_through_jsonl(tmp_path: Path) -> None:
     trace = generate(WorkloadSpec(seed=3, arrival="gamma", cv=2.0, vera_fraction=0.3))
     trace.save(tmp_path / "trace.jsonl")

@@ -1,6 +1,7 @@
-"""End to end: the real `loraplex serve` process on a tiny model, driven over loopback gRPC.
+"""End to end: the real `loraplex serve` process driven over loopback gRPC, once per backend
+(one parametrized suite): hf on a tiny model, gguf on the real default GGUF base.
 
-Token oracle: the same HFEngine run in this process on one request at a time.
+Token oracle: the same backend's engine run in this process on one request at a time.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -19,72 +21,99 @@ from engine_driver import run as engine_run
 from grpc_helpers import field_bytes, metric, raw_unary, scrape
 from peft_adapters import ADAPTER_CONFIGS, save_adapter
 from server_process import ServerProcess
-from transformers import (
-    AutoModelForCausalLM,
-)
+from transformers import AutoModelForCausalLM
 
+from loraplex.adapters.store import AdapterStore
 from loraplex.clients import Client
 from loraplex.clients import errors as client_errors
-from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest
+from loraplex.server.engine.api import AdapterRef, Engine, SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.gguf_runtime import RuntimeConfig
+from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backend
 from loraplex.server.engine.hf import HFEngine
+from loraplex.server.models import ModelSource
 
 ADAPTERS = {"lora": "lora-qv-r4", "rslora": "rslora-all-r8", "vera": "vera-r16"}
 PROMPTS = ["The capital of France", "hello world", "Question: what is", "The quick brown"]
-SERVE_ARGS = ["--quantization", "fp32", "--max-new-tokens-limit", "1000", "--log-level", "warning"]
+COMMON_ARGS = ["--max-new-tokens-limit", "1000", "--log-level", "warning"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoints: dict[str, Path]) -> Path:
-    # The tiny llama: its greedy output depends on the adapters (the tiny gemma mostly
-    # repeats the last prompt token whatever the adapter).
-    return tiny_checkpoints["llama"]
+@dataclass
+class Backend:
+    """One backend as the suite runs it: serve flags, and its engine in this process."""
+
+    name: str
+    serve_args: list[str]  # --model and backend flags
+    engine: Engine
+    store: AdapterStore
+    adapter_root: Path
+    close: Callable[[], None] = lambda: None
 
 
-@pytest.fixture(scope="module")
-def adapter_root(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Real PEFT adapters for the tiny base, plus a second weight set for "lora" (lora-v2)."""
-    root = tmp_path_factory.mktemp("adapters")
+def write_adapters(checkpoint: Path, root: Path) -> None:
+    """Real PEFT adapters for the base, a second weight set for "lora" (lora-v2), bad ones."""
     base = AutoModelForCausalLM.from_pretrained(checkpoint)
     # Large enough random weights that every adapter changes the greedy output.
     for seed, (name, config_name) in enumerate(ADAPTERS.items()):
         save_adapter(base, ADAPTER_CONFIGS[config_name], root / name, seed=seed + 1, std=1.0)
     save_adapter(base, ADAPTER_CONFIGS["lora-qv-r4"], root / "lora-v2", seed=99, std=1.0)
     write_bad_adapters(root, root / "lora")
-    return root
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint: Path, adapter_root: Path) -> HFEngine:
-    config = EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_roots=[adapter_root])
-    return HFEngine.from_config(config)
+def hf_backend(checkpoint: Path, root: Path) -> Backend:
+    # The tiny llama: its greedy output depends on the adapters (the tiny gemma mostly
+    # repeats the last prompt token whatever the adapter).
+    config = EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_roots=[root])
+    engine = HFEngine.from_config(config)
+    args = ["--model", str(checkpoint), "--quantization", "fp32"]
+    return Backend("hf", args, engine, engine.store, root)
 
 
-def alone(engine: HFEngine, prompt: str, adapter: str, n: int) -> list[int]:
-    """Greedy tokens the engine gives this request run by itself."""
-    ref: AdapterRef | None = engine.store.acquire(adapter) if adapter else None
+def gguf_backend(model: ModelSource, root: Path, cache: Path) -> Backend:
+    limits = AdapterLimits([root], max_rank=64, max_resident=64, max_resident_bytes=1 << 30)
+    engine, store = build_gguf_backend(model.path, model.sha256, limits, RuntimeConfig(), cache)
+    return Backend("gguf", ["--model", str(model.path)], engine, store, root, engine.close)
+
+
+@pytest.fixture(
+    scope="module",
+    params=["hf", pytest.param("gguf", marks=[pytest.mark.integration, pytest.mark.gguf])],
+)
+def backend(
+    request: pytest.FixtureRequest,
+    tiny_checkpoints: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Backend]:
+    root = tmp_path_factory.mktemp("adapters")
+    if request.param == "hf":
+        write_adapters(tiny_checkpoints["llama"], root)
+        yield hf_backend(tiny_checkpoints["llama"], root)
+        return
+    model: ModelSource = request.getfixturevalue("real_model")
+    write_adapters(request.getfixturevalue("real_checkpoint"), root)
+    backend = gguf_backend(model, root, tmp_path_factory.mktemp("gguf-cache"))
+    yield backend
+    backend.close()
+
+
+def alone(backend: Backend, prompt: str, adapter: str, n: int) -> list[int]:
+    """Greedy tokens the backend's engine gives this request run by itself."""
+    store, engine = backend.store, backend.engine
+    ref: AdapterRef | None = store.acquire(adapter) if adapter else None
     try:
         request = SequenceRequest("oracle", engine.encode(prompt), SamplingParams(n), ref)
         return engine_run(engine, {0: [request]})["oracle"].tokens
     finally:
         if ref is not None:
-            engine.store.release(ref)
+            store.release(ref)
 
 
 @pytest.fixture(scope="module")
-def server(
-    checkpoint: Path, adapter_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
+def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    args = ["--model", str(checkpoint), "--adapter-roots", str(adapter_root), *SERVE_ARGS]
-    args += [
-        "--preload-adapters",
-        "lora",
-        "--preload-adapters",
-        "vera",
-        "--cache-dir",
-        str(log.parent),
-    ]
+    args = [*backend.serve_args, "--adapter-roots", str(backend.adapter_root), *COMMON_ARGS]
+    args += ["--preload-adapters", "lora", "--preload-adapters", "vera"]
+    args += ["--cache-dir", str(log.parent)]
     proc = ServerProcess(args, log)
     yield proc
     proc.stop()
@@ -103,7 +132,7 @@ def test_health_serving_and_preloaded_adapters(client: Client) -> None:
 
 
 def test_concurrent_clients_on_different_adapters_match_the_engine_alone(
-    client: Client, engine: HFEngine
+    client: Client, backend: Backend
 ) -> None:
     jobs = [(p, a) for p in PROMPTS[:2] for a in ["", "lora", "rslora", "vera"]]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -111,7 +140,7 @@ def test_concurrent_clients_on_different_adapters_match_the_engine_alone(
             pool.map(lambda j: client.generate(j[0], adapter=j[1], max_new_tokens=8), jobs)
         )
     for (prompt, adapter), result in zip(jobs, results, strict=True):
-        assert result.token_ids == alone(engine, prompt, adapter, 8), (prompt, adapter)
+        assert result.token_ids == alone(backend, prompt, adapter, 8), (prompt, adapter)
     # Adapters really change the answer, so the comparison above can tell them apart.
     for i in range(0, len(results), 4):
         assert len({tuple(r.token_ids) for r in results[i : i + 4]}) == 4
@@ -127,8 +156,9 @@ def test_stream_returns_the_same_text_as_unary(client: Client) -> None:
 
 
 def test_load_unload_replace_during_streaming_cause_no_failures(
-    client: Client, engine: HFEngine, adapter_root: Path
+    client: Client, backend: Backend
 ) -> None:
+    adapter_root = backend.adapter_root
     swap_root = adapter_root / "swap"
     shutil.rmtree(swap_root, ignore_errors=True)
     shutil.copytree(adapter_root / "lora", swap_root)
@@ -166,8 +196,8 @@ def test_load_unload_replace_during_streaming_cause_no_failures(
             t.join()
     assert failures == []
     want = {
-        first.version: alone(engine, PROMPTS[0], "lora", 6),
-        replaced.version: alone(engine, PROMPTS[0], "lora-v2", 6),
+        first.version: alone(backend, PROMPTS[0], "lora", 6),
+        replaced.version: alone(backend, PROMPTS[0], "lora-v2", 6),
     }
     assert want[first.version] != want[replaced.version]
     for version, tokens in results:
@@ -245,9 +275,9 @@ def test_metrics_scrape_shows_counters_moving(server: ServerProcess, client: Cli
 
 
 @pytest.fixture
-def tight_server(checkpoint: Path, tmp_path: Path) -> Iterator[ServerProcess]:
+def tight_server(backend: Backend, tmp_path: Path) -> Iterator[ServerProcess]:
     """One running sequence and one waiting request at most."""
-    args = ["--model", str(checkpoint), *SERVE_ARGS, "--cache-dir", str(tmp_path)]
+    args = [*backend.serve_args, *COMMON_ARGS, "--cache-dir", str(tmp_path)]
     args += ["--max-batch-sequences", "1", "--max-queue", "1", "--grace-period", "120"]
     proc = ServerProcess(args, tmp_path / "server.log")
     yield proc

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
+from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.server.engine.api import AdapterRef
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -44,7 +45,8 @@ class ConvertingResolver:
             return source
         if not source.is_dir():
             raise AdapterNotFound(ref.adapter_id, f"{source} is neither a directory nor a .gguf")
-        ready = sorted(source.glob("*.gguf"))
+        named = source / GGUF_LORA_FILE  # the name the adapter store looks for
+        ready = [named] if named.is_file() else sorted(source.glob("*.gguf"))
         if ready and not (source / PEFT_FILES[1]).is_file():
             return ready[0]
         return self._converted(ref.adapter_id, source)

@@ -1,5 +1,6 @@
-"""The GGUF backend as `loraplex serve` runs it: the base's adaptable layers, and PEFT adapters
-converted to GGUF-LoRA files as they load into the shared adapter store.
+"""The GGUF backend as `loraplex serve` runs it: the base's adaptable layers, PEFT adapters
+converted to GGUF-LoRA files as they load into the shared adapter store, and ready GGUF-LoRA
+files (adapter_model.gguf) checked and used as they are.
 
 The adapter store (ids, roots, versions, validation, residency) is the hf backend's own; only
 the weights' destination differs. Each new adapter version is exported once per content and
@@ -15,9 +16,10 @@ from pathlib import Path
 
 from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
 from loraplex.adapters.gguf_export import BaseLayout
-from loraplex.adapters.peft_format import BaseSpec
-from loraplex.adapters.store import AdapterStore
-from loraplex.adapters.weights import LoadedAdapter
+from loraplex.adapters.gguf_lora import GGUF_LORA_FILE, read_gguf_lora
+from loraplex.adapters.peft_format import CONFIG_FILE, BaseSpec, read_adapter
+from loraplex.adapters.store import AdapterReader, AdapterStore
+from loraplex.adapters.weights import AdapterWeights, LoadedAdapter
 from loraplex.server.engine.api import AdapterRef
 from loraplex.server.engine.gguf import GGUFEngine
 from loraplex.server.engine.gguf_convert import ConvertingResolver
@@ -31,22 +33,35 @@ PROJECTIONS = (
 )  # fmt: skip
 
 
-def gguf_base_spec(model_path: Path, max_rank: int) -> BaseSpec:
-    """What adapters must fit on this GGUF base, named as PEFT names the layers."""
+def gguf_base_spec(model_path: Path, max_rank: int) -> tuple[BaseSpec, dict[str, str]]:
+    """What adapters must fit on this GGUF base, named as PEFT names the layers, and the PEFT
+    module name of each adaptable GGUF weight (blk.0.attn_q.weight)."""
     layout = BaseLayout.read(model_path)
-    shapes: dict[str, tuple[int, int]] = {}
+    modules_by_tensor: dict[str, str] = {}
     for block in range(layout.block_count):
         for projection in PROJECTIONS:
             module = f"model.layers.{block}.{projection}"
             try:
-                shapes[module] = layout.shapes[layout.gguf_name(module)]
+                modules_by_tensor[layout.gguf_name(module)] = module
             except InvalidAdapter:
                 continue  # this architecture has no such layer
-    if not shapes:
+    if not modules_by_tensor:
         raise ModelUnavailable(
             f"{model_path}: no adaptable layers found for architecture {layout.architecture!r}"
         )
-    return BaseSpec(layout.architecture, shapes, max_rank)
+    shapes = {module: layout.shapes[name] for name, module in modules_by_tensor.items()}
+    return BaseSpec(layout.architecture, shapes, max_rank), modules_by_tensor
+
+
+def adapter_reader(modules_by_tensor: dict[str, str]) -> AdapterReader:
+    """Reads PEFT adapter directories, and ready GGUF-LoRA ones as they are."""
+
+    def read(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
+        if (path / GGUF_LORA_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+            return read_gguf_lora(adapter_id, path, base, modules_by_tensor)
+        return read_adapter(adapter_id, path, base)
+
+    return read
 
 
 class PreparedAdapterFiles:
@@ -100,12 +115,14 @@ def build_gguf_backend(
     identity = model_sha256 or f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     files = PreparedAdapterFiles(model_path, identity, cache_dir)
     engine = GGUFEngine(model_path, runtime, adapter_files=files)
+    base, modules_by_tensor = gguf_base_spec(model_path, adapters.max_rank)
     store = AdapterStore(
         adapters.roots,
         max_resident=adapters.max_resident,
         max_resident_bytes=adapters.max_resident_bytes,
-        base=gguf_base_spec(model_path, adapters.max_rank),
+        base=base,
         prepare=files.prepare,
         on_drop=engine.retire_later,
+        read=adapter_reader(modules_by_tensor),
     )
     return engine, store

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from llama_cpp import Llama
+from gguf_oracle import N_TOKENS, oracle_greedy
 
 from loraplex.bench.gguf_random_lora import write_random_lora
 from loraplex.server.engine.api import (
@@ -30,8 +30,6 @@ PROMPTS = (
     "Once upon a time, in a small village,",
     "The three primary colors are",
 )
-N_TOKENS = 12
-ORACLE_CTX = 128
 
 
 @pytest.fixture(scope="module")
@@ -74,28 +72,6 @@ def batch_engine(real_model: ModelSource, adapter_files: AdapterFiles) -> Iterat
     engine = start_engine(real_model.path, adapter_files, repack_weights=False)
     yield engine
     engine.close()
-
-
-def oracle_greedy(
-    model: Path, prompt_ids: list[int], lora: Path | None = None, scale: float = 1.0
-) -> list[int]:
-    """Greedy tokens from the high-level Llama with the adapter loaded as its lora_path."""
-    llm = Llama(
-        str(model),
-        n_ctx=ORACLE_CTX,
-        n_threads=2,
-        logits_all=True,  # llama-cpp-python keeps no scores otherwise
-        lora_path=None if lora is None else str(lora),
-        lora_scale=scale,
-        verbose=False,
-    )
-    llm.eval(prompt_ids)
-    tokens: list[int] = []
-    for _ in range(N_TOKENS):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([tokens[-1]])
-    llm.close()
-    return tokens
 
 
 def run_to_end(engine: GGUFEngine, requests: list[SequenceRequest]) -> dict[str, list[TokenEvent]]:

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import pytest
 from engine_driver import run
+from gguf_oracle import N_TOKENS, oracle_greedy
 from peft import LoraConfig
 from peft_adapters import save_adapter
 from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.errors import InvalidAdapter
+from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.adapters.trainer.defaults import DEFAULTS_DIR
+from loraplex.bench.gguf_random_lora import write_random_lora
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backend
@@ -47,9 +50,45 @@ def test_load_converts_serves_and_unload_frees(
         store.unload("date-iso")
         engine.step(StepPlan())  # retirements take effect on the engine thread's next step
         assert engine.adapters.loaded() == []
-        # layers of different ranks cannot share one GGUF alpha: refused at load, not later
-        with pytest.raises(InvalidAdapter, match="different ranks"):
-            store.load("mixed")
-        assert [a.adapter_id for a in store.list() if a.resident] == []
+        # layers of different ranks share the file's one rank: lower ones are zero-padded
+        assert store.load("mixed").rank == 8
+        ref = store.acquire("mixed")
+        request = SequenceRequest("m", prompt, SamplingParams(max_new_tokens=4), ref)
+        assert len(run(engine, {0: [request]})["m"].tokens) == 4
+        store.release(ref)
+    finally:
+        engine.close()
+
+
+def test_ready_gguf_lora_is_served_as_it_is(real_model: ModelSource, tmp_path: Path) -> None:
+    """A ready adapter_model.gguf is checked, never converted, and gives the tokens raw
+    llama-cpp-python gives with the same file as its lora_path."""
+    root = tmp_path / "adapters"
+    (root / "ready").mkdir(parents=True)
+    file = write_random_lora(real_model.path, root / "ready" / GGUF_LORA_FILE, seed=5, rank=8)
+    limits = AdapterLimits([root], max_rank=64, max_resident=8, max_resident_bytes=1 << 30)
+    runtime = RuntimeConfig(
+        n_ctx_per_seq=256, n_seq_max=2, n_threads=2, flash_attn=False, repack_weights=True
+    )  # as the high-level Llama runs: exact match
+    engine, store = build_gguf_backend(
+        real_model.path, real_model.sha256, limits, runtime, tmp_path / "cache"
+    )
+    try:
+        info = store.load("ready")
+        assert (info.peft_type, info.rank, len(info.target_modules)) == ("LORA", 8, 2 * 18)
+        assert not (tmp_path / "cache" / "gguf-lora").exists()  # used in place
+        prompt = engine.encode("The capital of France is")
+        ref = store.acquire("ready")
+        request = SequenceRequest("r", prompt, SamplingParams(max_new_tokens=N_TOKENS), ref)
+        ours = run(engine, {0: [request]})["r"].tokens
+        store.release(ref)
+        assert ours == oracle_greedy(real_model.path, prompt, lora=file)
+        assert ours != oracle_greedy(real_model.path, prompt)  # the adapter changes the output
+        # a file over the rank limit is refused at load; the resident one keeps serving
+        (root / "wide").mkdir()
+        write_random_lora(real_model.path, root / "wide" / GGUF_LORA_FILE, seed=6, rank=65)
+        with pytest.raises(InvalidAdapter, match=r"outside 1\.\.64"):
+            store.load("wide")
+        assert [a.adapter_id for a in store.list() if a.resident] == ["ready"]
     finally:
         engine.close()
