@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from loraplex.bench.gguf_random_lora import write_random_lora
+from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.gguf import GGUFEngine
@@ -123,9 +124,7 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _raw(path: Path, args: argparse.Namespace, lora: Path | None = None) -> dict[str, float]:
-    from llama_cpp import Llama
-
-    llm = Llama(
+    llm = plain_llama(
         str(path),
         n_ctx=512,
         n_threads=args.threads,

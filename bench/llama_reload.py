@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.engine.api import (
     AdapterRef,
     FinishReason,
@@ -45,10 +46,8 @@ class LlamaReloadEngine:
         self._current: _Current | None = None
 
     def _load(self, lora: Path | None) -> Any:
-        from llama_cpp import Llama  # compiled extension: imported only when this baseline runs
-
         self._lora = lora
-        return Llama(
+        return plain_llama(
             str(self.model_path), lora_path=str(lora) if lora else None, n_ctx=self.n_ctx,
             n_threads=self.n_threads, verbose=False,
         )  # fmt: skip

@@ -55,15 +55,19 @@ class _Collector:
     def __init__(self) -> None:
         self.text: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
         self.result: Generation | None = None
 
     def add(self, msg: pb.GenerateStreamResponse) -> Chunk | None:
         self.text.append(msg.text)
         self.token_ids.extend(msg.token_ids)
+        self.logprobs.extend(msg.logprobs)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            self.result = messages.generation(msg, "".join(self.text), self.token_ids)
+            self.result = messages.generation(
+                msg, "".join(self.text), self.token_ids, self.logprobs
+            )
         if msg.token_ids or msg.text:
-            return Chunk(msg.text, list(msg.token_ids))
+            return Chunk(msg.text, list(msg.token_ids), list(msg.logprobs))
         return None
 
 
@@ -127,7 +131,7 @@ class Client:
         """Generate and wait; options are the fields of `GenerateArgs`."""
         args = GenerateArgs(prompt=prompt, **options)
         msg = self._call("Generate", pb.GenerateRequest(**messages.request_fields(args)), timeout)
-        return messages.generation(msg, msg.text, list(msg.token_ids))
+        return messages.generation(msg, msg.text, list(msg.token_ids), list(msg.logprobs))
 
     def stream(
         self, prompt: str = "", *, timeout: float | None = None, **options: Any
@@ -246,7 +250,7 @@ class AsyncClient:
         args = GenerateArgs(prompt=prompt, **options)
         request = pb.GenerateRequest(**messages.request_fields(args))
         msg = await self._call("Generate", request, timeout)
-        return messages.generation(msg, msg.text, list(msg.token_ids))
+        return messages.generation(msg, msg.text, list(msg.token_ids), list(msg.logprobs))
 
     def stream(
         self, prompt: str = "", *, timeout: float | None = None, **options: Any

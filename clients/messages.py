@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.proto.v1 import loraplex_pb2 as pb
@@ -37,6 +37,7 @@ class Generation:
     request_id: str
     adapter_id: str
     adapter_version: int
+    logprobs: list[float] = field(default_factory=list)  # when asked for, one per token
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class Chunk:
 
     text: str
     token_ids: list[int]
+    logprobs: list[float] = field(default_factory=list)  # when asked for, one per token
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,12 @@ class GenerateArgs:
     repetition_penalty: float | None = None
     stop: Sequence[str] = ()
     seed: int | None = None
+    logprobs: bool = False  # return each chosen token's log-probability
     request_id: str = ""
 
 
 def sampling_message(args: GenerateArgs) -> pb.SamplingParams:
-    msg = pb.SamplingParams(stop=list(args.stop))
+    msg = pb.SamplingParams(stop=list(args.stop), logprobs=args.logprobs)
     for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         value = getattr(args, name)
         if value is not None:
@@ -103,7 +106,10 @@ def request_fields(args: GenerateArgs) -> dict[str, Any]:
 
 
 def generation(
-    msg: pb.GenerateResponse | pb.GenerateStreamResponse, text: str, token_ids: list[int]
+    msg: pb.GenerateResponse | pb.GenerateStreamResponse,
+    text: str,
+    token_ids: list[int],
+    logprobs: list[float],
 ) -> Generation:
     t = msg.timings
     return Generation(
@@ -116,6 +122,7 @@ def generation(
         request_id=msg.request_id,
         adapter_id=msg.adapter_id,
         adapter_version=msg.adapter_version,
+        logprobs=logprobs,
     )
 
 

@@ -49,6 +49,7 @@ def sampling_from_proto(msg: pb.SamplingParams, max_new_tokens_limit: int) -> Sa
         repetition_penalty=float(pick("repetition_penalty", DEFAULTS.repetition_penalty) or 0.0),
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop),
+        logprobs=msg.logprobs,
     )
     params.validate(min(max_new_tokens_limit, MAX_NEW_TOKENS_LIMIT))
     return params

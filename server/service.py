@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError, Message
 
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.server import convert
-from loraplex.server.engine.api import AdapterAdmin, Engine, FinishReason
+from loraplex.server.engine.api import AdapterAdmin, Engine, FinishReason, TokenEvent
 from loraplex.server.errors import Cancelled, InvalidRequest
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import RequestHandle, Scheduler, Submission
@@ -101,6 +101,15 @@ def _check_not_cancelled(handle: RequestHandle) -> None:
         raise Cancelled("the request was cancelled before it finished")
 
 
+def _token_ids(event: TokenEvent) -> list[int]:
+    return [] if event.token_id is None else [event.token_id]
+
+
+def _logprobs(event: TokenEvent) -> list[float]:
+    """The chosen token's log-probability, when the request asked for it."""
+    return [] if event.token_id is None or event.logprob is None else [event.logprob]
+
+
 class LoraplexService:
     def __init__(
         self,
@@ -126,14 +135,18 @@ class LoraplexService:
         with self._counted(request.adapter_id):
             handle = self._submit(request, context)
             token_ids: list[int] = []
+            logprobs: list[float] = []
             text: list[str] = []
             for event in handle.events():
-                if event.token_id is not None:
-                    token_ids.append(event.token_id)
+                token_ids.extend(_token_ids(event))
+                logprobs.extend(_logprobs(event))
                 text.append(event.text)
             _check_not_cancelled(handle)
             return pb.GenerateResponse(
-                text="".join(text), token_ids=token_ids, **self._final_fields(handle, request)
+                text="".join(text),
+                token_ids=token_ids,
+                logprobs=logprobs,
+                **self._final_fields(handle, request),
             )
 
     @_guard
@@ -145,7 +158,8 @@ class LoraplexService:
             for event in handle.events():
                 yield pb.GenerateStreamResponse(
                     text=event.text,
-                    token_ids=[] if event.token_id is None else [event.token_id],
+                    token_ids=_token_ids(event),
+                    logprobs=_logprobs(event),
                     request_id=request.request_id,
                 )
             _check_not_cancelled(handle)

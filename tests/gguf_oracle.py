@@ -6,9 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from llama_cpp import Llama
+
+from loraplex.bench.plain_llama import plain_llama
 
 N_TOKENS = 12
+
+# llama.cpp's CPU matmuls take other kernels for one row than for several (and its float32 LoRA
+# matmul too), so a batched run's logprobs drift from its solo twin's over a dozen tokens, with
+# identical tokens: up to 0.13 was measured on an AVX2 machine, 0.27 on an AVX-512 one. Wrong
+# positions, KV cross-talk or a wrong adapter change the tokens within a step or two.
+DRIFT = 0.4
 ORACLE_CTX = 128
 
 
@@ -16,7 +23,7 @@ def oracle_greedy(
     model: Path, prompt_ids: list[int], lora: Path | None = None, scale: float = 1.0
 ) -> list[int]:
     """Greedy tokens from the high-level Llama with the adapter loaded as its lora_path."""
-    llm = Llama(
+    llm = plain_llama(
         str(model),
         n_ctx=ORACLE_CTX,
         n_threads=2,

@@ -36,7 +36,8 @@ class RuntimeConfig:
     flash_attn: bool | None = None  # None: llama.cpp decides per device
     # llama.cpp's repacked CPU weights are faster, but take other kernels for one row than for
     # groups of rows, moving a sequence's logits by up to ~1 with its batch mates; without them
-    # batched and solo runs differ only by float rounding (single vs multi-row dot products)
+    # batched and solo runs differ only by float rounding (single vs multi-row dot products).
+    # On CPUs with AMX, llama.cpp 0.3.36 also crashes when a LoRA applies to repacked weights.
     repack_weights: bool = False
 
 

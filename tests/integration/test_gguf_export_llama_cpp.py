@@ -16,18 +16,19 @@ from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.gguf_export import export_gguf
+from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.models import ModelSource
 
 pytestmark = [pytest.mark.integration, pytest.mark.gguf]
 PROMPT = "Record: Lars Berg is 77 years old, lives in Cairo and works as a chemist.\nJSON:"
 # Per-position cosine of the logit deltas. The adapters are sized so that their effect is
 # well above the numerical noise llama.cpp shows between runs with and without an adapter
-# (about 0.5 cosine for a tiny adapter); at this size the minimum over positions measured
-# 0.92 (LoRA), 0.92 (rsLoRA) and 0.96 (VeRA), the mean 0.98-0.99.
+# (about 0.5 cosine for a tiny adapter, and more on AVX-512 CPUs than on AVX2 ones: at half
+# the LoRA sizes below, one position measured 0.75 there).
 MIN_DELTA_COSINE = 0.85
 MIN_MEAN_DELTA_COSINE = 0.95
 # Random init sizes giving a logit change of similar size for each adapter kind.
-INIT_STD = {"lora": 0.03, "rslora": 0.01, "vera": 1.0}
+INIT_STD = {"lora": 0.06, "rslora": 0.02, "vera": 1.0}
 
 
 def adapter_for(checkpoint: Path, kind: str, out: Path) -> PeftModel:
@@ -62,10 +63,10 @@ def peft_logits(model: PeftModel, tokens: list[int]) -> tuple[np.ndarray, np.nda
 
 
 def llama_logits(gguf_file: Path, tokens: list[int], lora: Path | None) -> np.ndarray:
-    from llama_cpp import Llama
-
     kwargs = {"lora_path": str(lora)} if lora else {}
-    llm = Llama(str(gguf_file), n_ctx=128, n_threads=2, logits_all=True, verbose=False, **kwargs)
+    llm = plain_llama(
+        str(gguf_file), n_ctx=128, n_threads=2, logits_all=True, verbose=False, **kwargs
+    )
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float64)
 

@@ -68,8 +68,8 @@ def test_ready_gguf_lora_is_served_as_it_is(real_model: ModelSource, tmp_path: P
     file = write_random_lora(real_model.path, root / "ready" / GGUF_LORA_FILE, seed=5, rank=8)
     limits = AdapterLimits([root], max_rank=64, max_resident=8, max_resident_bytes=1 << 30)
     runtime = RuntimeConfig(
-        n_ctx_per_seq=256, n_seq_max=2, n_threads=2, flash_attn=False, repack_weights=True
-    )  # as the high-level Llama runs: exact match
+        n_ctx_per_seq=256, n_seq_max=2, n_threads=2, flash_attn=False
+    )  # as the oracle's Llama runs: exact match
     engine, store = build_gguf_backend(
         real_model.path, real_model.sha256, limits, runtime, tmp_path / "cache"
     )

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from loraplex.bench.plain_llama import plain_llama
 from loraplex.server import models
 from loraplex.server.errors import CorruptModel
 from loraplex.server.models import ModelSource
@@ -53,10 +54,8 @@ def _hf_greedy(checkpoint: Path) -> tuple[list[int], list[int], np.ndarray]:
 
 
 def _llama_greedy(gguf_file: Path, prompt_ids: list[int]) -> tuple[list[int], np.ndarray]:
-    from llama_cpp import Llama
-
     # logits_all: llama-cpp-python keeps no scores otherwise
-    llm = Llama(str(gguf_file), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    llm = plain_llama(str(gguf_file), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
     llm.eval(prompt_ids)
     first_logits = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
     generated: list[int] = []
