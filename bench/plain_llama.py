@@ -2,10 +2,10 @@
 
 `Llama` always lets llama.cpp move weights into its extra CPU buffer types (repacked layouts,
 and Intel AMX tiles where the CPU has them), and offers no setting against it. On a CPU with
-AMX, llama.cpp 0.3.36 then crashes (SIGSEGV in llama_decode) as soon as a LoRA applies to
-those weights, so every `Llama` given a `lora_path` here is made through `plain_llama`. The
-GGUF backend's own runtime keeps plain buffers by default for the same reason
-(`RuntimeConfig.repack_weights`), so the two also compute alike.
+AMX, llama.cpp 0.3.36 then crashes (SIGSEGV in llama_decode) on Gemma 3, with or without a
+LoRA, so every `Llama` that decodes here is made through `plain_llama`. The GGUF backend's
+own runtime keeps plain buffers for the same reason (`RuntimeConfig.repack_weights`), so the
+two also compute alike.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ class RuntimeConfig:
     # llama.cpp's repacked CPU weights are faster, but take other kernels for one row than for
     # groups of rows, moving a sequence's logits by up to ~1 with its batch mates; without them
     # batched and solo runs differ only by float rounding (single vs multi-row dot products).
-    # On CPUs with AMX, llama.cpp 0.3.36 also crashes when a LoRA applies to repacked weights.
+    # On CPUs with AMX, llama.cpp 0.3.36 also crashes (SIGSEGV in llama_decode) on them.
     repack_weights: bool = False
 
 
