@@ -19,8 +19,10 @@ from loraplex.server.engine.output_head import quantize_output_head
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 10
-# Greedy tokens must match exactly; log-probabilities within this (NF4 kernels, batch padding).
-LOGPROB_TOLERANCE = 2e-3
+# Greedy tokens must match exactly; log-probabilities within this. NF4 computes in bf16, and
+# torch runs a batch's bf16 matmuls through other kernels than one row's: 2e-3 apart on AVX2
+# CPUs, up to 0.027 on CPUs with AMX-BF16, whose tile kernels round otherwise.
+LOGPROB_TOLERANCE = 0.04
 
 
 def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path) -> None:
