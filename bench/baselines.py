@@ -6,6 +6,10 @@ requests waiting when the previous batch ended (at most `batch_rows`), runs PEFT
 (`set_adapter` when one adapter owns the batch, else its mixed-batch `adapter_names`) until
 its longest request ends, and takes no newcomer meanwhile. With `batch_rows=1` it is the naive
 server loop: set_adapter, then one request's generation at a time. Greedy decoding only.
+
+One PeftModel holds adapters of one PEFT type only, so a batch takes the waiting requests of
+the first one's type (and base rows), and a batch of another type first unloads every adapter
+and wraps the base anew, as a PEFT server serving LoRA and VeRA would have to.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class PeftStaticEngine:
         self.max_context = int(self.base.config.max_position_embeddings)
         self.store, self.batch_rows = store, batch_rows
         self.model: Any = None  # the PeftModel, made with the first adapter
+        self.model_type: str | None = None  # the PEFT type of its adapters
         self.eos = {
             self.tokenizer.eos_token_id,
             *_as_list(self.base.generation_config.eos_token_id),
@@ -86,10 +91,20 @@ class PeftStaticEngine:
             self._batch = None
             if not self._waiting:
                 return []
-            rows = [_Row(r) for r in self._waiting[: self.batch_rows]]
-            self._waiting = self._waiting[self.batch_rows :]
-            return self._start(rows)
+            return self._start([_Row(r) for r in self._take_batch()])
         return self._next_token(self._batch)
+
+    def _take_batch(self) -> list[SequenceRequest]:
+        """Up to batch_rows waiting requests, in order, of one PEFT type (or none)."""
+        kinds = [self._peft_type(r) for r in self._waiting]
+        kind = next((k for k in kinds if k is not None), None)
+        taken = [r for r, k in zip(self._waiting, kinds, strict=True) if k in (None, kind)]
+        taken = taken[: self.batch_rows]
+        self._waiting = [r for r in self._waiting if r not in taken]
+        return taken
+
+    def _peft_type(self, request: SequenceRequest) -> str | None:
+        return None if request.adapter is None else self.store.get(request.adapter).peft_type
 
     def _start(self, rows: list[_Row]) -> list[TokenEvent]:
         width = max(len(r.request.prompt_ids) for r in rows)
@@ -133,7 +148,12 @@ class PeftStaticEngine:
         if ref is None:
             return BASE
         name = f"{ref.adapter_id}.v{ref.version}".replace(".", "_")
-        path = self.store.get(ref).path
+        adapter = self.store.get(ref)
+        path = adapter.path
+        if self.model is not None and adapter.peft_type != self.model_type:
+            self.base = self.model.unload()  # every adapter out; the plain base back
+            self.model = None
+        self.model_type = adapter.peft_type
         if self.model is None:
             self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         elif name not in self.model.peft_config:

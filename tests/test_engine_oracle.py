@@ -17,7 +17,9 @@ from loraplex.server.engine.hf import AUTO_MERGE_AFTER_FORWARDS, HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
 
 NEW_TOKENS = 12
-LOGPROB_TOLERANCE = {"fp32": 1e-4, "nf4": 1e-3}  # nf4 adds base-kernel rounding differences
+# nf4 adds base-kernel rounding differences: up to 1.4e-3 where bitsandbytes takes its
+# AVX512-BF16 kernel for PEFT's forward and torch its AMX one for ours
+LOGPROB_TOLERANCE = {"fp32": 1e-4, "nf4": 3e-3}
 
 
 @pytest.fixture(scope="session")

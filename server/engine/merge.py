@@ -14,6 +14,7 @@ from torch import nn
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter, LoraModule, VeraWeights
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
+from loraplex.server.errors import LoraplexError
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -66,6 +67,9 @@ def _requantized(weight: nn.Parameter, delta: torch.Tensor) -> nn.Parameter:
     """Dequantize an NF4 weight, add the delta and quantize again (as PEFT's merge does)."""
     import bitsandbytes as bnb  # only present where quantized bases are used
 
+    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+        # The engine's NF4 forward never calls Linear4bit.forward, which repacks on AVX512-BF16
+        raise LoraplexError("bitsandbytes repacked this weight for its CPU kernel; cannot merge")
     dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[attr-defined]
     merged = (dense.float() + delta.to(dense.device).float()).to(dense.dtype)
     kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
