@@ -96,11 +96,13 @@ class PeftStaticEngine:
 
     def _take_batch(self) -> list[SequenceRequest]:
         """Up to batch_rows waiting requests, in order, of one PEFT type (or none)."""
-        kinds = [self._peft_type(r) for r in self._waiting]
-        kind = next((k for k in kinds if k is not None), None)
-        taken = [r for r, k in zip(self._waiting, kinds, strict=True) if k in (None, kind)]
-        taken = taken[: self.batch_rows]
-        self._waiting = [r for r in self._waiting if r not in taken]
+        kind = next(filter(None, map(self._peft_type, self._waiting)), None)
+        taken: list[SequenceRequest] = []
+        left: list[SequenceRequest] = []
+        for request in self._waiting:
+            fits = len(taken) < self.batch_rows and self._peft_type(request) in (None, kind)
+            (taken if fits else left).append(request)
+        self._waiting = left
         return taken
 
     def _peft_type(self, request: SequenceRequest) -> str | None:

@@ -17,11 +17,6 @@ from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
 from loraplex.server.engine.nf4 import CachedScalesNf4
 
-# Merged weights equal PEFT's own NF4 merge (merge_and_unload) byte for byte. Against batched
-# mode, merged differs by the rounding of W + BA to the NF4 grid: we require that to stay
-# within what quantizing the base to NF4 moves its log-probabilities in the first place (on the
-# tiny model, with its large random weights: 1.07 against 1.25).
-
 
 def quantized_linear(weight: torch.Tensor, device: torch.device) -> torch.nn.Module:
     out_features, in_features = weight.shape
@@ -64,6 +59,10 @@ def log_probs(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
 def test_nf4_merge_restores_weights_exactly_and_stays_close_to_batched(
     tiny_checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Merged weights equal PEFT's own NF4 merge (merge_and_unload) byte for byte. Against
+    batched mode, merged differs by the rounding of W + BA to the NF4 grid: we require that to
+    stay within what quantizing the base to NF4 moves its log-probabilities in the first place
+    (on the tiny model, with its large random weights: 1.07 against 1.25)."""
     checkpoint = tiny_checkpoints["gemma3"]
     fp32 = AutoModelForCausalLM.from_pretrained(checkpoint)
     lora = LoraConfig(r=8, lora_alpha=8, target_modules="all-linear")
