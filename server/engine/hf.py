@@ -144,8 +144,9 @@ class HFEngine:
         positions = [[len(s.tokens) - 1 if a else NO_TOKEN] for s, a in pairs]
         rows = [s for s, a in zip(self._sequences, active, strict=True) if a]
         logits = self._forward(self._cache, tokens, positions, self._sequences, active)
-        picked = logits[torch.tensor(active, device=logits.device)]
-        return self._advance_all(rows, picked)
+        if not all(active):  # a mask copy of [rows, vocab] costs ~3% of a step; skip it if it can
+            logits = logits[torch.tensor(active, device=logits.device)]
+        return self._advance_all(rows, logits)
 
     def _prefill(self, requests: list[SequenceRequest]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
