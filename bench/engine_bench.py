@@ -3,7 +3,9 @@
     .venv/bin/python -m loraplex.bench.engine_bench [--threads 1] [--output-head int8]
 
 Workload: 16 concurrent requests spread over 8 rank-16 all-linear LoRAs, 64 greedy
-new tokens each. Prints a table with every figure beside its target, then the raw JSON.
+new tokens each. The engine runs and PEFT's static batches take turns over --rounds rounds,
+and each figure is its median, so the machine's drift in speed falls on all of them. Prints
+a table with every figure beside its target, then the raw JSON.
 Also measures merged against batched mode while one adapter owns the batch (fp32 and NF4
 bases), the figures behind `adapter_mode=auto`.
 """
@@ -21,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,7 +32,7 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.bench.peft_baselines import peft_model, peft_naive, peft_static
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
-from loraplex.server.engine.config import EngineConfig, OutputHead
+from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.models import hf_checkpoint, resolve
 
@@ -73,10 +76,31 @@ def engine_run(
     return tokens
 
 
-def make_resident(engine: HFEngine, names: list[str]) -> None:
-    """Load every adapter into the store (the host tier); device slots fill as requests run."""
-    for name in names:
+def set_resident(engine: HFEngine, names: list[str], count: int) -> None:
+    """Keep exactly the first `count` adapters in the store (the host tier); device slots
+    fill as requests run."""
+    for name in names[:count]:
         engine.store.load(name)
+    resident = {info.adapter_id for info in engine.store.list() if info.resident}
+    for name in names[count:]:
+        if name in resident:
+            engine.store.unload(name)
+    assert sum(info.resident for info in engine.store.list()) == count
+
+
+def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Median of each run over `rounds` rounds that take the runs in turn.
+
+    This machine's speed drifts by ±20% within minutes; one pass of each run in sequence
+    turned that drift into the ratios (the same engine run measured 47.7 and then 37.1
+    tok/s), while a median over interleaved rounds sees every run under the same drift.
+    """
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(rounds):
+        for name, run in runs.items():
+            print(f"round {round_ + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
+            rates[name].append(run())
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def with_mode(engine: HFEngine, mode: str) -> HFEngine:
@@ -114,27 +138,43 @@ def rss_mib() -> float:
 
 
 def nf4_phase(
-    checkpoint: Path, root: Path, names: list[str], count: int, n: int, head: OutputHead
-) -> dict:
-    """Engine figures on the NF4 base: mixed, base-only, 8 vs 64 resident, one owner."""
+    checkpoint: Path, root: Path, names: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Engine and PEFT figures on the NF4 base, in interleaved rounds, then one owner."""
+    n, count, head = args.new_tokens, args.requests, args.output_head
     config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_slots=DEVICE_SLOTS,
                           max_lora_rank=16, adapter_mode="batched", output_head=head)  # fmt: skip
     engine = HFEngine.from_config(config, AdapterStore([root], max_resident=RESIDENT))
     prompts = [engine.encode(PROMPTS[i % len(PROMPTS)]) for i in range(count)]
     over8 = [names[i % 8] for i in range(count)]
-    engine_run(engine, prompts[:2], over8[:2], 4)  # warm-up
-    r: dict[str, float] = {}
-    r["mixed"] = timed(lambda: engine_run(engine, prompts, over8, n))
-    r["base_only"] = timed(lambda: engine_run(engine, prompts, [None] * count, n))
-    make_resident(engine, names)
-    assert sum(info.resident for info in engine.store.list()) == RESIDENT
-    r["mixed_64_resident"] = timed(lambda: engine_run(engine, prompts, over8, n))
     spread = [names[(i * 4) % RESIDENT] for i in range(count)]  # 16 distinct adapters of 64
-    r["spread_16_of_64"] = timed(lambda: engine_run(engine, prompts, spread, n))
+    engine_run(engine, prompts[:2], over8[:2], 4)  # warm-up
+    set_resident(engine, names, RESIDENT)
+    engine_run(engine, prompts, spread, 4)  # every device slot filled
+    r: dict[str, Any] = {"engine_peak_rss_mib": rss_mib()}  # before PEFT's model is loaded
+    model = peft_model(checkpoint, root, names[:8], EngineConfig(
+        checkpoint=checkpoint, quantization="nf4", output_head=head))  # fmt: skip
+
+    def engine_rate(adapters: list[str | None], resident: int) -> Callable[[], float]:
+        def run() -> float:
+            set_resident(engine, names, resident)
+            return timed(lambda: engine_run(engine, prompts, adapters, n))
+
+        return run
+
+    r |= interleaved(args.rounds, {
+        "mixed": engine_rate(list(over8), 8),
+        "base_only": engine_rate([None] * count, 8),
+        "peft_static": lambda: timed(lambda: peft_static(model, prompts, over8, n)),
+        "mixed_64_resident": engine_rate(list(over8), RESIDENT),
+        "spread_16_of_64": engine_rate(list(spread), RESIDENT),
+    })  # fmt: skip
+    k = args.naive_requests  # one pass: at a tenth of the others' rate it is as long as a round
+    naive = timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
+    r["peft_naive"] = naive
     r.update(one_owner(engine, prompts, names[0], n, "nf4"))
     r["load_p50_s"] = load_seconds(root, engine, names[0])
-    r["engine_peak_rss_mib"] = rss_mib()
-    r["prompts"] = prompts  # type: ignore[assignment]
+    r["prompts"] = prompts
     return r
 
 
@@ -159,17 +199,6 @@ def fp32_phase(
     engine = HFEngine.from_config(config, AdapterStore([root], max_resident=8))
     engine_run(engine, prompts[:2], names[:2], 4)  # warm-up
     return one_owner(engine, prompts, names[0], n, "fp32")
-
-
-def peft_phase(checkpoint: Path, root: Path, names: list[str], prompts: list[list[int]],
-               n: int, naive_requests: int, head: OutputHead) -> dict:  # fmt: skip
-    config = EngineConfig(checkpoint=checkpoint, quantization="nf4", output_head=head)
-    model = peft_model(checkpoint, root, names[:8], config)
-    over8 = [names[i % 8] for i in range(len(prompts))]
-    static = timed(lambda: peft_static(model, prompts, over8, n))
-    k = naive_requests
-    naive = timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
-    return {"peft_static": static, "peft_naive": naive}
 
 
 TARGETS: list[tuple[str, str, str, float | None]] = [
@@ -232,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="requests for the sequential PEFT loop (its tok/s does not depend on it)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds; each figure is their median"
+    )
     parser.add_argument("--adapters", type=Path, default=None, help="reuse adapters written before")
     parser.add_argument(
         "--output-head",
@@ -249,15 +281,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         names = [f"lora-{i}" for i in range(RESIDENT)]
     else:
         names = adapters_in_child(root, checkpoint)
-    n, count = args.new_tokens, args.requests
-    r = nf4_phase(checkpoint, root, names, count, n, args.output_head)
+    r = nf4_phase(checkpoint, root, names, args)
     prompts = r.pop("prompts")
-    r.update(peft_phase(checkpoint, root, names, prompts, n, args.naive_requests, args.output_head))
-    r.update(fp32_phase(checkpoint, root, names, prompts, n))
+    r.update(fp32_phase(checkpoint, root, names, prompts, args.new_tokens))
     r.update(ratios(r))
-    r.update(requests=count, new_tokens=n, threads=torch.get_num_threads(),
-             naive_requests=args.naive_requests, output_head=args.output_head,
-             load_average=os.getloadavg())  # fmt: skip
+    r.update(requests=args.requests, new_tokens=args.new_tokens, rounds=args.rounds,
+             threads=torch.get_num_threads(), naive_requests=args.naive_requests,
+             output_head=args.output_head, load_average=os.getloadavg())  # fmt: skip
     print(table(r))
     print(json.dumps(r, indent=2))
 

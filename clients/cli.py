@@ -53,6 +53,9 @@ class GenerateConfig(ClientConfig):
     top_p: float | None = Field(default=None, description="nucleus sampling mass in (0, 1]")
     seed: int | None = Field(default=None, description="seed for reproducible sampling")
     stop: list[str] = Field(default_factory=list, description="stop sequence (repeatable)")
+    logprobs: bool = Field(
+        default=False, description="also print each token's id and log-probability (to stderr)"
+    )
 
 
 class AdaptersConfig(ClientConfig):
@@ -86,6 +89,7 @@ def _generate(config: GenerateConfig) -> int:
         k: getattr(config, k)
         for k in ("adapter", "scale", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
     }
+    options["logprobs"] = config.logprobs
     with config.client() as client:
         if not config.stream:
             result = client.generate(config.prompt, stop=config.stop, **options)
@@ -96,6 +100,9 @@ def _generate(config: GenerateConfig) -> int:
                 print(chunk.text, end="", flush=True)
             print()
             result = stream.result  # type: ignore[assignment]
+    if result is not None and config.logprobs:
+        for token_id, logprob in zip(result.token_ids, result.logprobs, strict=True):
+            print(f"{token_id:>8} {logprob:10.4f}", file=sys.stderr)
     if result is not None:
         print(
             f"[{result.finish_reason}; {result.completion_tokens} tokens; adapter "

@@ -80,6 +80,7 @@ class FakeEngine:
             del self.seqs[req.seq_id]
             return TokenEvent(req.seq_id, None, finish=FinishReason.EOS)
         token = expected_token(req.prompt_ids, req.adapter, seq.produced)
+        logprob = -seq.produced / 8 if req.sampling.logprobs else None  # known, for the tests
         seq.produced += 1
         finish = None
         if seq.produced >= req.sampling.max_new_tokens:
@@ -88,7 +89,7 @@ class FakeEngine:
             finish = FinishReason.CONTEXT
         if finish is not None:
             del self.seqs[req.seq_id]
-        return TokenEvent(req.seq_id, token, self.decode([token]), finish=finish)
+        return TokenEvent(req.seq_id, token, self.decode([token]), logprob, finish)
 
 
 @dataclass

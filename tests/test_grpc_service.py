@@ -373,3 +373,20 @@ def test_train_adapter_push_loads_the_new_adapter(
     message = capsys.readouterr().err
     assert f"saved in {tmp_path / 'not-in-any-root'}" in message
     assert f"Is {tmp_path} one of its --adapter-roots?" in message
+
+
+def test_generate_command_prints_text_and_logprobs(
+    served: Served, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loraplex.server.cli import main
+
+    argv = ["generate", "hello there", "--server", served.target, "--adapter", "a"]
+    assert main([*argv, "--max-new-tokens", "4", "--logprobs"]) == 0
+    out, err = capsys.readouterr()
+    ref = AdapterRef("a", served.store.versions.get("a", 0))
+    tokens = want_tokens(served.engine, "hello there", ref, 4)
+    assert out == served.engine.decode(tokens) + "\n"
+    rows = [line.split() for line in err.splitlines() if not line.startswith("[")]
+    assert [(int(t), float(lp)) for t, lp in rows] == [(t, -i / 8) for i, t in enumerate(tokens)]
+    assert main([*argv, "--max-new-tokens", "4"]) == 0  # without the flag: no table
+    assert capsys.readouterr().err.count("\n") == 1
