@@ -58,11 +58,13 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     ).eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
-    if config.output_head == "int8":
-        calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
-        quantize_output_head(model, calibration)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
+    if config.output_head == "int8":
+        # After wrapping: the calibration forward then runs through the engine's own 4-bit
+        # forward (nf4.py), and bitsandbytes' does not repack the base weights in place.
+        calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
+        quantize_output_head(model, calibration)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
     spec = BaseSpec(model_type=model_type, linear_shapes=shapes, max_rank=config.max_lora_rank)
