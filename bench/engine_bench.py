@@ -81,11 +81,10 @@ def set_resident(engine: HFEngine, names: list[str], count: int) -> None:
     fill as requests run."""
     for name in names[:count]:
         engine.store.load(name)
-    resident = {info.adapter_id for info in engine.store.list() if info.resident}
-    for name in names[count:]:
-        if name in resident:
-            engine.store.unload(name)
-    assert sum(info.resident for info in engine.store.list()) == count
+    extra = set(names[count:])
+    for info in engine.store.list():
+        if info.resident and info.adapter_id in extra:
+            engine.store.unload(info.adapter_id)
 
 
 def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
@@ -170,8 +169,9 @@ def nf4_phase(
         "spread_16_of_64": engine_rate(list(spread), RESIDENT),
     })  # fmt: skip
     k = args.naive_requests  # one pass: at a tenth of the others' rate it is as long as a round
-    naive = timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
-    r["peft_naive"] = naive
+    r["peft_naive"] = (
+        timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
+    )
     r.update(one_owner(engine, prompts, names[0], n, "nf4"))
     r["load_p50_s"] = load_seconds(root, engine, names[0])
     r["prompts"] = prompts

@@ -84,12 +84,12 @@ def _failing(action: Callable[[Any], int]) -> Callable[[Any], int]:
     return run
 
 
+GENERATE_OPTIONS = ("adapter", "scale", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                    "logprobs")  # fmt: skip
+
+
 def _generate(config: GenerateConfig) -> int:
-    options = {
-        k: getattr(config, k)
-        for k in ("adapter", "scale", "max_new_tokens", "temperature", "top_k", "top_p", "seed")
-    }
-    options["logprobs"] = config.logprobs
+    options = {k: getattr(config, k) for k in GENERATE_OPTIONS}
     with config.client() as client:
         if not config.stream:
             result = client.generate(config.prompt, stop=config.stop, **options)
@@ -100,10 +100,10 @@ def _generate(config: GenerateConfig) -> int:
                 print(chunk.text, end="", flush=True)
             print()
             result = stream.result  # type: ignore[assignment]
-    if result is not None and config.logprobs:
-        for token_id, logprob in zip(result.token_ids, result.logprobs, strict=True):
-            print(f"{token_id:>8} {logprob:10.4f}", file=sys.stderr)
     if result is not None:
+        if config.logprobs:
+            for token_id, logprob in zip(result.token_ids, result.logprobs, strict=True):
+                print(f"{token_id:>8} {logprob:10.4f}", file=sys.stderr)
         print(
             f"[{result.finish_reason}; {result.completion_tokens} tokens; adapter "
             f"{result.adapter_id or 'base'} v{result.adapter_version}; "
