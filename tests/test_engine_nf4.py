@@ -42,6 +42,24 @@ def test_cached_scales_forward_equals_bitsandbytes_and_follows_weight_swaps() ->
         assert not torch.equal(fast(x), before)
 
 
+def test_batched_nf4_base_takes_bitsandbytes_fused_kernel_where_the_cpu_has_one(
+    tiny_checkpoints: dict[str, Path],
+) -> None:
+    """Where bitsandbytes has a fused CPU kernel (AVX512-BF16), a base that never merges repacks
+    its weights for it at load; a merging base keeps the layout bitsandbytes can merge into."""
+    checkpoint = tiny_checkpoints["gemma3"]
+    device = pick_device()
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fused = device.type == "cpu" and "avx512_bf16" in cpu_flags
+    for mode, expect in (("batched", fused), ("auto", fused), ("merged", False)):
+        config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode=mode)
+        layers = HFEngine.from_config(config, AdapterStore([])).base.layers.values()
+        repacked = [getattr(lay.base_layer.weight.quant_state, "packing_format_for_cpu", False)
+                    for lay in layers]  # fmt: skip
+        assert repacked == [expect] * len(repacked), mode
+        assert all((lay.base_forward is lay.base_layer) == expect for lay in layers), mode
+
+
 def packed_state(weight: torch.nn.Parameter) -> list[torch.Tensor]:
     """Every tensor that defines a quantized weight: packed codes and (nested) scales."""
     state = weight.quant_state  # type: ignore[attr-defined]

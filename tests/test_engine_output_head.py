@@ -62,13 +62,16 @@ def test_int8_head_refuses_other_devices_and_heads() -> None:
         quantize_output_head(model, ids)
 
 
-def test_int8_head_calibration_leaves_the_nf4_base_layout_alone(tiny_checkpoint: Path) -> None:
+def test_int8_head_calibration_leaves_a_merging_nf4_base_layout_alone(
+    tiny_checkpoint: Path,
+) -> None:
     """Calibrating through bitsandbytes' own forward would repack the 4-bit weights in place on
-    AVX512-BF16 CPUs (its fused kernel's layout), which made prefill 1.7-3.8x slower and
-    merges impossible. The codes must stay byte for byte those of a full-head engine."""
+    AVX512-BF16 CPUs (its fused kernel's layout), and merged mode cannot merge into that
+    layout. The codes must stay byte for byte those of a full-head engine."""
     codes = {}
     for head in ("full", "int8"):
-        config = EngineConfig(checkpoint=tiny_checkpoint, quantization="nf4", output_head=head)
+        config = EngineConfig(checkpoint=tiny_checkpoint, quantization="nf4", output_head=head,
+                              adapter_mode="merged")  # fmt: skip
         engine = HFEngine.from_config(config, AdapterStore([]))
         weights = {name: layer.base_layer.weight for name, layer in engine.base.layers.items()}
         assert not any(getattr(w.quant_state, "packing_format_for_cpu", False)

@@ -13,6 +13,7 @@ from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server.device import compute_dtype
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
+from loraplex.server.engine.nf4 import use_fused_kernel
 from loraplex.server.engine.output_head import quantize_output_head
 from loraplex.server.engine.routing import RoutingContext
 
@@ -60,9 +61,13 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
+    if config.adapter_mode != "merged":  # bitsandbytes cannot merge into its repacked layout
+        for layer in layers.values():
+            if use_fused_kernel(layer.base_layer):
+                layer.base_forward = layer.base_layer
     if config.output_head == "int8":
-        # After wrapping: the calibration forward then runs through the engine's own 4-bit
-        # forward (nf4.py), and bitsandbytes' does not repack the base weights in place.
+        # After wrapping: a merging base's calibration forward then runs through the engine's
+        # own 4-bit forward (nf4.py), so bitsandbytes' does not repack its weights in place.
         calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
         quantize_output_head(model, calibration)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}

@@ -1,6 +1,14 @@
-"""The CPU forward of a bitsandbytes 4-bit linear, minus one op per call.
+"""The CPU forward of a bitsandbytes 4-bit linear: its fused kernel where the CPU has one,
+else dequantize-and-multiply minus one op per call.
 
-On the CPU, bitsandbytes computes a 4-bit matmul by dequantizing the whole weight and calling
+On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks the weight in place (bf16
+scales, a tiled layout) on its first call and then runs a fused kernel. With two threads on
+Gemma 3 270M (int8 head, three interleaved rounds) the fused kernel decodes 1.47x faster at
+2 rows, 1.24x at 8, 1.13x at 16 and 1.11x at 32, and a 72-token prefill takes 0.33 s against
+0.31 s. But bitsandbytes cannot merge into a repacked weight, so a base that merges keeps
+the plain layout (`use_fused_kernel`).
+
+Otherwise bitsandbytes computes a 4-bit matmul by dequantizing the whole weight and calling
 `linear`. With double quantization it first decodes the 8-bit block scales (absmax), on every
 call. Those scales are constant while the weight is, so they are decoded once here and kept
 (one fp32 per 64 weights: about 10 MiB for Gemma 3 270M). Everything else is bitsandbytes' own
@@ -48,6 +56,21 @@ def _decoded_absmax(state: Any) -> torch.Tensor:
 
     absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
     return absmax.float()
+
+
+def use_fused_kernel(layer: nn.Module) -> bool:
+    """Let bitsandbytes repack a CPU 4-bit weight for its fused kernel now, rather than on the
+    first request; True when it did (AVX512-BF16 CPUs), and `layer` is then its own fastest
+    forward."""
+    if type(layer).__name__ != "Linear4bit" or not getattr(layer, "support_avx512bf16_for_cpu", False):
+        return False
+    weight: Any = layer.weight
+    if weight.device.type != "cpu":
+        return False
+    with torch.no_grad():
+        dtype = layer.compute_dtype or torch.bfloat16  # the fused kernel computes in bf16
+        layer(torch.zeros(1, int(weight.quant_state.shape[1]), dtype=dtype))
+    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
 def base_forward(layer: nn.Module, device: torch.device) -> Any:
