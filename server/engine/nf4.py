@@ -62,10 +62,9 @@ def use_fused_kernel(layer: nn.Module) -> bool:
     """Let bitsandbytes repack a CPU 4-bit weight for its fused kernel now, rather than on the
     first request; True when it did (AVX512-BF16 CPUs), and `layer` is then its own fastest
     forward."""
-    if type(layer).__name__ != "Linear4bit" or not getattr(layer, "support_avx512bf16_for_cpu", False):
-        return False
-    weight: Any = layer.weight
-    if weight.device.type != "cpu":
+    fused = getattr(layer, "support_avx512bf16_for_cpu", False)
+    weight: Any = getattr(layer, "weight", None)
+    if type(layer).__name__ != "Linear4bit" or not fused or weight.device.type != "cpu":
         return False
     with torch.no_grad():
         dtype = layer.compute_dtype or torch.bfloat16  # the fused kernel computes in bf16
