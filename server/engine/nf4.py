@@ -62,14 +62,14 @@ def use_fused_kernel(layer: nn.Module) -> bool:
     """Let bitsandbytes repack a CPU 4-bit weight for its fused kernel now, rather than on the
     first request; True when it did (AVX512-BF16 CPUs), and `layer` is then its own fastest
     forward."""
-    fused = getattr(layer, "support_avx512bf16_for_cpu", False)
-    weight: Any = getattr(layer, "weight", None)
-    if type(layer).__name__ != "Linear4bit" or not fused or weight.device.type != "cpu":
+    bnb_layer: Any = layer
+    fused = getattr(bnb_layer, "support_avx512bf16_for_cpu", False)
+    if type(layer).__name__ != "Linear4bit" or not fused or bnb_layer.weight.device.type != "cpu":
         return False
+    dtype = bnb_layer.compute_dtype or torch.bfloat16  # the fused kernel computes in bf16
     with torch.no_grad():
-        dtype = layer.compute_dtype or torch.bfloat16  # the fused kernel computes in bf16
-        layer(torch.zeros(1, int(weight.quant_state.shape[1]), dtype=dtype))
-    return bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+        layer(torch.zeros(1, int(bnb_layer.weight.quant_state.shape[1]), dtype=dtype))
+    return bool(getattr(bnb_layer.weight.quant_state, "packing_format_for_cpu", False))
 
 
 def base_forward(layer: nn.Module, device: torch.device) -> Any:
