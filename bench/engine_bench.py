@@ -172,21 +172,24 @@ def nf4_phase(
     r["peft_naive"] = (
         timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
     )
-    r.update(one_owner(engine, prompts, names[0], n, "nf4"))
+    # A merging base keeps the plain NF4 layout (nf4.py), so merged mode gets its own base.
+    merging = config.model_copy(update={"adapter_mode": "merged"})
+    merged = HFEngine.from_config(merging, AdapterStore([root], max_resident=8))
+    r.update(one_owner(engine, merged, prompts, names[0], n, "nf4"))
     r["load_p50_s"] = load_seconds(root, engine, names[0])
     r["prompts"] = prompts
     return r
 
 
-def one_owner(engine: HFEngine, prompts: list[list[int]], name: str, n: int, tag: str) -> dict:
+def one_owner(engine: HFEngine, merged: HFEngine, prompts: list[list[int]], name: str, n: int,
+              tag: str) -> dict:  # fmt: skip
     """One adapter owns the whole batch: batched deltas against a merged base."""
     owner = [name] * len(prompts)
-    merged = with_mode(engine, "merged")
     figures = {
         f"{tag}_one_owner_batched": timed(lambda: engine_run(engine, prompts, owner, n)),
         f"{tag}_one_owner_merged": timed(lambda: engine_run(merged, prompts, owner, n)),
     }
-    merged.merges.unmerge()  # the two engines share one base
+    merged.merges.unmerge()  # the fp32 engines share one base
     figures[f"{tag}_merge_unmerge_s"] = merge_seconds(merged, name)
     return figures
 
@@ -198,7 +201,7 @@ def fp32_phase(
                           max_lora_rank=16, adapter_mode="batched")  # fmt: skip
     engine = HFEngine.from_config(config, AdapterStore([root], max_resident=8))
     engine_run(engine, prompts[:2], names[:2], 4)  # warm-up
-    return one_owner(engine, prompts, names[0], n, "fp32")
+    return one_owner(engine, with_mode(engine, "merged"), prompts, names[0], n, "fp32")
 
 
 TARGETS: list[tuple[str, str, str, float | None]] = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import bitsandbytes as bnb
+import pytest
 import torch
 from peft import LoraConfig
 from peft_adapters import load_reference, save_adapter
@@ -16,6 +17,7 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
 from loraplex.server.engine.nf4 import CachedScalesNf4
+from loraplex.server.errors import InvalidRequest
 
 
 def quantized_linear(weight: torch.Tensor, device: torch.device) -> torch.nn.Module:
@@ -58,6 +60,11 @@ def test_batched_nf4_base_takes_bitsandbytes_fused_kernel_where_the_cpu_has_one(
                     for lay in layers]  # fmt: skip
         assert repacked == [expect] * len(repacked), mode
         assert all((lay.base_forward is lay.base_layer) == expect for lay in layers), mode
+        if expect:  # merged mode over that base's weights is refused, not failed on first merge
+            batched = HFEngine.from_config(config, AdapterStore([]))
+            merging = config.model_copy(update={"adapter_mode": "merged"})
+            with pytest.raises(InvalidRequest, match="plain layout"):
+                HFEngine(batched.base, batched.store, merging, batched.routing, device)
 
 
 def packed_state(weight: torch.nn.Parameter) -> list[torch.Tensor]:

@@ -304,7 +304,9 @@ class HFEngine:
         """auto: merge unquantized bases once one adapter has owned the batch a while (see
         AUTO_MERGE_AFTER_FORWARDS); quantized bases stay batched."""
         if config.adapter_mode == "merged" and not self._merge_allowed:
-            raise InvalidRequest("adapter_mode", "merged mode needs an nf4, bf16 or fp32 base")
+            raise InvalidRequest(
+                "adapter_mode", "merged mode needs an nf4 (plain layout), bf16 or fp32 base"
+            )
         if config.adapter_mode == "auto":
             unquantized = config.quantization in ("bf16", "fp32")
             return "auto" if unquantized else "batched"

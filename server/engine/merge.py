@@ -21,8 +21,13 @@ def is_4bit(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Linear4bit"
 
 
+def repacked(weight: object) -> bool:
+    """bitsandbytes repacked this 4-bit weight for its fused CPU kernel (nf4.py)."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
 def can_merge(layer: nn.Module) -> bool:
-    return type(layer) is nn.Linear or is_4bit(layer)
+    return type(layer) is nn.Linear or (is_4bit(layer) and not repacked(layer.weight))
 
 
 class MergeState:
@@ -67,8 +72,7 @@ def _requantized(weight: nn.Parameter, delta: torch.Tensor) -> nn.Parameter:
     """Dequantize an NF4 weight, add the delta and quantize again (as PEFT's merge does)."""
     import bitsandbytes as bnb  # only present where quantized bases are used
 
-    if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-        # The engine's NF4 forward never calls Linear4bit.forward, which repacks on AVX512-BF16
+    if repacked(weight):  # a base loaded for merged mode keeps the plain layout
         raise LoraplexError("bitsandbytes repacked this weight for its CPU kernel; cannot merge")
     dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # type: ignore[attr-defined]
     merged = (dense.float() + delta.to(dense.device).float()).to(dense.dtype)
