@@ -3,8 +3,9 @@
     .venv/bin/python -m loraplex.bench.engine_bench [--threads 1] [--output-head int8]
 
 Workload: 16 concurrent requests spread over 8 rank-16 all-linear LoRAs, 64 greedy
-new tokens each. The engine runs and PEFT's static batches take turns over --rounds rounds,
-and each figure is its median, so the machine's drift in speed falls on all of them. Prints
+new tokens each. The engine runs and PEFT's static batches take turns over --rounds rounds;
+each rate is its median over rounds and each ratio the median of the ratios within a round,
+so the machine's drift in speed falls on both sides of every ratio. Prints
 a table with every figure beside its target, then the raw JSON.
 Also measures merged against batched mode while one adapter owns the batch (fp32 and NF4
 bases), the figures behind `adapter_mode=auto`.
@@ -87,19 +88,28 @@ def set_resident(engine: HFEngine, names: list[str], count: int) -> None:
             engine.store.unload(info.adapter_id)
 
 
-def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, float]:
-    """Median of each run over `rounds` rounds that take the runs in turn.
+def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
+    """Each run's rate in each of `rounds` rounds that take the runs in turn.
 
     This machine's speed drifts by ±20% within minutes; one pass of each run in sequence
     turned that drift into the ratios (the same engine run measured 47.7 and then 37.1
-    tok/s), while a median over interleaved rounds sees every run under the same drift.
+    tok/s). Runs in one round are minutes apart at most, so ratios are taken within a round
+    (`paired`).
     """
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(rounds):
         for name, run in runs.items():
             print(f"round {round_ + 1}/{rounds}: {name}", file=sys.stderr, flush=True)
             rates[name].append(run())
-    return {name: statistics.median(values) for name, values in rates.items()}
+    return rates
+
+
+def paired(r: dict, a: str, b: str) -> float:
+    """Median over rounds of run a's rate over run b's in the same round.
+
+    Medians taken separately can come from different rounds: one run gave 1.87 that way
+    where the three rounds' own ratios were 1.99, 1.45 and 1.49."""
+    return statistics.median(x / y for x, y in zip(r["rounds"][a], r["rounds"][b], strict=True))
 
 
 def with_mode(engine: HFEngine, mode: str) -> HFEngine:
@@ -161,13 +171,14 @@ def nf4_phase(
 
         return run
 
-    r |= interleaved(args.rounds, {
+    r["rounds"] = interleaved(args.rounds, {
         "mixed": engine_rate(list(over8), 8),
         "base_only": engine_rate([None] * count, 8),
         "peft_static": lambda: timed(lambda: peft_static(model, prompts, over8, n)),
         "mixed_64_resident": engine_rate(list(over8), RESIDENT),
         "spread_16_of_64": engine_rate(list(spread), RESIDENT),
     })  # fmt: skip
+    r |= {name: statistics.median(rates) for name, rates in r["rounds"].items()}
     k = args.naive_requests  # one pass: at a tenth of the others' rate it is as long as a round
     r["peft_naive"] = (
         timed(lambda: peft_naive(model, prompts[:k], over8[:k], n)) if k else float("nan")
@@ -218,9 +229,9 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
 def ratios(r: dict) -> dict:
     return {
         "vs_naive": r["mixed"] / r["peft_naive"],
-        "vs_static": r["mixed"] / r["peft_static"],
-        "mixed_vs_base": r["mixed"] / r["base_only"],
-        "drop_64_vs_8": 1 - r["mixed_64_resident"] / r["mixed"],
+        "vs_static": paired(r, "mixed", "peft_static"),
+        "mixed_vs_base": paired(r, "mixed", "base_only"),
+        "drop_64_vs_8": 1 - paired(r, "mixed_64_resident", "mixed"),
         "load_p50_ms": r["load_p50_s"] * 1000,
         "nf4_merged_vs_batched": r["nf4_one_owner_merged"] / r["nf4_one_owner_batched"],
         "fp32_merged_vs_batched": r["fp32_one_owner_merged"] / r["fp32_one_owner_batched"],
