@@ -14,16 +14,12 @@ from torch import nn
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter, LoraModule, VeraWeights
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
+from loraplex.server.engine.nf4 import repacked
 from loraplex.server.errors import LoraplexError
 
 
 def is_4bit(layer: nn.Module) -> bool:
     return type(layer).__name__ == "Linear4bit"
-
-
-def repacked(weight: object) -> bool:
-    """bitsandbytes repacked this 4-bit weight for its fused CPU kernel (nf4.py)."""
-    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
 
 
 def can_merge(layer: nn.Module) -> bool:

@@ -37,7 +37,7 @@ class CachedScalesNf4:
         layer: Any = self.layer
         weight = layer.weight
         state = weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
+        if repacked(weight):
             return layer(x)  # repacked for another CPU kernel: leave it to bitsandbytes
         if self._weight is not weight:
             self._absmax, self._weight = _decoded_absmax(state), weight
@@ -69,7 +69,12 @@ def use_fused_kernel(layer: nn.Module) -> bool:
     dtype = bnb_layer.compute_dtype or torch.bfloat16  # the fused kernel computes in bf16
     with torch.no_grad():
         layer(torch.zeros(1, int(bnb_layer.weight.quant_state.shape[1]), dtype=dtype))
-    return bool(getattr(bnb_layer.weight.quant_state, "packing_format_for_cpu", False))
+    return repacked(bnb_layer.weight)
+
+
+def repacked(weight: object) -> bool:
+    """bitsandbytes repacked this 4-bit weight for its fused CPU kernel."""
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
 
 
 def base_forward(layer: nn.Module, device: torch.device) -> Any:
