@@ -55,16 +55,16 @@ def test_batched_nf4_base_takes_bitsandbytes_fused_kernel_where_the_cpu_has_one(
     fused = device.type == "cpu" and "avx512_bf16" in cpu_flags
     for mode, expect in (("batched", fused), ("auto", fused), ("merged", False)):
         config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode=mode)
-        layers = HFEngine.from_config(config, AdapterStore([])).base.layers.values()
+        engine = HFEngine.from_config(config, AdapterStore([]))
+        layers = engine.base.layers.values()
         repacked = [getattr(lay.base_layer.weight.quant_state, "packing_format_for_cpu", False)
                     for lay in layers]  # fmt: skip
         assert repacked == [expect] * len(repacked), mode
         assert all((lay.base_forward is lay.base_layer) == expect for lay in layers), mode
         if expect:  # merged mode over that base's weights is refused, not failed on first merge
-            batched = HFEngine.from_config(config, AdapterStore([]))
             merging = config.model_copy(update={"adapter_mode": "merged"})
             with pytest.raises(InvalidRequest, match="plain layout"):
-                HFEngine(batched.base, batched.store, merging, batched.routing, device)
+                HFEngine(engine.base, engine.store, merging, engine.routing, device)
 
 
 def packed_state(weight: torch.nn.Parameter) -> list[torch.Tensor]:
