@@ -148,6 +148,11 @@ class BaseLayout:
 
     @classmethod
     def read(cls, base_gguf: Path) -> BaseLayout:
+        stat = base_gguf.stat()
+        return _read_layout(base_gguf.resolve(), stat.st_size, stat.st_mtime_ns)
+
+    @classmethod
+    def parse(cls, base_gguf: Path) -> BaseLayout:
         from gguf import GGUFReader
 
         reader = GGUFReader(base_gguf)
@@ -173,6 +178,13 @@ class BaseLayout:
 
     def in_features(self, module: str) -> int:
         return self.shapes[self.gguf_name(module)][0]
+
+
+@functools.lru_cache(maxsize=4)
+def _read_layout(base_gguf: Path, size: int, mtime_ns: int) -> BaseLayout:
+    """BaseLayout.parse, once per base file version: GGUFReader walks every metadata field,
+    and a 262k-token vocabulary makes that take tens of seconds on each export."""
+    return BaseLayout.parse(base_gguf)
 
 
 def export_gguf(

@@ -41,6 +41,9 @@ class LlamaReloadEngine:
         self.reloads = 0
         self._lora: Path | None = None
         self._llama = self._load(None)
+        # encode runs on the server's request threads while step() may be rebuilding _llama,
+        # so text goes through a vocabulary-only model that is never closed.
+        self._vocab = plain_llama(str(model_path), vocab_only=True, verbose=False)
         self.max_context = n_ctx
         self._waiting: list[SequenceRequest] = []
         self._current: _Current | None = None
@@ -53,10 +56,10 @@ class LlamaReloadEngine:
         )  # fmt: skip
 
     def encode(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
+        return list(self._vocab.tokenize(text.encode(), add_bos=True, special=True))
 
     def decode(self, token_ids: list[int]) -> str:
-        return bytes(self._llama.detokenize(token_ids)).decode("utf-8", errors="replace")
+        return bytes(self._vocab.detokenize(token_ids)).decode("utf-8", errors="replace")
 
     def running(self) -> list[str]:
         current = [self._current.request.seq_id] if self._current else []
@@ -101,4 +104,4 @@ class LlamaReloadEngine:
     def _is_end_of_generation(self, token: int) -> bool:
         import llama_cpp
 
-        return bool(llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, token))
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab._model.vocab, token))

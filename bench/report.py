@@ -88,8 +88,11 @@ def _baseline_table(results: dict[str, Any]) -> list[str]:
         ours = point["summary"]["throughput_tok_s"]
         cells = [str(point["value"]), f"{ours:.2f}"]
         for kind in kinds:
-            theirs = point["baselines"][kind]["throughput_tok_s"]
-            cells += [f"{theirs:.2f}", f"{ours / theirs:.2f}x" if theirs else "n/a"]
+            baseline = point["baselines"][kind]
+            theirs = baseline["throughput_tok_s"]
+            failed = baseline["requests"] - baseline["statuses"].get("OK", 0)
+            ratio = f"{ours / theirs:.2f}x" if theirs and not failed else "n/a"
+            cells += [f"{theirs:.2f}", ratio + (f" ({failed} failed)" if failed else "")]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

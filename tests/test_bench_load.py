@@ -69,8 +69,12 @@ def test_readme_summary_puts_each_figure_beside_its_target() -> None:
         point = {"value": value, "summary": {"throughput_tok_s": tok_s, "ttft_s": dist,
                                              "tpot_s": {"p50": 0.1}}}  # fmt: skip
         if baselines:
-            point["baselines"] = {k: {"throughput_tok_s": v} for k, v in baselines.items()}
+            point["baselines"] = {k: served(v) for k, v in baselines.items()}
         return point
+
+    def served(tok_s: float, failed: int = 0) -> dict:
+        statuses = {"OK": 64 - failed, **({"UNAVAILABLE": failed} if failed else {})}
+        return {"throughput_tok_s": tok_s, "requests": 64, "statuses": statuses}
 
     env = {"model": "m", "backend": "hf", "quantization": "nf4", "cpu_count": 2, "git_commit": "c"}
     load = {
@@ -83,3 +87,25 @@ def test_readme_summary_puts_each_figure_beside_its_target() -> None:
     assert "| throughput vs PEFT static batches | 2.00x | reported |  |" in text
     assert "| TTFT p99 / p50 (256 adapters) | 2.50 | <= 2 | NOT met |" in text
     assert "| throughput cost, 8 -> 256 adapters | 8.0% | <= 10% | met |" in text
+    assert "naive 8.00, static 23.00;" in text
+    # a baseline that failed requests shows as failed, never as a ratio or silently left out
+    load["points"][1]["baselines"] |= {"naive": served(0.0, failed=64),
+                                       "llama-reload": served(2.0, failed=3)}  # fmt: skip
+    text = summary(2.0, load)
+    assert ("| throughput vs naive PEFT loop (256 adapters) | baseline failed: "
+            "64 UNAVAILABLE of 64 requests | >= 5x | NOT met |") in text  # fmt: skip
+    assert ("| throughput vs llama-cpp-python reloading per adapter | baseline failed: "
+            "3 UNAVAILABLE of 64 requests | reported |  |") in text  # fmt: skip
+
+
+def test_baseline_table_marks_a_failed_baseline(results: Path) -> None:
+    from loraplex.bench.report import markdown
+
+    data = json.loads((results / "results.json").read_text())
+    point = data["points"][1]
+    point["baselines"]["static"]["statuses"] = {"OK": 7, "UNAVAILABLE": 3}
+    ours = point["summary"]["throughput_tok_s"]
+    naive = point["baselines"]["naive"]["throughput_tok_s"]
+    static = point["baselines"]["static"]["throughput_tok_s"]
+    row = f"| 4 | {ours:.2f} | {naive:.2f} | {ours / naive:.2f}x | {static:.2f} | n/a (3 failed) |"
+    assert row in markdown(data)

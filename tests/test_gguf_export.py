@@ -3,6 +3,7 @@ the way llama.cpp reads it (checked on a stand-in base GGUF with the tiny model'
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +130,26 @@ def test_unsupported_architecture_is_refused(
     writer.close()
     with pytest.raises(InvalidAdapter, match="supports"):
         export_gguf(tmp_path / "llama", tmp_path / "llama.gguf", tmp_path / "x.gguf")
+
+
+def test_the_base_layout_is_parsed_once_per_file_version(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = random_adapter(tiny_checkpoints["gemma3"], "lora", tmp_path / "lora")
+    base_file = standin_base_gguf(model, tmp_path / "base.gguf")
+    parsed: list[Path] = []
+    parse = BaseLayout.parse
+
+    def counting_parse(base_gguf: Path) -> BaseLayout:
+        parsed.append(base_gguf)
+        return parse(base_gguf)
+
+    monkeypatch.setattr(BaseLayout, "parse", counting_parse)
+    first = export_gguf(tmp_path / "lora", base_file, tmp_path / "a.gguf", progress=False)
+    second = export_gguf(tmp_path / "lora", base_file, tmp_path / "b.gguf", progress=False)
+    assert len(parsed) == 1
+    assert first.read_bytes() == second.read_bytes()
+    stat = base_file.stat()
+    os.utime(base_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a new version
+    export_gguf(tmp_path / "lora", base_file, tmp_path / "c.gguf", progress=False)
+    assert len(parsed) == 2

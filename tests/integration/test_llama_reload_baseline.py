@@ -4,6 +4,7 @@ engine does, and reloads the model only when the adapter changes."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,38 @@ def test_reload_baseline_matches_the_gguf_engine(real_model: ModelSource, tmp_pa
         assert baseline.reloads == 4  # base -> date-iso -> json-extract -> base -> date-iso
     finally:
         ours.close()
+
+
+def test_reload_baseline_tokenizes_while_it_reloads(
+    real_model: ModelSource, tmp_path: Path
+) -> None:
+    """The server encodes prompts on its request threads while the engine's thread swaps
+    models; this once freed the model under the tokenizer (SIGSEGV)."""
+    root = tmp_path / "adapters"
+    for adapter_id in PROMPTS:
+        shutil.copytree(DEFAULTS_DIR / adapter_id, root / adapter_id)
+    config = ServeConfig(model=str(real_model.path), adapter_roots=[root],
+                         cache_dir=tmp_path / "cache")  # fmt: skip
+    baseline, store = build("llama-reload", config, rows=1)
+    assert isinstance(baseline, LlamaReloadEngine)
+    text = PROMPTS["json-extract"]
+    expected = baseline.encode(text)
+    encoded: list[list[int]] = []
+    done = threading.Event()
+
+    def encode_until_done() -> None:
+        while not done.is_set():
+            encoded.append(baseline.encode(text))
+
+    thread = threading.Thread(target=encode_until_done)
+    thread.start()
+    try:
+        answers(baseline, store, ["date-iso", "json-extract", None, "json-extract", "date-iso"])
+    finally:
+        done.set()
+        thread.join()
+    assert baseline.reloads == 5
+    assert encoded and all(ids == expected for ids in encoded)
 
 
 def answers(engine: Engine, store: AdapterAdmin, order: list[str | None]) -> list[str]:
