@@ -68,11 +68,14 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for point in results["points"]:
         summary = point["summary"]
-        failed = summary["requests"] - summary["statuses"].get("OK", 0)
-        cells = [str(point["value"]), str(summary["requests"]), str(failed)]
+        cells = [str(point["value"]), str(summary["requests"]), str(failed_requests(summary))]
         cells += [f"{lookup(summary, key):.3f}" for key, _ in ROW_KEYS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + _baseline_table(results)) + "\n"
+
+
+def failed_requests(summary: dict[str, Any]) -> int:
+    return int(summary["requests"] - summary["statuses"].get("OK", 0))
 
 
 def _baseline_table(results: dict[str, Any]) -> list[str]:
@@ -90,7 +93,7 @@ def _baseline_table(results: dict[str, Any]) -> list[str]:
         for kind in kinds:
             baseline = point["baselines"][kind]
             theirs = baseline["throughput_tok_s"]
-            failed = baseline["requests"] - baseline["statuses"].get("OK", 0)
+            failed = failed_requests(baseline)
             ratio = f"{ours / theirs:.2f}x" if theirs and not failed else "n/a"
             cells += [f"{theirs:.2f}", ratio + (f" ({failed} failed)" if failed else "")]
         lines.append("| " + " | ".join(cells) + " |")

@@ -27,14 +27,21 @@ PROMPTS = {
 }
 
 
-def test_reload_baseline_matches_the_gguf_engine(real_model: ModelSource, tmp_path: Path) -> None:
+def reload_baseline(model: ModelSource, tmp_path: Path) -> tuple[LlamaReloadEngine, AdapterAdmin]:
+    """The baseline as `loraplex bench` builds it, over the PROMPTS adapters in tmp_path."""
     root = tmp_path / "adapters"
     for adapter_id in PROMPTS:
         shutil.copytree(DEFAULTS_DIR / adapter_id, root / adapter_id)
-    config = ServeConfig(model=str(real_model.path), adapter_roots=[root],
+    config = ServeConfig(model=str(model.path), adapter_roots=[root],
                          cache_dir=tmp_path / "cache")  # fmt: skip
-    baseline, baseline_store = build("llama-reload", config, rows=1)
+    baseline, store = build("llama-reload", config, rows=1)
     assert isinstance(baseline, LlamaReloadEngine)
+    return baseline, store
+
+
+def test_reload_baseline_matches_the_gguf_engine(real_model: ModelSource, tmp_path: Path) -> None:
+    baseline, baseline_store = reload_baseline(real_model, tmp_path)
+    root = tmp_path / "adapters"
     limits = AdapterLimits([root], max_rank=64, max_resident=8, max_resident_bytes=1 << 30)
     runtime = RuntimeConfig(n_ctx_per_seq=256, n_seq_max=4)
     ours, our_store = build_gguf_backend(
@@ -55,13 +62,7 @@ def test_reload_baseline_tokenizes_while_it_reloads(
 ) -> None:
     """The server encodes prompts on its request threads while the engine's thread swaps
     models; this once freed the model under the tokenizer (SIGSEGV)."""
-    root = tmp_path / "adapters"
-    for adapter_id in PROMPTS:
-        shutil.copytree(DEFAULTS_DIR / adapter_id, root / adapter_id)
-    config = ServeConfig(model=str(real_model.path), adapter_roots=[root],
-                         cache_dir=tmp_path / "cache")  # fmt: skip
-    baseline, store = build("llama-reload", config, rows=1)
-    assert isinstance(baseline, LlamaReloadEngine)
+    baseline, store = reload_baseline(real_model, tmp_path)
     text = PROMPTS["json-extract"]
     expected = baseline.encode(text)
     encoded: list[list[int]] = []
