@@ -35,6 +35,7 @@ from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, Lo
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
+IDLE_POLL_S = 1.0  # an idle loop wakes on every submit and cancel; this is a safety net
 
 
 @dataclass(frozen=True)
@@ -351,13 +352,11 @@ class Scheduler:
             if self.step():
                 continue
             with self._lock:
-                if not self._stopping:
-                    self._lock.wait(timeout=self._idle_wait())
-
-    def _idle_wait(self) -> float | None:
-        """Sleep until woken, or until the nearest deadline of a waiting request."""
-        deadlines = [h.submission.deadline for h in self._waiting if h.submission.deadline]
-        return max(0.0, min(deadlines) - self.clock()) if deadlines else 1.0
+                # Checked under the lock: work submitted since the empty step sent its
+                # wake-up before this wait began, so it must not be slept on.
+                idle = not self._running and not len(self._waiting)
+                if idle and not self._stopping:
+                    self._lock.wait(timeout=IDLE_POLL_S)
 
     def stop_admitting(self) -> None:
         """From now on `submit` raises Draining."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
@@ -242,6 +243,37 @@ def test_drain_finishes_in_flight_work_and_refuses_new_requests() -> None:
     assert all(h.finish_reason is FinishReason.LENGTH for h in handles)
     with pytest.raises(Draining):
         s.submit(sub())
+
+
+def test_a_request_arriving_as_the_loop_goes_idle_runs_at_once() -> None:
+    """A submission between an empty step and the loop's idle wait must not be slept on
+    (the wake-up it sends comes before the wait): it once waited for its own deadline."""
+    late: list[RequestHandle] = []
+
+    class ArrivesAsItGoesIdle(Scheduler):
+        def step(self) -> bool:
+            worked = super().step()
+            if not worked and not late:
+                late.append(self.submit(sub(n=3, deadline=time.monotonic() + 120)))
+            return worked
+
+    s = ArrivesAsItGoesIdle(FakeEngine(), FakeAdapters(known=set()), SchedulerLimits())
+    s.start()
+    try:
+        served: list[list[int]] = []
+        reader = threading.Thread(target=lambda: served.append(tokens(_first(late))))
+        reader.start()
+        reader.join(timeout=10)
+        assert served and len(served[0]) == 3, "the request waited for its deadline"
+    finally:
+        s.stop()
+
+
+def _first(items: list[RequestHandle], wait_s: float = 10) -> RequestHandle:
+    end = time.monotonic() + wait_s
+    while not items and time.monotonic() < end:
+        time.sleep(0.01)
+    return items[0]
 
 
 def test_stop_ends_what_is_left_with_draining() -> None:
