@@ -2,8 +2,12 @@
 adapter delta gathered from stacked slot tensors (BGMV-style; slot 0 is "no adapter").
 
 LoRA:  y_i += scale_i · B[s_i] (A[s_i] x_i), with alpha/r (or alpha/sqrt r) folded into B.
-The stacks hold A and B transposed ([in, r] and [r, out] per slot) so the batched matmuls
-read them contiguously: 25-30% faster than gathering [r, in] / [out, r] (bench on 2 cores).
+The stacks hold A as PEFT does ([r, in] per slot) and B transposed ([r, out]), so slots
+0..k-1 of either stack are one contiguous [k·r, features] matrix. A decode step (one token
+per row) whose used slots span few blocks per row multiplies by that whole span at once and
+keeps each row's own block with the routing's block mask: two dense matmuls, no per-row
+gather (bench/lora_delta_bench.py; Punica's BGMV gathers instead, which a GPU does well and
+a CPU does not). Prefill and sparse spans gather each row's A and B and use batched matmuls.
 VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B shared by all slots.
 """
 
@@ -36,7 +40,7 @@ class MultiAdapterLinear(nn.Module):
         self.lora_slots: set[int] = set()  # slots whose adapter targets this layer
         self.vera_slots: set[int] = set()
         # Stacks are allocated on first use so untargeted layers cost nothing.
-        self.lora_a: torch.Tensor | None = None  # [slots, in, max_rank]: A transposed
+        self.lora_a: torch.Tensor | None = None  # [slots, max_rank, in]
         self.lora_b: torch.Tensor | None = None  # [slots, max_rank, out]: B transposed
         self.vera_a: torch.Tensor | None = None  # [r, in] slice of the shared projection
         self.vera_b: torch.Tensor | None = None  # [out, r]
@@ -56,12 +60,16 @@ class MultiAdapterLinear(nn.Module):
 
     def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         assert self.lora_a is not None and self.lora_b is not None
-        stack_a, stack_b = self.lora_a, self.lora_b
-        if routing.rank < self.max_rank:
-            stack_a, stack_b = stack_a[:, :, : routing.rank], stack_b[:, : routing.rank]
-        a = stack_a.index_select(0, routing.slots)  # [rows, in, r]
+        rank = routing.rank
+        stack_a, stack_b = self.lora_a[:, :rank], self.lora_b[:, :rank]
+        if routing.block_mask is not None:
+            span = routing.span  # a view when rank is max_rank, else a copy of `span` blocks
+            a = stack_a[:span].reshape(span * rank, self.in_features)
+            b = stack_b[:span].reshape(span * rank, self.out_features)
+            return ((x.to(self.dtype) @ a.T) * routing.block_mask) @ b
+        a = stack_a.index_select(0, routing.slots)  # [rows, r, in]
         b = stack_b.index_select(0, routing.slots)  # [rows, r, out]
-        h = torch.bmm(x.to(self.dtype), a)
+        h = torch.bmm(x.to(self.dtype), a.transpose(1, 2))
         if routing.scales is not None:
             h = h * routing.scales.to(self.dtype)
         return torch.bmm(h, b)
@@ -85,7 +93,7 @@ class MultiAdapterLinear(nn.Module):
 
     def set_lora(self, slot: int, module: LoraModule) -> None:
         if self.lora_a is None:
-            shape_a = (self.num_slots, self.in_features, self.max_rank)
+            shape_a = (self.num_slots, self.max_rank, self.in_features)
             shape_b = (self.num_slots, self.max_rank, self.out_features)
             self.lora_a = torch.zeros(shape_a, dtype=self.dtype, device=self._device())
             self.lora_b = torch.zeros(shape_b, dtype=self.dtype, device=self._device())
@@ -93,7 +101,7 @@ class MultiAdapterLinear(nn.Module):
         rank = module.a.shape[0]
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
-        self.lora_a[slot, :, :rank] = module.a.T.to(self.dtype)
+        self.lora_a[slot, :rank] = module.a.to(self.dtype)
         self.lora_b[slot, :rank] = (module.b.float() * module.scaling).T.to(self.dtype)
         self.lora_slots.add(slot)
 

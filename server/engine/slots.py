@@ -1,12 +1,12 @@
 """Device slots of the stacked adapter tensors: which adapter version sits in which slot.
 
-Slot 0 means "no adapter". A slot held by running rows is never reused; idle slots are
-recycled least recently used first (the device tier of a two-tier cache, as in vLLM).
+Slot 0 means "no adapter". A slot held by running rows is never reused. A new adapter
+version takes the lowest slot that is free or idle, so the slots a batch uses stay low and
+dense decode steps multiply by a short span of slots (routing.py); an idle adapter evicted
+from a low slot costs one reinstall, a copy of its weights, if it comes back.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 
@@ -26,7 +26,7 @@ class AdapterSlots:
     def __init__(self, layers: dict[str, MultiAdapterLinear], num_slots: int) -> None:
         self.layers = layers
         self.num_slots = num_slots  # usable slots: 1..num_slots
-        self._slots: OrderedDict[SlotKey, int] = OrderedDict()  # LRU order
+        self._slots: dict[SlotKey, int] = {}
         self._holders: dict[int, int] = {}
         self._ranks: dict[int, int] = {}
         self._vera_projection: VeraProjection | None = None
@@ -40,7 +40,6 @@ class AdapterSlots:
             slot = self._free_slot(adapter.adapter_id)
             self._install(slot, adapter)
             self._slots[key] = slot
-        self._slots.move_to_end(key)
         self._holders[slot] = self._holders.get(slot, 0) + 1
         return slot
 
@@ -56,13 +55,12 @@ class AdapterSlots:
         return max((self._ranks.get(s, 0) for s in slots), default=0)
 
     def _free_slot(self, adapter_id: str) -> int:
-        taken = set(self._slots.values())
+        installed = {slot: key for key, slot in self._slots.items()}
         for slot in range(1, self.num_slots + 1):
-            if slot not in taken:
+            if slot not in installed:
                 return slot
-        for key, slot in self._slots.items():
             if not self._holders.get(slot):
-                del self._slots[key]
+                del self._slots[installed[slot]]
                 self._clear(slot)
                 return slot
         raise AdapterCapacityExceeded(

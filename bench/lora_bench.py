@@ -1,0 +1,127 @@
+"""The two ways MultiAdapterLinear applies LoRA, side by side: the figures behind
+DENSE_SLOTS_PER_ROW in server/engine/routing.py.
+
+    .venv/bin/python -m loraplex.bench.lora_bench [--threads 2] [--rank 16]
+
+For each case (rows, slot blocks spanned, tokens per row) it times the LoRA deltas of one
+forward through every adapted linear of Gemma 3 270M (18 layers x 7 projections, bf16
+stacks, random weights: the cost does not depend on the values), once as one dense matmul
+over the slot span and once gathered per row, alternating, and prints the ratio. `routes`
+says which one the engine's rule picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from loraplex.adapters.weights import LoraModule
+from loraplex.server.engine.multi_linear import MultiAdapterLinear
+from loraplex.server.engine.routing import Routing, RoutingContext, block_mask
+
+# (in, out) of q, k, v, o, gate, up, down in Gemma 3 270M; 18 decoder layers
+SHAPES = [(640, 1024), (640, 256), (640, 256), (1024, 640), (640, 2048), (640, 2048), (2048, 640)]
+LAYERS = 18
+CASES = [  # rows, slot span (highest slot + 1), tokens per row
+    (16, 9, 1), (16, 17, 1), (8, 9, 1), (32, 9, 1), (4, 9, 1), (4, 17, 1), (2, 5, 1),
+    (8, 9, 20), (3, 4, 90),
+]  # fmt: skip
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="loraplex bench lora",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--rank", type=int, default=16, help="rank of every adapter")
+    parser.add_argument("--repeats", type=int, default=7, help="timed turns of each path")
+    return parser.parse_args(argv)
+
+
+class _NoBase(nn.Module):
+    """Stands in for the base weights, which both paths share: only the deltas are timed."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def layers(span: int, rank: int, routing: RoutingContext) -> list[MultiAdapterLinear]:
+    built = []
+    for fan_in, fan_out in SHAPES * LAYERS:
+        layer = MultiAdapterLinear(
+            _NoBase(fan_out), (fan_in, fan_out), routing, span, rank, torch.bfloat16
+        )
+        for slot in range(1, span):
+            layer.set_lora(slot, LoraModule(torch.randn(rank, fan_in) / 30,
+                                            torch.randn(fan_out, rank) / 30, 1.0))  # fmt: skip
+        built.append(layer)
+    return built
+
+
+def time_case(rows: int, span: int, tokens: int, args: argparse.Namespace) -> dict[str, object]:
+    routing = RoutingContext()
+    stack = layers(span, args.rank, routing)
+    slots = [span - 1 - i % (span - 1) for i in range(rows)]  # the highest slot sets the span
+    chosen, forced = routes(routing, slots, tokens, args.rank)
+    inputs = [torch.randn(rows, tokens, layer.in_features, dtype=torch.bfloat16) for layer in stack]
+    seconds: dict[str, list[float]] = {name: [] for name in forced}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, route in forced.items():
+                routing.current = route
+                started = time.perf_counter()
+                for layer, x in zip(stack, inputs, strict=True):
+                    layer(x)
+                seconds[name].append(time.perf_counter() - started)
+    dense, gather = (statistics.median(seconds[k][1:]) for k in ("dense", "gather"))
+    return {
+        "rows": rows, "span": span, "tokens": tokens, "dense_ms": dense * 1e3,
+        "gather_ms": gather * 1e3, "dense_vs_gather": dense / gather, "routes": chosen,
+    }  # fmt: skip
+
+
+def routes(
+    routing: RoutingContext, slots: list[int], tokens: int, rank: int
+) -> tuple[str, dict[str, Routing]]:
+    """The path the engine's rule picks, and a routing that forces each path."""
+    dtype = torch.bfloat16
+    routing.set(slots, [1.0] * len(slots), rank, torch.device("cpu"), tokens_per_row=tokens,
+                dtype=dtype)  # fmt: skip
+    current = routing.current
+    assert current is not None
+    mask = block_mask(torch.tensor(slots), [1.0] * len(slots), current.span, rank, dtype)
+    forced = {
+        "dense": dataclasses.replace(current, block_mask=mask),
+        "gather": dataclasses.replace(current, block_mask=None),
+    }
+    return ("dense" if current.block_mask is not None else "gather"), forced
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    results = [time_case(rows, span, tokens, args) for rows, span, tokens in CASES]
+    print("| rows | slot span | tokens/row | dense ms | gather ms | dense/gather | engine uses |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['rows']} | {r['span']} | {r['tokens']} | {r['dense_ms']:.1f} | "
+              f"{r['gather_ms']:.1f} | {r['dense_vs_gather']:.2f} | {r['routes']} |")  # fmt: skip
+    print(json.dumps({"threads": args.threads, "rank": args.rank, "cases": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()
