@@ -63,9 +63,10 @@ class MultiAdapterLinear(nn.Module):
         rank = routing.rank
         stack_a, stack_b = self.lora_a[:, :rank], self.lora_b[:, :rank]
         if routing.block_mask is not None:
-            span = routing.span  # a view when rank is max_rank, else a copy of `span` blocks
-            a = stack_a[:span].reshape(span * rank, self.in_features)
-            b = stack_b[:span].reshape(span * rank, self.out_features)
+            # Slots 1..span-1 (slot 0, the base, has no delta): a view when rank is max_rank.
+            blocks = (routing.span - 1) * rank
+            a = stack_a[1 : routing.span].reshape(blocks, self.in_features)
+            b = stack_b[1 : routing.span].reshape(blocks, self.out_features)
             return ((x.to(self.dtype) @ a.T) * routing.block_mask) @ b
         a = stack_a.index_select(0, routing.slots)  # [rows, r, in]
         b = stack_b.index_select(0, routing.slots)  # [rows, r, out]

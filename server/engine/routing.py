@@ -24,8 +24,8 @@ class Routing:
     scales: torch.Tensor | None  # [rows, 1, 1]: each row's adapter scale; None: all 1.0
     used_slots: frozenset[int]  # nonzero slots present in this forward
     rank: int  # largest LoRA rank among the used slots (stacks are sliced to it)
-    # Decode only: [rows, 1, span * rank], each row's scale over its own slot's block of
-    # `rank` columns, zero elsewhere; span = highest used slot + 1. None: gather per row.
+    # Decode only: [rows, 1, (span - 1) * rank], each row's scale over its own slot's block
+    # of `rank` columns among slots 1..span-1; span = highest used slot + 1. None: gather.
     block_mask: torch.Tensor | None = None
 
     @property
@@ -73,10 +73,10 @@ class RoutingContext:
 def block_mask(
     slots: torch.Tensor, scales: list[float], span: int, rank: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """[rows, 1, span * rank]: each row's scale over the `rank` columns of its slot."""
+    """[rows, 1, (span - 1) * rank]: each row's scale over the `rank` columns of its slot
+    among slots 1..span-1, zero elsewhere (all zero for a base row)."""
     rows = len(scales)
     mask = torch.zeros((rows, span, rank), dtype=dtype, device=slots.device)
     values = torch.tensor(scales, dtype=dtype, device=slots.device)[:, None]
     mask[torch.arange(rows, device=slots.device), slots] = values.expand(rows, rank)
-    mask[:, 0] = 0  # slot 0 is the base: no delta
-    return mask.view(rows, 1, span * rank)
+    return mask[:, 1:].reshape(rows, 1, (span - 1) * rank)  # slot 0, the base, has no block
