@@ -7,6 +7,8 @@ new tokens each. The engine runs and PEFT's static batches take turns over --rou
 each rate is its median over rounds and each ratio the median of the ratios within a round,
 so the machine's drift in speed falls on both sides of every ratio. Prints
 a table with every figure beside its target, then the raw JSON.
+The mixed run is repeated with LoRA gathered per row at every step (`mixed_gathered`), the
+other of the two paths the engine picks from (routing.py).
 Also measures merged against batched mode while one adapter owns the batch (fp32 and NF4
 bases), the figures behind `adapter_mode=auto`.
 """
@@ -32,6 +34,7 @@ from loraplex.adapters.peft_format import read_adapter
 from loraplex.adapters.store import AdapterStore
 from loraplex.bench.peft_baselines import peft_model, peft_naive, peft_static
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
+from loraplex.server.engine import routing
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
@@ -164,15 +167,22 @@ def nf4_phase(
     model = peft_model(checkpoint, root, names[:8], EngineConfig(
         checkpoint=checkpoint, quantization="nf4", output_head=head))  # fmt: skip
 
-    def engine_rate(adapters: list[str | None], resident: int) -> Callable[[], float]:
+    def engine_rate(
+        adapters: list[str | None], resident: int, dense: float = routing.DENSE_SLOTS_PER_ROW
+    ) -> Callable[[], float]:
         def run() -> float:
             set_resident(engine, names, resident)
-            return timed(lambda: engine_run(engine, prompts, adapters, n))
+            rule, routing.DENSE_SLOTS_PER_ROW = routing.DENSE_SLOTS_PER_ROW, dense
+            try:
+                return timed(lambda: engine_run(engine, prompts, adapters, n))
+            finally:
+                routing.DENSE_SLOTS_PER_ROW = rule
 
         return run
 
     r["rounds"] = interleaved(args.rounds, {
         "mixed": engine_rate(list(over8), 8),
+        "mixed_gathered": engine_rate(list(over8), 8, dense=0.0),  # LoRA gathered every step
         "base_only": engine_rate([None] * count, 8),
         "peft_static": lambda: timed(lambda: peft_static(model, prompts, over8, n)),
         "mixed_64_resident": engine_rate(list(over8), RESIDENT),
@@ -221,6 +231,7 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
     ("vs_static", "engine / PEFT static mixed batch", ">=", 1.5),
     ("mixed_vs_base", "mixed adapters / base-only (engine)", ">=", 0.85),
     ("drop_64_vs_8", "throughput drop, 64 vs 8 resident", "<=", 0.10),
+    ("dense_vs_gathered", "mixed, dense decode / gathered decode", "", None),
     ("load_p50_ms", "p50 load, rank-16 all-linear LoRA (ms)", "", None),
     ("engine_peak_rss_mib", "peak RSS, engine with 64 resident (MiB)", "", None),
 ]
@@ -232,6 +243,7 @@ def ratios(r: dict) -> dict:
         "vs_static": paired(r, "mixed", "peft_static"),
         "mixed_vs_base": paired(r, "mixed", "base_only"),
         "drop_64_vs_8": 1 - paired(r, "mixed_64_resident", "mixed"),
+        "dense_vs_gathered": paired(r, "mixed", "mixed_gathered"),
         "load_p50_ms": r["load_p50_s"] * 1000,
         "nf4_merged_vs_batched": r["nf4_one_owner_merged"] / r["nf4_one_owner_batched"],
         "fp32_merged_vs_batched": r["fp32_one_owner_merged"] / r["fp32_one_owner_batched"],
@@ -243,13 +255,13 @@ def table(r: dict) -> str:
     for key, label, op, target in TARGETS:
         value = r[key]
         if target is None:
-            lines.append(f"{label:<44} {value:>10.1f}  (reported)")
+            lines.append(f"{label:<44} {value:>10.2f}  (reported)")
             continue
         met = value >= target if op == ">=" else value <= target
         lines.append(f"{label:<44} {value:>10.2f}  {op} {target}  {'met' if met else 'NOT met'}")
     lines.append("-" * 68)
-    for key in ("mixed", "base_only", "mixed_64_resident", "spread_16_of_64", "peft_static",
-                "peft_naive", "nf4_one_owner_batched", "nf4_one_owner_merged",
+    for key in ("mixed", "mixed_gathered", "base_only", "mixed_64_resident", "spread_16_of_64",
+                "peft_static", "peft_naive", "nf4_one_owner_batched", "nf4_one_owner_merged",
                 "fp32_one_owner_batched", "fp32_one_owner_merged"):  # fmt: skip
         lines.append(f"{key + ' (tok/s)':<44} {r[key]:>10.2f}")
     for key in ("nf4_merge_unmerge_s", "fp32_merge_unmerge_s"):
