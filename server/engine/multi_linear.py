@@ -1,13 +1,13 @@
 """A linear layer that runs its base weights once for the whole batch, then adds each row's
-adapter delta gathered from stacked slot tensors (BGMV-style; slot 0 is "no adapter").
+adapter delta from stacked per-slot adapter tensors (slot 0 is "no adapter").
 
 LoRA:  y_i += scale_i · B[s_i] (A[s_i] x_i), with alpha/r (or alpha/sqrt r) folded into B.
 The stacks hold A as PEFT does ([r, in] per slot) and B transposed ([r, out]), so slots
-0..k-1 of either stack are one contiguous [k·r, features] matrix. A decode step (one token
+1..k of either stack are one contiguous [k·r, features] matrix. A decode step (one token
 per row) whose used slots span few blocks per row multiplies by that whole span at once and
-keeps each row's own block with the routing's block mask: two dense matmuls, no per-row
-gather (bench/lora_delta_bench.py; Punica's BGMV gathers instead, which a GPU does well and
-a CPU does not). Prefill and sparse spans gather each row's A and B and use batched matmuls.
+keeps each row's own block with the routing's block mask: two dense matmuls that read each
+adapter once, in place (`loraplex bench lora`). Prefill and sparse spans gather each row's
+A and B instead (Punica's BGMV) and use batched matmuls.
 VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B shared by all slots.
 """
 
