@@ -34,10 +34,10 @@ from loraplex.adapters.peft_format import read_adapter
 from loraplex.adapters.store import AdapterStore
 from loraplex.bench.peft_baselines import peft_model, peft_naive, peft_static
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
-from loraplex.server.engine import routing
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
+from loraplex.server.engine.routing import DENSE_SLOTS_PER_ROW
 from loraplex.server.models import hf_checkpoint, resolve
 
 PROMPTS = [
@@ -168,15 +168,12 @@ def nf4_phase(
         checkpoint=checkpoint, quantization="nf4", output_head=head))  # fmt: skip
 
     def engine_rate(
-        adapters: list[str | None], resident: int, dense: float = routing.DENSE_SLOTS_PER_ROW
+        adapters: list[str | None], resident: int, dense: float = DENSE_SLOTS_PER_ROW
     ) -> Callable[[], float]:
         def run() -> float:
             set_resident(engine, names, resident)
-            rule, routing.DENSE_SLOTS_PER_ROW = routing.DENSE_SLOTS_PER_ROW, dense
-            try:
-                return timed(lambda: engine_run(engine, prompts, adapters, n))
-            finally:
-                routing.DENSE_SLOTS_PER_ROW = rule
+            engine.routing.dense_slots_per_row = dense
+            return timed(lambda: engine_run(engine, prompts, adapters, n))
 
         return run
 

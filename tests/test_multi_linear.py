@@ -73,3 +73,9 @@ def test_rows_get_their_own_adapter_either_way(slots: list[int], tokens: int, de
         got = layer(x)
         want = _expected(layer, x, slots, scales, deltas)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_zero_rule_gathers_even_where_dense_would_be_picked() -> None:
+    routing = RoutingContext(dense_slots_per_row=0.0)  # what bench engine's gathered run uses
+    routing.set([1, 2, 1, 2], [1.0] * 4, 8, torch.device("cpu"), dtype=torch.float32)
+    assert routing.current is not None and routing.current.block_mask is None

@@ -254,8 +254,7 @@ class HFEngine:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         cache.begin(pos)
-        chosen = [s for s, a in zip(seqs, active, strict=True) if a]
-        self._route(chosen, seqs, active, tokens=ids.shape[1])
+        self._route([s for s, a in zip(seqs, active, strict=True) if a], seqs, active, ids.shape[1])
         try:
             with torch.inference_mode():
                 out = self.model(

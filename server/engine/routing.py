@@ -37,8 +37,9 @@ class Routing:
 class RoutingContext:
     """Holds the routing of the forward pass in progress (None: base model only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dense_slots_per_row: float = DENSE_SLOTS_PER_ROW) -> None:
         self.current: Routing | None = None
+        self.dense_slots_per_row = dense_slots_per_row  # 0: always gather (benchmarks)
 
     def set(
         self,
@@ -56,7 +57,7 @@ class RoutingContext:
             return
         slot_tensor = torch.tensor(slots, dtype=torch.long, device=device)
         span = max(used) + 1
-        dense = tokens_per_row == 1 and rank > 0 and span <= DENSE_SLOTS_PER_ROW * len(slots)
+        dense = tokens_per_row == 1 and rank > 0 and span <= self.dense_slots_per_row * len(slots)
         self.current = Routing(
             slots=slot_tensor,
             scales=None
