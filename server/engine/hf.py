@@ -332,8 +332,8 @@ class HFEngine:
         for i, seq in enumerate(self._sequences):
             if i not in kept:
                 self.slots.drop(seq.slot)
-        self._sequences = [self._sequences[i] for i in rows]
-        self._cache.keep_rows(rows)
+        order = self._cache.keep_rows(rows)
+        self._sequences = [self._sequences[i] for i in order]
 
 
 def _error_event(seq_id: str, message: str) -> TokenEvent:

@@ -3,6 +3,10 @@
 Column j of row i holds the token at position pos[i, j] (-1: empty). Attention masks are
 built from these positions, not from column indices, so rows may join, leave or pause
 freely and still see exactly their own causal (and, per layer type, sliding) window.
+
+Storage has spare rows and columns, grown by doubling, so a step that adds or drops a row
+copies only the rows that join or move, not the whole cache. Stale values in spare or
+dropped places stay finite and are always masked out (their position is -1).
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from typing import Any
 import torch
 
 NO_TOKEN = -1
+# Columns no live row uses any more are squeezed out once they are this share of the
+# length: each squeeze copies the whole cache, so it is done rarely, at little attention cost.
+COMPACT_UNUSED_SHARE = 0.5
 
 
 class BatchKVCache:
@@ -27,56 +34,74 @@ class BatchKVCache:
     ) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.device, self.dtype = device, dtype
-        self.rows = 0
+        self.rows = 0  # live rows: the first `rows` rows of the storage
         self.length = 0  # columns in use
-        self.pos = torch.full((0, 0), NO_TOKEN, dtype=torch.long, device=device)
+        self._pos = torch.full((0, 0), NO_TOKEN, dtype=torch.long, device=device)
         self.keys: list[torch.Tensor] = [self._empty(0, 0) for _ in range(num_layers)]
         self.values: list[torch.Tensor] = [self._empty(0, 0) for _ in range(num_layers)]
 
-    def _empty(self, rows: int, capacity: int) -> torch.Tensor:
-        shape = (rows, self.kv_heads, capacity, self.head_dim)
+    def _empty(self, rows: int, columns: int) -> torch.Tensor:
+        shape = (rows, self.kv_heads, columns, self.head_dim)
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     @property
+    def pos(self) -> torch.Tensor:
+        """Token positions of the live rows [rows, capacity]."""
+        return self._pos[: self.rows]
+
+    @property
     def capacity(self) -> int:
-        return int(self.pos.shape[1])
+        return int(self._pos.shape[1])
 
     def add_rows(self, count: int) -> None:
         """Append empty rows (used before their first forward)."""
-        self._reshape(self.rows + count, self.capacity, list(range(self.rows)))
+        self._reserve(self.rows + count, self.capacity)
+        self._pos[self.rows : self.rows + count] = NO_TOKEN
+        self.rows += count
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keep only these rows (in this order), then drop columns no row uses any more."""
-        self._reshape(len(rows), self.capacity, rows)
+    def keep_rows(self, rows: list[int]) -> list[int]:
+        """Keep only these rows, moving as few as possible; returns the new row order as old
+        row indices (new row i is old row order[i])."""
+        order = _settled_order(rows)
+        moves = [(new, old) for new, old in enumerate(order) if new != old]
+        if moves:
+            to = torch.tensor([new for new, _ in moves], dtype=torch.long, device=self.device)
+            source = torch.tensor([old for _, old in moves], dtype=torch.long, device=self.device)
+            for store in (self.keys, self.values):
+                for layer in range(self.num_layers):
+                    store[layer][to] = store[layer][source]
+            self._pos[to] = self._pos[source]
+        self.rows = len(order)
         self._compact()
+        return order
 
     def extend(self, other: BatchKVCache) -> None:
         """Append the rows of `other` (a freshly prefilled batch) after this cache's rows."""
-        length = max(self.length, other.length)
-        first = self.rows
-        self._reshape(self.rows + other.rows, max(self.capacity, length), list(range(self.rows)))
-        rows = slice(first, first + other.rows)
+        first, width = self.rows, other.length
+        self.add_rows(other.rows)
+        self._reserve(self.rows, width)
+        rows = slice(first, self.rows)
         for layer in range(self.num_layers):
-            self.keys[layer][rows, :, : other.length] = other.keys[layer][:, :, : other.length]
-            self.values[layer][rows, :, : other.length] = other.values[layer][:, :, : other.length]
-        self.pos[rows, : other.length] = other.pos[:, : other.length]
-        self.length = length
+            self.keys[layer][rows, :, :width] = other.keys[layer][: other.rows, :, :width]
+            self.values[layer][rows, :, :width] = other.values[layer][: other.rows, :, :width]
+        self._pos[rows, :width] = other.pos[:, :width]
+        self._pos[:first, self.length : width] = NO_TOKEN  # reserved by a forward that failed
+        self.length = max(self.length, width)
 
     def begin(self, positions: torch.Tensor) -> None:
         """Reserve columns for the next forward's tokens; positions: [rows, L], -1 for padding."""
         needed = self.length + positions.shape[1]
-        if needed > self.capacity:
-            capacity = max(needed, 2 * self.capacity, 16)
-            self._reshape(self.rows, capacity, list(range(self.rows)))
-        self.pos[:, self.length : needed] = positions
+        self._reserve(self.rows, needed)
+        self._pos[: self.rows, self.length : needed] = positions
 
     def update(
         self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key.shape[2]
-        self.keys[layer_idx][:, :, self.length : end] = key
-        self.values[layer_idx][:, :, self.length : end] = value
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+        keys, values = self.keys[layer_idx][: self.rows], self.values[layer_idx][: self.rows]
+        keys[:, :, self.length : end] = key
+        values[:, :, self.length : end] = value
+        return keys[:, :, :end], values[:, :, :end]
 
     def commit(self, tokens: int) -> None:
         self.length += tokens
@@ -104,26 +129,45 @@ class BatchKVCache:
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None]
 
-    def _reshape(self, rows: int, capacity: int, source_rows: list[int]) -> None:
-        index = torch.tensor(source_rows, dtype=torch.long, device=self.device)
-        n, used = len(source_rows), self.length
-        for layer in range(self.num_layers):
-            for store in (self.keys, self.values):
-                fresh = self._empty(rows, capacity)
-                fresh[:n, :, :used] = store[layer].index_select(0, index)[:, :, :used]
+    def _reserve(self, rows: int, columns: int) -> None:
+        """Make room for `rows` rows of `columns` columns, doubling what runs short."""
+        row_room, column_room = int(self._pos.shape[0]), self.capacity
+        if rows <= row_room and columns <= column_room:
+            return
+        if rows > row_room:
+            row_room = max(rows, 2 * row_room, 4)
+        if columns > column_room:
+            column_room = max(columns, 2 * column_room, 16)
+        live, used = self.rows, self.length
+        for store in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                fresh = self._empty(row_room, column_room)
+                fresh[:live, :, :used] = store[layer][:live, :, :used]
                 store[layer] = fresh
-        pos = torch.full((rows, capacity), NO_TOKEN, dtype=torch.long, device=self.device)
-        pos[:n, :used] = self.pos.index_select(0, index)[:, :used]
-        self.pos, self.rows = pos, rows
+        pos = torch.full((row_room, column_room), NO_TOKEN, dtype=torch.long, device=self.device)
+        pos[:live, :used] = self._pos[:live, :used]
+        self._pos = pos
 
     def _compact(self) -> None:
+        """Squeeze out the columns no live row uses, once they are a large enough share."""
         used_cols = (self.pos[:, : self.length] != NO_TOKEN).any(0).nonzero().flatten()
-        if used_cols.numel() == self.length:
+        kept = int(used_cols.numel())
+        if self.length - kept <= COMPACT_UNUSED_SHARE * self.length:
             return
-        for layer in range(self.num_layers):
-            self.keys[layer][:, :, : used_cols.numel()] = self.keys[layer][:, :, used_cols]
-            self.values[layer][:, :, : used_cols.numel()] = self.values[layer][:, :, used_cols]
-        kept = self.pos[:, used_cols]
-        self.pos.fill_(NO_TOKEN)
-        self.pos[:, : used_cols.numel()] = kept
-        self.length = int(used_cols.numel())
+        live = self.rows
+        for store in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                store[layer][:live, :, :kept] = store[layer][:live, :, used_cols]
+        positions = self._pos[:live, used_cols]
+        self._pos[:live] = NO_TOKEN
+        self._pos[:live, :kept] = positions
+        self.length = kept
+
+
+def _settled_order(rows: list[int]) -> list[int]:
+    """`rows` reordered so that those already inside the kept range stay where they are and
+    the others fill its holes."""
+    count = len(rows)
+    staying = {row for row in rows if row < count}
+    movers = iter(row for row in rows if row >= count)
+    return [row if row in staying else next(movers) for row in range(count)]

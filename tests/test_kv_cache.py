@@ -1,0 +1,124 @@
+"""The batch KV cache through random joins, decodes and leaves, against what each sequence
+wrote: every live row must see exactly its own tokens, at their positions, and its masks
+must allow exactly its causal window."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from loraplex.server.engine.kv_cache import NO_TOKEN, BatchKVCache
+
+LAYERS, HEADS, DIM = 2, 1, 3
+
+
+def _cache() -> BatchKVCache:
+    return BatchKVCache(LAYERS, HEADS, DIM, torch.device("cpu"), torch.float32)
+
+
+def _value(seq: int, position: int, layer: int) -> float:
+    return float(seq * 1000 + position * 10 + layer)
+
+
+def _forward(cache: BatchKVCache, seqs: list[int], positions: list[list[int]]) -> None:
+    """What a model forward does to the cache: begin, one update per layer, commit."""
+    pos = torch.tensor(positions, dtype=torch.long)
+    cache.begin(pos)
+    for layer in range(LAYERS):
+        key = torch.tensor(
+            [[[_value(s, p, layer) if p != NO_TOKEN else -7.0] for p in row]
+             for s, row in zip(seqs, positions, strict=True)]
+        )  # fmt: skip
+        key = key[:, None].expand(-1, HEADS, -1, DIM).clone()
+        seen_keys, seen_values = cache.update(key, -key, layer)
+        assert seen_keys.shape[0] == len(seqs)
+        assert seen_keys.shape[2] == seen_values.shape[2] == cache.length + pos.shape[1]
+    cache.commit(pos.shape[1])
+
+
+def _prefill(cache: BatchKVCache, seqs: list[int], lengths: dict[int, int]) -> None:
+    width = max(lengths[s] for s in seqs)
+    fresh = _cache()
+    fresh.add_rows(len(seqs))
+    positions = [[NO_TOKEN] * (width - lengths[s]) + list(range(lengths[s])) for s in seqs]
+    _forward(fresh, seqs, positions)
+    cache.extend(fresh)
+
+
+def _check(cache: BatchKVCache, rows: list[int], lengths: dict[int, int]) -> None:
+    assert cache.rows == len(rows)
+    if not rows:
+        return
+    pos = cache.pos[:, : cache.length]
+    for i, seq in enumerate(rows):
+        columns = (pos[i] != NO_TOKEN).nonzero().flatten()
+        positions = pos[i, columns].tolist()
+        assert sorted(positions) == list(range(lengths[seq])), (seq, positions)
+        for layer in range(LAYERS):
+            keys = cache.keys[layer][i, 0, columns, 0].tolist()
+            values = cache.values[layer][i, 0, columns, 0].tolist()
+            assert keys == [_value(seq, p, layer) for p in positions]
+            assert values == [-k for k in keys]
+        assert torch.isfinite(cache.keys[0][i]).all()
+    # A decode query at each row's next position may see exactly that row's tokens.
+    query = torch.tensor([[lengths[s]] for s in rows], dtype=torch.long)
+    cache.begin(query)
+    mask = cache.attention_mask(query, None, torch.float32)[:, 0, 0]
+    allowed = mask == 0
+    for i, seq in enumerate(rows):
+        seen = cache.pos[i, : cache.length + 1][allowed[i]].tolist()
+        assert sorted(seen) == list(range(lengths[seq] + 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_see_only_their_own_tokens_through_joins_decodes_and_leaves(seed: int) -> None:
+    rng = random.Random(seed)
+    cache = _cache()
+    rows: list[int] = []  # the sequence held by each row
+    lengths: dict[int, int] = {}
+    next_seq = 1
+    for _ in range(60):
+        action = rng.random()
+        if action < 0.3 or not rows:
+            joining = list(range(next_seq, next_seq + rng.randint(1, 3)))
+            next_seq += len(joining)
+            lengths.update({s: rng.randint(1, 9) for s in joining})
+            _prefill(cache, joining, lengths)
+            rows += joining
+        elif action < 0.5:
+            kept = sorted(rng.sample(range(len(rows)), rng.randint(0, len(rows))))
+            order = cache.keep_rows(kept)
+            assert sorted(order) == kept
+            rows = [rows[i] for i in order]
+        else:  # decode; some rows may sit this step out
+            active = [rng.random() < 0.8 for _ in rows]
+            positions = [[lengths[s] if a else NO_TOKEN] for s, a in zip(rows, active, strict=True)]
+            _forward(cache, rows, positions)
+            for s, a in zip(rows, active, strict=True):
+                lengths[s] += a
+        _check(cache, rows, lengths)
+
+
+def test_keeping_rows_moves_only_those_past_the_end_into_the_holes() -> None:
+    cache = _cache()
+    lengths = {s: 2 for s in range(1, 7)}
+    _prefill(cache, list(range(1, 7)), lengths)
+    order = cache.keep_rows([0, 2, 4, 5])
+    assert order == [0, 4, 2, 5]
+    _check(cache, [1, 5, 3, 6], lengths)
+
+
+def test_columns_no_live_row_uses_are_squeezed_out() -> None:
+    cache = _cache()
+    lengths = {1: 8, 2: 2}
+    _prefill(cache, [1], lengths)
+    _prefill(cache, [2], lengths)
+    for _ in range(3):
+        _forward(cache, [1, 2], [[lengths[1]], [lengths[2]]])
+        lengths = {s: n + 1 for s, n in lengths.items()}
+    assert cache.length == 8 + 3
+    cache.keep_rows([1])  # the long row leaves: 6 of 11 columns fall out of use
+    assert cache.length == lengths[2]
+    _check(cache, [2], lengths)
