@@ -70,6 +70,12 @@ class ServeConfig(ModelConfig):
         description="full: the model's own output projection; int8: about 3.5x faster on the "
         "CPU for large vocabularies (greedy tokens may differ on near ties)",
     )
+    nf4_kernel: Literal["auto", "fused", "dequantize"] = Field(
+        default="auto",
+        description="4-bit matmul on CPUs with AVX512-BF16: fused (faster decode of small "
+        "batches), dequantize (faster prefill, and decode from 16 rows), auto: dequantize when "
+        "--max-batch-sequences is 16 or more",
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     adapter_roots: list[Path] = Field(
         default_factory=list,
@@ -179,6 +185,7 @@ def build_engine(config: ServeConfig) -> HFEngine:
         device=config.device,
         adapter_mode=config.adapter_mode,
         output_head=config.output_head,
+        nf4_kernel=config.nf4_kernel,
         threads=config.threads,
         max_lora_rank=config.max_lora_rank,
         adapter_slots=config.max_adapters_per_step,

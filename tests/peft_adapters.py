@@ -54,8 +54,16 @@ class Reference:
     logprobs: list[float]  # log-probability of each chosen token
 
 
-def load_reference(checkpoint: Path, adapter_dir: Path | None, **kwargs: object) -> PreTrainedModel:
+def load_reference(
+    checkpoint: Path, adapter_dir: Path | None, fused_4bit: bool = True, **kwargs: object
+) -> PreTrainedModel:
+    """PEFT over the base; `fused_4bit=False` keeps bitsandbytes' 4-bit weights in the plain
+    layout (dequantize, then multiply), as an engine that does not take the fused CPU kernel."""
     base = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs).eval()
+    if not fused_4bit:
+        for module in base.modules():
+            if type(module).__name__ == "Linear4bit":
+                module.support_avx512bf16_for_cpu = False
     return PeftModel.from_pretrained(base, adapter_dir).eval() if adapter_dir else base
 
 

@@ -44,23 +44,34 @@ def test_cached_scales_forward_equals_bitsandbytes_and_follows_weight_swaps() ->
         assert not torch.equal(fast(x), before)
 
 
-def test_batched_nf4_base_takes_bitsandbytes_fused_kernel_where_the_cpu_has_one(
+def test_nf4_base_takes_bitsandbytes_fused_kernel_only_where_it_pays(
     tiny_checkpoints: dict[str, Path],
 ) -> None:
-    """Where bitsandbytes has a fused CPU kernel (AVX512-BF16), a base that never merges repacks
-    its weights for it at load; a merging base keeps the layout bitsandbytes can merge into."""
+    """Where bitsandbytes has a fused CPU kernel (AVX512-BF16), a base that never merges and
+    serves small batches repacks its weights for it at load; a base for batches of 16 rows or
+    more, or one that merges, keeps the plain layout (dequantize, then multiply)."""
     checkpoint = tiny_checkpoints["gemma3"]
     device = pick_device()
     cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     fused = device.type == "cpu" and "avx512_bf16" in cpu_flags
-    for mode, expect in (("batched", fused), ("auto", fused), ("merged", False)):
-        config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode=mode)
+    cases = [
+        ("batched", "auto", 8, fused),
+        ("auto", "auto", 15, fused),
+        ("batched", "auto", 16, False),
+        ("batched", "fused", 64, fused),
+        ("batched", "dequantize", 8, False),
+        ("merged", "fused", 8, False),
+    ]
+    for mode, kernel, batch, expect in cases:
+        config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode=mode,
+                              nf4_kernel=kernel, max_batch_size=batch)  # fmt: skip
         engine = HFEngine.from_config(config, AdapterStore([]))
         layers = engine.base.layers.values()
         repacked = [getattr(lay.base_layer.weight.quant_state, "packing_format_for_cpu", False)
                     for lay in layers]  # fmt: skip
-        assert repacked == [expect] * len(repacked), mode
-        assert all((lay.base_forward is lay.base_layer) == expect for lay in layers), mode
+        case = (mode, kernel, batch)
+        assert repacked == [expect] * len(repacked), case
+        assert all((lay.base_forward is lay.base_layer) == expect for lay in layers), case
         if expect:  # merged mode over that base's weights is refused, not failed on first merge
             merging = config.model_copy(update={"adapter_mode": "merged"})
             with pytest.raises(InvalidRequest, match="plain layout"):

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Quantization = Literal["nf4", "int8", "bf16", "fp32"]
 AdapterMode = Literal["batched", "merged", "auto"]
 OutputHead = Literal["full", "int8"]
+Nf4Kernel = Literal["auto", "fused", "dequantize"]
 
 
 class EngineConfig(BaseModel):
@@ -32,6 +33,12 @@ class EngineConfig(BaseModel):
         default="full",
         description="full: the model's own lm_head; int8: fbgemm dynamic int8 (CPU only), "
         "~3.5x faster vocabulary projection, greedy tokens may differ on near ties",
+    )
+    nf4_kernel: Nf4Kernel = Field(
+        default="auto",
+        description="4-bit matmul on CPUs with AVX512-BF16: fused (bitsandbytes' kernel, "
+        "faster decode for small batches), dequantize (dequantize, then a bf16 matmul: faster "
+        "prefill, and decode from 16 rows up), auto: dequantize when max_batch_size >= 16",
     )
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads; default: torch's choice"

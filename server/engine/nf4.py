@@ -2,11 +2,10 @@
 else dequantize-and-multiply minus one op per call.
 
 On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks the weight in place (bf16
-scales, a tiled layout) on its first call and then runs a fused kernel. With two threads on
-Gemma 3 270M (int8 head, three interleaved rounds) the fused kernel decodes 1.47x faster at
-2 rows, 1.24x at 8, 1.13x at 16 and 1.11x at 32, and a 72-token prefill takes 0.33 s against
-0.31 s. But bitsandbytes cannot merge into a repacked weight, so a base that merges keeps
-the plain layout (`use_fused_kernel`).
+scales, a tiled layout) on its first call and then runs a fused kernel that multiplies row by
+row: fast for a few decode rows, slow for prefill. Which of the two a base uses is the
+engine's choice (`wants_fused_kernel` in hf_model.py, with its measurements); bitsandbytes
+cannot merge into a repacked weight, so a base that merges keeps the plain layout.
 
 Otherwise bitsandbytes computes a 4-bit matmul by dequantizing the whole weight and calling
 `linear`. With double quantization it first decodes the 8-bit block scales (absmax), on every

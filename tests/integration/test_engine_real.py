@@ -14,15 +14,20 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from loraplex.server.engine.hf_model import OUTPUT_HEAD_CALIBRATION, quantization_kwargs
+from loraplex.server.engine.hf_model import (
+    OUTPUT_HEAD_CALIBRATION,
+    quantization_kwargs,
+    wants_fused_kernel,
+)
 from loraplex.server.engine.output_head import quantize_output_head
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 10
-# Greedy tokens must match exactly; log-probabilities within this. NF4 computes in bf16, and
-# torch runs a batch's bf16 matmuls through other kernels than one row's: 2e-3 apart on AVX2
-# CPUs, up to 0.027 on CPUs with AMX-BF16, whose tile kernels round otherwise.
-LOGPROB_TOLERANCE = 0.04
+# Greedy tokens must match exactly; log-probabilities within this. NF4 multiplies in bf16
+# (on CPUs that have it), and torch runs a batch's bf16 matmuls through other kernels than one
+# row's: 2e-3 apart on AVX2 CPUs, up to 0.047 on CPUs with AMX-BF16, whose tile kernels round
+# otherwise. Every adapter moves the base's log-probabilities by more than this (checked).
+LOGPROB_TOLERANCE = 0.06
 
 
 def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path) -> None:
@@ -42,9 +47,10 @@ def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path
     ]
     results = run(engine, {0: requests})
     kwargs = quantization_kwargs(config, engine.device)
+    fused = wants_fused_kernel(config)  # the reference runs the engine's 4-bit kernel
     references = {}
     for name in names:
-        model = load_reference(real_checkpoint, tmp_path / name if name else None, **kwargs)
+        model = load_reference(real_checkpoint, tmp_path / name if name else None, fused, **kwargs)
         references[str(name)] = greedy_reference(model, prompt, NEW_TOKENS)
         del model
     for seq_id, reference in references.items():
@@ -54,7 +60,8 @@ def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path
         ), seq_id
     # The oracle only means something if every adapter moves the base's distribution.
     for name in ADAPTER_CONFIGS:
-        assert references[name].logprobs != pytest.approx(references["None"].logprobs, abs=1e-2)
+        base = references["None"].logprobs
+        assert references[name].logprobs != pytest.approx(base, abs=LOGPROB_TOLERANCE), name
 
 
 def test_real_int8_output_head_keeps_the_next_token(real_checkpoint: Path) -> None:
