@@ -110,6 +110,17 @@ def test_keeping_rows_moves_only_those_past_the_end_into_the_holes() -> None:
     _check(cache, [1, 5, 3, 6], lengths)
 
 
+def test_an_empty_batch_gives_its_storage_back() -> None:
+    cache = _cache()
+    lengths = {1: 30, 2: 5}
+    _prefill(cache, [1, 2], lengths)
+    cache.keep_rows([])
+    assert (cache.rows, cache.length, cache.capacity) == (0, 0, 0)
+    assert all(k.numel() == 0 for k in cache.keys + cache.values)
+    _prefill(cache, [2], lengths)
+    _check(cache, [2], lengths)
+
+
 def test_columns_no_live_row_uses_are_squeezed_out() -> None:
     cache = _cache()
     lengths = {1: 8, 2: 2}

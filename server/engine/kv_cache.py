@@ -35,10 +35,14 @@ class BatchKVCache:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.device, self.dtype = device, dtype
         self.rows = 0  # live rows: the first `rows` rows of the storage
+        self._clear()
+
+    def _clear(self) -> None:
+        """No storage at all; only valid with no live rows."""
         self.length = 0  # columns in use
-        self._pos = torch.full((0, 0), NO_TOKEN, dtype=torch.long, device=device)
-        self.keys: list[torch.Tensor] = [self._empty(0, 0) for _ in range(num_layers)]
-        self.values: list[torch.Tensor] = [self._empty(0, 0) for _ in range(num_layers)]
+        self._pos = torch.full((0, 0), NO_TOKEN, dtype=torch.long, device=self.device)
+        self.keys: list[torch.Tensor] = [self._empty(0, 0) for _ in range(self.num_layers)]
+        self.values: list[torch.Tensor] = [self._empty(0, 0) for _ in range(self.num_layers)]
 
     def _empty(self, rows: int, columns: int) -> torch.Tensor:
         shape = (rows, self.kv_heads, columns, self.head_dim)
@@ -72,6 +76,8 @@ class BatchKVCache:
                     store[layer][to] = store[layer][source]
             self._pos[to] = self._pos[source]
         self.rows = len(order)
+        if not order:  # an idle batch gives its storage back
+            self._clear()
         self._compact()
         return order
 
