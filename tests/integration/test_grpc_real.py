@@ -18,6 +18,7 @@ from loraplex.clients.errors import InvalidArgument
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
+from loraplex.server.serve import ServeConfig
 
 pytestmark = pytest.mark.integration
 NEW_TOKENS = 10
@@ -51,6 +52,8 @@ def alone(real_checkpoint: Path, adapter_root: Path) -> dict[tuple[str, str], li
         quantization="nf4",
         max_lora_rank=16,
         adapter_roots=[adapter_root],
+        # as the server's default batch, so the engine picks the same 4-bit kernel
+        max_batch_size=ServeConfig.model_fields["max_batch_sequences"].default,
     )
     engine = HFEngine.from_config(config)
     tokens = {}
