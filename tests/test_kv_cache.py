@@ -62,7 +62,8 @@ def _check(cache: BatchKVCache, rows: list[int], lengths: dict[int, int]) -> Non
             assert keys == [_value(seq, p, layer) for p in positions]
             assert values == [-k for k in keys]
         assert torch.isfinite(cache.keys[0][i]).all()
-    # A decode query at each row's next position may see exactly that row's tokens.
+    # A decode query at each row's next position may see exactly that row's tokens. It is
+    # reserved and never committed, as by a forward that failed; later steps must cope.
     query = torch.tensor([[lengths[s]] for s in rows], dtype=torch.long)
     cache.begin(query)
     mask = cache.attention_mask(query, None, torch.float32)[:, 0, 0]

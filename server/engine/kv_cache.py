@@ -67,6 +67,10 @@ class BatchKVCache:
         """Keep only these rows, moving as few as possible; returns the new row order as old
         row indices (new row i is old row order[i])."""
         order = _settled_order(rows)
+        if not order:  # an idle batch gives its storage back
+            self.rows = 0
+            self._clear()
+            return order
         moves = [(new, old) for new, old in enumerate(order) if new != old]
         if moves:
             to = torch.tensor([new for new, _ in moves], dtype=torch.long, device=self.device)
@@ -76,8 +80,6 @@ class BatchKVCache:
                     store[layer][to] = store[layer][source]
             self._pos[to] = self._pos[source]
         self.rows = len(order)
-        if not order:  # an idle batch gives its storage back
-            self._clear()
         self._compact()
         return order
 
