@@ -7,6 +7,7 @@ loads, unloads or evictions happen meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -35,6 +36,7 @@ T = TypeVar("T")
 Key = tuple[str, int]  # (adapter id, version)
 AdapterReader = Callable[[str, Path, BaseSpec], AdapterWeights]  # (id, directory, base)
 Fingerprint = tuple[tuple[str, float, int], ...]
+SideWork = Callable[[], contextlib.AbstractContextManager[object]]
 
 
 @dataclass
@@ -69,12 +71,15 @@ class AdapterStore:
         on_drop: Callable[[str], None] | None = None,
         residency_wait_s: float = RESIDENCY_WAIT_S,
         read: AdapterReader = read_adapter,
+        side_work: SideWork = contextlib.nullcontext,
     ) -> None:
         """`prepare` runs on each new version before it is installed (for example, converting
         it for another backend); an error it raises refuses the load. `on_drop` hears of each
         id that is unloaded or evicted (versions in use still live until their release).
         `acquire` waits up to `residency_wait_s` for room when every resident adapter is in
-        use. `read` parses and validates one adapter directory against the base."""
+        use. `read` parses and validates one adapter directory against the base. Reading
+        and preparing run inside `side_work()`, which may wait for a turn on the CPU
+        (loraplex.server.cpu_turns); settable later, as the server does."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
@@ -83,6 +88,7 @@ class AdapterStore:
         self._base = base
         self._read = read
         self._prepare = prepare
+        self.side_work = side_work
         self._on_drop = on_drop or (lambda _adapter_id: None)
         self.residency_wait_s = residency_wait_s
         self._releases = 0  # counts versions that stopped being in use, for waiting acquires
@@ -238,12 +244,15 @@ class AdapterStore:
             return current
         if base is None:
             raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
-        weights = self._read(adapter_id, path, base)
-        with self._lock:  # only loads bump versions, and they are serialized by _load_lock
-            version = self._last_version.get(adapter_id, 0) + 1
-        adapter = LoadedAdapter(adapter_id, version, str(path), weights, tensors_nbytes(weights))
-        if self._prepare is not None:
-            self._prepare(adapter)
+        with self.side_work():
+            weights = self._read(adapter_id, path, base)
+            with self._lock:  # only loads bump versions, and they are serialized by _load_lock
+                version = self._last_version.get(adapter_id, 0) + 1
+            adapter = LoadedAdapter(
+                adapter_id, version, str(path), weights, tensors_nbytes(weights)
+            )
+            if self._prepare is not None:
+                self._prepare(adapter)
         with self._lock:
             self._current.pop(adapter_id, None)
             self._make_room(adapter)

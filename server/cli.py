@@ -43,6 +43,7 @@ BENCH_SUITES = {
     "load": "a seeded multi-adapter workload against a live server, swept; JSON, table, plots",
     "readme": "the README's load figures: saturation sweep, then 70% load against baselines",
     "soak": "a long mixed run with adapter churn: failures, RSS growth and leaks (20 min)",
+    "turns": "decode steps while adapters load: overlapping against taking turns on the CPU",
 }
 
 

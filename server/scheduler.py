@@ -10,6 +10,7 @@ one loop thread calls `step` while there is work. Every step it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ from itertools import count
 from typing import Protocol
 
 from loraplex.server.admission import AdmissionQueue, StepBudget
+from loraplex.server.cpu_turns import CpuTurns
 from loraplex.server.engine.api import (
     AdapterAdmin,
     AdapterRef,
@@ -138,8 +140,11 @@ class Scheduler:
         limits: SchedulerLimits,
         observer: SchedulerObserver | None = None,
         clock: Clock = time.monotonic,
+        turns: CpuTurns | None = None,
     ) -> None:
+        """`turns`, when given, makes each engine step take turns with adapter loads."""
         self.engine = engine
+        self.turns = turns
         self.adapters = adapters
         self.limits = limits
         self.observer = observer
@@ -207,11 +212,19 @@ class Scheduler:
 
     def step(self) -> bool:
         """Plan and run one step; False when there was nothing to do."""
-        with self._lock:
-            plan = self._plan()
-        if not (plan.prefill or plan.decode or plan.release):
-            return False
-        events = self._run_engine(plan)
+        # Planned within the turn, so a request whose adapter load went first joins this step.
+        with self.turns.step() if self.turns else contextlib.nullcontext():
+            with self._lock:
+                plan = self._plan()
+            if not (plan.prefill or plan.decode or plan.release):
+                return False
+            started = self.clock()
+            events = self._run_engine(plan)
+        log.debug(
+            "step %d: %d prefill (%d prompt tokens), %d decode, %d released, %.3f s",
+            self.steps, len(plan.prefill), sum(len(s.prompt_ids) for s in plan.prefill),
+            len(plan.decode), len(plan.release), self.clock() - started,
+        )  # fmt: skip
         with self._lock:
             self.steps += 1
             for event in events:

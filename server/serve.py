@@ -29,6 +29,7 @@ from loraplex.server.config import (
     config_from_args,
 )
 from loraplex.server.convert import ChatTemplating
+from loraplex.server.cpu_turns import CpuTurns, RunsSideWork
 from loraplex.server.engine.api import AdapterAdmin, Engine
 from loraplex.server.metrics import Metrics
 from loraplex.server.observed_adapters import ObservedAdapters
@@ -302,7 +303,9 @@ def start(
     metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
     metrics.watch_adapters(store.list)
     observed = ObservedAdapters(store, metrics)
-    scheduler = Scheduler(engine, observed, scheduler_limits(config), observer=metrics)
+    limits = scheduler_limits(config)
+    turns = cpu_turns(engine, store)
+    scheduler = Scheduler(engine, observed, limits, observer=metrics, turns=turns)
     metrics.watch_scheduler(scheduler.counts)
     if hasattr(engine, "resources"):
         metrics.watch_engine(engine.resources)
@@ -321,6 +324,17 @@ def start(
     running = RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
     service.on_drain = running.request_drain
     return running
+
+
+def cpu_turns(engine: Engine, store: AdapterAdmin) -> CpuTurns | None:
+    """Engine steps and adapter loads take turns where both run on the CPU: not for an hf
+    engine on an accelerator; the GGUF engine, which has no device, counts as CPU."""
+    on_cpu = getattr(getattr(engine, "device", None), "type", "cpu") == "cpu"
+    if not on_cpu or not isinstance(store, RunsSideWork):
+        return None
+    turns = CpuTurns()
+    store.side_work = turns.side_work
+    return turns
 
 
 def scheduler_limits(config: ServeConfig) -> SchedulerLimits:

@@ -13,9 +13,10 @@ N_TOKENS = 12
 
 # llama.cpp's CPU matmuls take other kernels for one row than for several (and its float32 LoRA
 # matmul too), so a batched run's logprobs drift from its solo twin's over a dozen tokens, with
-# identical tokens: up to 0.13 was measured on an AVX2 machine, 0.27 on an AVX-512 one. Wrong
-# positions, KV cross-talk or a wrong adapter change the tokens within a step or two.
-DRIFT = 0.4
+# identical tokens: up to 0.13 was measured on an AVX2 machine, 0.27 on an AVX-512 one, and
+# 0.42 on an AMD EPYC AVX2 one (test_grpc_e2e, eighth token, growing from 0.02 over the first
+# seven). Wrong positions, KV cross-talk or a wrong adapter change the tokens within a step or two.
+DRIFT = 0.5
 ORACLE_CTX = 128
 
 

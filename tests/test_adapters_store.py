@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from loraplex.adapters.errors import (
 from loraplex.adapters.peft_format import BaseSpec, read_adapter, regenerate_projection
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
+from loraplex.adapters.weights import AdapterWeights
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +212,28 @@ def test_unload_times_out_while_in_use(root: Path, spec: BaseSpec) -> None:
     store.acquire("a0")
     with pytest.raises(AdapterInUse):
         store.unload("a0", wait=True, timeout=0.05)
+
+
+def test_reading_an_adapter_runs_as_side_work(root: Path, spec: BaseSpec) -> None:
+    """Lazy and explicit loads read inside `side_work`, where the server takes turns with
+    the engine's steps (loraplex.server.cpu_turns)."""
+    inside: list[bool] = []
+    active = False
+
+    @contextlib.contextmanager
+    def side_work() -> Iterator[None]:
+        nonlocal active
+        active = True
+        try:
+            yield
+        finally:
+            active = False
+
+    def read(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
+        inside.append(active)
+        return read_adapter(adapter_id, path, base)
+
+    store = AdapterStore([root], base=spec, read=read, side_work=side_work)
+    store.acquire("a0")
+    store.load("a1")
+    assert inside == [True, True]

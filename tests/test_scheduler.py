@@ -10,6 +10,7 @@ from fake_engine import FakeAdapters, FakeEngine, expected_token
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loraplex.server.cpu_turns import CpuTurns
 from loraplex.server.engine.api import FinishReason, SamplingParams
 from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, Overloaded
 from loraplex.server.scheduler import RequestHandle, Scheduler, SchedulerLimits, Submission
@@ -295,3 +296,28 @@ def test_unknown_adapter_is_refused_at_submit_without_queueing() -> None:
     with pytest.raises(AdapterNotFound):
         s.submit(sub(adapter="nope"))
     assert s.counts() == (0, 0)
+
+
+def test_engine_steps_take_turns_with_side_work() -> None:
+    """With turns, a step does not start while side work (an adapter load) runs, and it is
+    planned after that work, so a request submitted when its load finished joins it."""
+    engine, turns = FakeEngine(), CpuTurns()
+    s = Scheduler(engine, FakeAdapters(known={"a"}), SchedulerLimits(), turns=turns)
+    side_in, side_out, stepped = threading.Event(), threading.Event(), threading.Event()
+
+    def side() -> None:
+        with turns.side_work():
+            side_in.set()
+            assert side_out.wait(10)
+
+    threading.Thread(target=side, daemon=True).start()
+    assert side_in.wait(10)
+    threading.Thread(target=lambda: (s.step(), stepped.set()), daemon=True).start()
+    assert not stepped.wait(0.2)
+    handle = s.submit(sub(n=2))  # as a gRPC thread does once the load is done
+    side_out.set()
+    assert stepped.wait(10)
+    assert [r.seq_id for r in engine.plans[0].prefill] == [handle.seq_id]
+    run_until_idle(s)
+    prompt = handle.submission.prompt_ids
+    assert tokens(handle) == [expected_token(prompt, None, i) for i in range(2)]
