@@ -77,9 +77,10 @@ class AdapterStore:
         it for another backend); an error it raises refuses the load. `on_drop` hears of each
         id that is unloaded or evicted (versions in use still live until their release).
         `acquire` waits up to `residency_wait_s` for room when every resident adapter is in
-        use. `read` parses and validates one adapter directory against the base. Reading
-        and preparing run inside `side_work()`, which may wait for a turn on the CPU
-        (loraplex.server.cpu_turns); settable later, as the server does."""
+        use. `read` parses and validates one adapter directory against the base. Loads
+        (reading and preparing) run inside `side_work()`, which may wait for a turn on the
+        CPU (loraplex.server.cpu_turns); settable later, as the server does. Waiting for room
+        happens outside it, since room comes from sequences that need steps to finish."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
@@ -120,7 +121,7 @@ class AdapterStore:
         `acquire` does."""
 
         def load_exclusively() -> LoadedAdapter:
-            with self._load_lock:
+            with self.side_work(), self._load_lock:
                 return self._load_locked(adapter_id, reuse_unchanged=True)
 
         adapter = self._with_room(load_exclusively)
@@ -224,7 +225,9 @@ class AdapterStore:
     # ---- internals ----------------------------------------------------------------------
 
     def _ensure_loaded(self, adapter_id: str) -> None:
-        with self._load_lock:
+        # The turn comes before the lock, so loads that waited for one step all run before
+        # the next, one after another, instead of one load per step.
+        with self.side_work(), self._load_lock:
             with self._lock:
                 if adapter_id in self._current:
                     return
@@ -244,15 +247,12 @@ class AdapterStore:
             return current
         if base is None:
             raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
-        with self.side_work():
-            weights = self._read(adapter_id, path, base)
-            with self._lock:  # only loads bump versions, and they are serialized by _load_lock
-                version = self._last_version.get(adapter_id, 0) + 1
-            adapter = LoadedAdapter(
-                adapter_id, version, str(path), weights, tensors_nbytes(weights)
-            )
-            if self._prepare is not None:
-                self._prepare(adapter)
+        weights = self._read(adapter_id, path, base)
+        with self._lock:  # only loads bump versions, and they are serialized by _load_lock
+            version = self._last_version.get(adapter_id, 0) + 1
+        adapter = LoadedAdapter(adapter_id, version, str(path), weights, tensors_nbytes(weights))
+        if self._prepare is not None:
+            self._prepare(adapter)
         with self._lock:
             self._current.pop(adapter_id, None)
             self._make_room(adapter)

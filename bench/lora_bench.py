@@ -4,8 +4,9 @@ DENSE_SLOTS_PER_ROW in server/engine/routing.py.
     .venv/bin/python -m loraplex.bench.lora_bench [--threads 2] [--rank 16]
 
 For each case (rows, slot blocks spanned, tokens per row) it times the LoRA deltas of one
-forward through every adapted linear of Gemma 3 270M (18 layers x 7 projections, bf16
-stacks, random weights: the cost does not depend on the values), once as one dense matmul
+forward through every adapted linear of Gemma 3 270M (18 layers x 7 projections, stacks in
+the dtype the engine gives them on the CPU, fp32, unless --dtype says otherwise; random
+weights: the cost does not depend on the values), once as one dense matmul
 over the slot span and once gathered per row, alternating, and prints the ratio. `routes`
 says which one the engine's rule picks.
 """
@@ -23,12 +24,18 @@ import torch
 from torch import nn
 
 from loraplex.adapters.weights import LoraModule
+from loraplex.server.device import compute_dtype
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.routing import Routing, RoutingContext, block_mask
 
 # (in, out) of q, k, v, o, gate, up, down in Gemma 3 270M; 18 decoder layers
 SHAPES = [(640, 1024), (640, 256), (640, 256), (1024, 640), (640, 2048), (640, 2048), (2048, 640)]
 LAYERS = 18
+DTYPES = {
+    "engine": compute_dtype(torch.device("cpu")),
+    "bf16": torch.bfloat16,
+    "fp32": torch.float32,
+}
 CASES = [  # rows, slot span (highest slot + 1), tokens per row
     (16, 9, 1), (16, 17, 1), (8, 9, 1), (32, 9, 1), (4, 9, 1), (4, 17, 1), (2, 5, 1),
     (8, 9, 20), (3, 4, 90),
@@ -44,6 +51,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rank", type=int, default=16, help="rank of every adapter")
     parser.add_argument("--repeats", type=int, default=7, help="timed turns of each path")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="engine",
+        help="adapter stacks and activations: engine (the hf engine's own on the CPU), bf16, fp32",
+    )
     return parser.parse_args(argv)
 
 
@@ -58,12 +71,12 @@ class _NoBase(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def layers(span: int, rank: int, routing: RoutingContext) -> list[MultiAdapterLinear]:
+def layers(
+    span: int, rank: int, routing: RoutingContext, dtype: torch.dtype
+) -> list[MultiAdapterLinear]:
     built = []
     for fan_in, fan_out in SHAPES * LAYERS:
-        layer = MultiAdapterLinear(
-            _NoBase(fan_out), (fan_in, fan_out), routing, span, rank, torch.bfloat16
-        )
+        layer = MultiAdapterLinear(_NoBase(fan_out), (fan_in, fan_out), routing, span, rank, dtype)
         for slot in range(1, span):
             layer.set_lora(slot, LoraModule(torch.randn(rank, fan_in) / 30,
                                             torch.randn(fan_out, rank) / 30, 1.0))  # fmt: skip
@@ -73,10 +86,11 @@ def layers(span: int, rank: int, routing: RoutingContext) -> list[MultiAdapterLi
 
 def time_case(rows: int, span: int, tokens: int, args: argparse.Namespace) -> dict[str, object]:
     routing = RoutingContext()
-    stack = layers(span, args.rank, routing)
+    dtype = DTYPES[args.dtype]
+    stack = layers(span, args.rank, routing, dtype)
     slots = [span - 1 - i % (span - 1) for i in range(rows)]  # the highest slot sets the span
-    chosen, forced = routes(routing, slots, tokens, args.rank)
-    inputs = [torch.randn(rows, tokens, layer.in_features, dtype=torch.bfloat16) for layer in stack]
+    chosen, forced = routes(routing, slots, tokens, args.rank, dtype)
+    inputs = [torch.randn(rows, tokens, layer.in_features, dtype=dtype) for layer in stack]
     seconds: dict[str, list[float]] = {name: [] for name in forced}
     with torch.inference_mode():
         for _ in range(args.repeats):
@@ -94,10 +108,9 @@ def time_case(rows: int, span: int, tokens: int, args: argparse.Namespace) -> di
 
 
 def routes(
-    routing: RoutingContext, slots: list[int], tokens: int, rank: int
+    routing: RoutingContext, slots: list[int], tokens: int, rank: int, dtype: torch.dtype
 ) -> tuple[str, dict[str, Routing]]:
     """The path the engine's rule picks, and a routing that forces each path."""
-    dtype = torch.bfloat16
     routing.set(slots, [1.0] * len(slots), rank, torch.device("cpu"), tokens_per_row=tokens,
                 dtype=dtype)  # fmt: skip
     current = routing.current
@@ -119,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     for r in results:
         print(f"| {r['rows']} | {r['span']} | {r['tokens']} | {r['dense_ms']:.1f} | "
               f"{r['gather_ms']:.1f} | {r['dense_vs_gather']:.2f} | {r['routes']} |")  # fmt: skip
-    print(json.dumps({"threads": args.threads, "rank": args.rank, "cases": results}, indent=2))
+    summary = {"threads": args.threads, "rank": args.rank, "dtype": str(DTYPES[args.dtype])}
+    print(json.dumps({**summary, "cases": results}, indent=2))
     return results
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from loraplex.adapters.peft_format import BaseSpec, read_adapter, regenerate_pro
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import AdapterWeights
+from loraplex.server.cpu_turns import CpuTurns
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +239,21 @@ def test_reading_an_adapter_runs_as_side_work(root: Path, spec: BaseSpec) -> Non
     store.acquire("a0")
     store.load("a1")
     assert inside == [True, True]
+
+
+def test_loads_that_wait_for_a_step_all_run_before_the_next(root: Path, spec: BaseSpec) -> None:
+    """Lazy loads queued behind a step share the turn after it: a burst of cold adapters
+    costs one pause, not one step each."""
+    turns = CpuTurns()
+    store = AdapterStore([root], base=spec, side_work=turns.side_work)
+    names = ["a0", "a1", "a2"]
+    with turns.step():
+        threads = [threading.Thread(target=store.acquire, args=(n,)) for n in names]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)  # each reaches its turn's queue long before this
+        assert not any(a.resident for a in store.list())
+    with turns.step():
+        assert {a.adapter_id for a in store.list() if a.resident} == set(names)
+    for thread in threads:
+        thread.join(10)
