@@ -220,11 +220,12 @@ class Scheduler:
                 return False
             started = self.clock()
             events = self._run_engine(plan)
-        log.debug(
-            "step %d: %d prefill (%d prompt tokens), %d decode, %d released, %.3f s",
-            self.steps, len(plan.prefill), sum(len(s.prompt_ids) for s in plan.prefill),
-            len(plan.decode), len(plan.release), self.clock() - started,
-        )  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):  # the prompt-token sum is work on every step
+            log.debug(
+                "step %d: %d prefill (%d prompt tokens), %d decode, %d released, %.3f s",
+                self.steps, len(plan.prefill), sum(len(s.prompt_ids) for s in plan.prefill),
+                len(plan.decode), len(plan.release), self.clock() - started,
+            )  # fmt: skip
         with self._lock:
             self.steps += 1
             for event in events:
