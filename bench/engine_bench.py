@@ -7,8 +7,8 @@ new tokens each. The engine runs and PEFT's static batches take turns over --rou
 each rate is its median over rounds and each ratio the median of the ratios within a round,
 so the machine's drift in speed falls on both sides of every ratio. Prints
 a table with every figure beside its target, then the raw JSON.
-The mixed run is repeated with LoRA gathered per row at every step (`mixed_gathered`), the
-other of the two paths the engine picks from (routing.py).
+The mixed run is repeated with LoRA gathered per row at every step (`mixed_gathered`)
+instead of grouped by adapter: the two paths the engine picks from (routing.py).
 Also measures merged against batched mode while one adapter owns the batch (fp32 and NF4
 bases), the figures behind `adapter_mode=auto`.
 """
@@ -37,7 +37,7 @@ from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from loraplex.server.engine.routing import DENSE_SLOTS_PER_ROW
+from loraplex.server.engine.routing import GROUPED_CELLS_PER_ROW
 from loraplex.server.models import hf_checkpoint, resolve
 
 PROMPTS = [
@@ -168,18 +168,18 @@ def nf4_phase(
         checkpoint=checkpoint, quantization="nf4", output_head=head))  # fmt: skip
 
     def engine_rate(
-        adapters: list[str | None], resident: int, dense: float = DENSE_SLOTS_PER_ROW
+        adapters: list[str | None], resident: int, grouped: float = GROUPED_CELLS_PER_ROW
     ) -> Callable[[], float]:
         def run() -> float:
             set_resident(engine, names, resident)
-            engine.routing.dense_slots_per_row = dense
+            engine.routing.grouped_cells_per_row = grouped
             return timed(lambda: engine_run(engine, prompts, adapters, n))
 
         return run
 
     r["rounds"] = interleaved(args.rounds, {
         "mixed": engine_rate(list(over8), 8),
-        "mixed_gathered": engine_rate(list(over8), 8, dense=0.0),  # LoRA gathered every step
+        "mixed_gathered": engine_rate(list(over8), 8, grouped=0.0),  # gathered every step
         "base_only": engine_rate([None] * count, 8),
         "peft_static": lambda: timed(lambda: peft_static(model, prompts, over8, n)),
         "mixed_64_resident": engine_rate(list(over8), RESIDENT),
@@ -228,7 +228,7 @@ TARGETS: list[tuple[str, str, str, float | None]] = [
     ("vs_static", "engine / PEFT static mixed batch", ">=", 1.5),
     ("mixed_vs_base", "mixed adapters / base-only (engine)", ">=", 0.85),
     ("drop_64_vs_8", "throughput drop, 64 vs 8 resident", "<=", 0.10),
-    ("dense_vs_gathered", "mixed, dense decode / gathered decode", "", None),
+    ("grouped_vs_gathered", "mixed, grouped / gathered LoRA (tok/s)", "", None),
     ("load_p50_ms", "p50 load, rank-16 all-linear LoRA (ms)", "", None),
     ("engine_peak_rss_mib", "peak RSS, engine with 64 resident (MiB)", "", None),
 ]
@@ -240,7 +240,7 @@ def ratios(r: dict) -> dict:
         "vs_static": paired(r, "mixed", "peft_static"),
         "mixed_vs_base": paired(r, "mixed", "base_only"),
         "drop_64_vs_8": 1 - paired(r, "mixed_64_resident", "mixed"),
-        "dense_vs_gathered": paired(r, "mixed", "mixed_gathered"),
+        "grouped_vs_gathered": paired(r, "mixed", "mixed_gathered"),
         "load_p50_ms": r["load_p50_s"] * 1000,
         "nf4_merged_vs_batched": r["nf4_one_owner_merged"] / r["nf4_one_owner_batched"],
         "fp32_merged_vs_batched": r["fp32_one_owner_merged"] / r["fp32_one_owner_batched"],

@@ -1,14 +1,14 @@
-"""The two ways MultiAdapterLinear applies LoRA, side by side: the figures behind
-DENSE_SLOTS_PER_ROW in server/engine/routing.py.
+"""The two ways MultiAdapterLinear applies LoRA, side by side: the figures behind the
+grouping rule in server/engine/routing.py.
 
     .venv/bin/python -m loraplex.bench.lora_bench [--threads 2] [--rank 16]
 
-For each case (rows, slot blocks spanned, tokens per row) it times the LoRA deltas of one
-forward through every adapted linear of Gemma 3 270M (18 layers x 7 projections, stacks in
-the dtype the engine gives them on the CPU, fp32, unless --dtype says otherwise; random
-weights: the cost does not depend on the values), once as one dense matmul
-over the slot span and once gathered per row, alternating, and prints the ratio. `routes`
-says which one the engine's rule picks.
+For each case (rows, adapters, tokens per row, slots in use) it times the LoRA deltas of
+one forward through every adapted linear of Gemma 3 270M (18 layers x 7 projections, stacks
+in the dtype the engine gives them on the CPU, fp32, unless --dtype says otherwise; random
+weights: the cost does not depend on the values), once with the rows grouped by adapter
+and once gathered per row, alternating, and prints the ratio. `routes` says which one the
+engine's rule picks.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from loraplex.adapters.weights import LoraModule
 from loraplex.server.device import compute_dtype
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
-from loraplex.server.engine.routing import Routing, RoutingContext, block_mask
+from loraplex.server.engine.routing import Routing, RoutingContext, group_rows
 
 # (in, out) of q, k, v, o, gate, up, down in Gemma 3 270M; 18 decoder layers
 SHAPES = [(640, 1024), (640, 256), (640, 256), (1024, 640), (640, 2048), (640, 2048), (2048, 640)]
@@ -36,9 +36,9 @@ DTYPES = {
     "bf16": torch.bfloat16,
     "fp32": torch.float32,
 }
-CASES = [  # rows, slot span (highest slot + 1), tokens per row
-    (16, 9, 1), (16, 17, 1), (8, 9, 1), (32, 9, 1), (4, 9, 1), (4, 17, 1), (2, 5, 1),
-    (8, 9, 20), (3, 4, 90),
+CASES = [  # rows, adapters, tokens per row, stride between the adapters' slots
+    (16, 8, 1, 1), (16, 8, 1, 2), (16, 16, 1, 1), (8, 8, 1, 1), (32, 8, 1, 1), (12, 8, 1, 1),
+    (4, 4, 1, 1), (4, 4, 1, 2), (2, 2, 1, 1), (8, 4, 20, 1), (8, 8, 20, 1), (3, 3, 90, 1),
 ]  # fmt: skip
 
 
@@ -72,24 +72,26 @@ class _NoBase(nn.Module):
 
 
 def layers(
-    span: int, rank: int, routing: RoutingContext, dtype: torch.dtype
+    slots: int, rank: int, routing: RoutingContext, dtype: torch.dtype
 ) -> list[MultiAdapterLinear]:
     built = []
     for fan_in, fan_out in SHAPES * LAYERS:
-        layer = MultiAdapterLinear(_NoBase(fan_out), (fan_in, fan_out), routing, span, rank, dtype)
-        for slot in range(1, span):
+        layer = MultiAdapterLinear(_NoBase(fan_out), (fan_in, fan_out), routing, slots, rank, dtype)
+        for slot in range(1, slots):
             layer.set_lora(slot, LoraModule(torch.randn(rank, fan_in) / 30,
                                             torch.randn(fan_out, rank) / 30, 1.0))  # fmt: skip
         built.append(layer)
     return built
 
 
-def time_case(rows: int, span: int, tokens: int, args: argparse.Namespace) -> dict[str, object]:
+def time_case(
+    rows: int, adapters: int, tokens: int, stride: int, args: argparse.Namespace
+) -> dict[str, object]:
     routing = RoutingContext()
     dtype = DTYPES[args.dtype]
-    stack = layers(span, args.rank, routing, dtype)
-    slots = [span - 1 - i % (span - 1) for i in range(rows)]  # the highest slot sets the span
-    chosen, forced = routes(routing, slots, tokens, args.rank, dtype)
+    stack = layers(adapters * stride + 1, args.rank, routing, dtype)
+    slots = [stride * (adapters - i % adapters) for i in range(rows)]
+    chosen, forced = routes(routing, slots, args.rank, dtype)
     inputs = [torch.randn(rows, tokens, layer.in_features, dtype=dtype) for layer in stack]
     seconds: dict[str, list[float]] = {name: [] for name in forced}
     with torch.inference_mode():
@@ -100,38 +102,42 @@ def time_case(rows: int, span: int, tokens: int, args: argparse.Namespace) -> di
                 for layer, x in zip(stack, inputs, strict=True):
                     layer(x)
                 seconds[name].append(time.perf_counter() - started)
-    dense, gather = (statistics.median(seconds[k][1:]) for k in ("dense", "gather"))
+    grouped, gather = (statistics.median(seconds[k][1:]) * 1e3 for k in ("grouped", "gather"))
     return {
-        "rows": rows, "span": span, "tokens": tokens, "dense_ms": dense * 1e3,
-        "gather_ms": gather * 1e3, "dense_vs_gather": dense / gather, "routes": chosen,
+        "rows": rows, "adapters": adapters, "tokens": tokens, "slot_stride": stride,
+        "grouped_ms": grouped, "gather_ms": gather, "grouped_vs_gather": grouped / gather,
+        "routes": chosen,
     }  # fmt: skip
 
 
 def routes(
-    routing: RoutingContext, slots: list[int], tokens: int, rank: int, dtype: torch.dtype
+    routing: RoutingContext, slots: list[int], rank: int, dtype: torch.dtype
 ) -> tuple[str, dict[str, Routing]]:
     """The path the engine's rule picks, and a routing that forces each path."""
-    routing.set(slots, [1.0] * len(slots), rank, torch.device("cpu"), tokens_per_row=tokens,
-                dtype=dtype)  # fmt: skip
+    scales = [1.0] * len(slots)
+    routing.set(slots, scales, rank, torch.device("cpu"), dtype=dtype)
     current = routing.current
     assert current is not None
-    mask = block_mask(torch.tensor(slots), [1.0] * len(slots), current.span, rank, dtype)
     forced = {
-        "dense": dataclasses.replace(current, block_mask=mask),
-        "gather": dataclasses.replace(current, block_mask=None),
+        "grouped": dataclasses.replace(
+            current, groups=group_rows(slots, scales, torch.device("cpu"), dtype)
+        ),
+        "gather": dataclasses.replace(current, groups=None),
     }
-    return ("dense" if current.block_mask is not None else "gather"), forced
+    return ("grouped" if current.groups is not None else "gather"), forced
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
     args = parse(argv)
     torch.set_num_threads(args.threads)
-    results = [time_case(rows, span, tokens, args) for rows, span, tokens in CASES]
-    print("| rows | slot span | tokens/row | dense ms | gather ms | dense/gather | engine uses |")
-    print("|---|---|---|---|---|---|---|")
+    results = [time_case(*case, args) for case in CASES]
+    print("| rows | adapters | tokens/row | slot stride | grouped ms | gathered ms "
+          "| grouped/gathered | engine uses |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['rows']} | {r['span']} | {r['tokens']} | {r['dense_ms']:.1f} | "
-              f"{r['gather_ms']:.1f} | {r['dense_vs_gather']:.2f} | {r['routes']} |")  # fmt: skip
+        print(f"| {r['rows']} | {r['adapters']} | {r['tokens']} | {r['slot_stride']} | "
+              f"{r['grouped_ms']:.1f} | {r['gather_ms']:.1f} | {r['grouped_vs_gather']:.2f} "
+              f"| {r['routes']} |")  # fmt: skip
     summary = {"threads": args.threads, "rank": args.rank, "dtype": str(DTYPES[args.dtype])}
     print(json.dumps({**summary, "cases": results}, indent=2))
     return results

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
 
 from loraplex.server.engine.api import Engine, FinishReason, SequenceRequest, StepPlan
+from loraplex.server.engine.hf import HFEngine
 
 
 @dataclass
@@ -42,3 +46,18 @@ def run(
         if not engine.running() and step >= max(arrivals, default=0):
             return results
     raise AssertionError("sequences did not finish")
+
+
+def record_grouping(engine: HFEngine, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Per adapter-routed forward from now on: whether its LoRA rows were grouped by adapter
+    (True) or gathered per row."""
+    grouped: list[bool] = []
+    route = engine.routing.set
+
+    def recording(*args: Any, **kwargs: Any) -> None:
+        route(*args, **kwargs)
+        if engine.routing.current is not None:
+            grouped.append(engine.routing.current.groups is not None)
+
+    monkeypatch.setattr(engine.routing, "set", recording)
+    return grouped

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_driver import run
+from engine_driver import record_grouping, run
 from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -67,19 +67,23 @@ def test_mixed_batch_matches_peft_per_request(
     tiny_adapter_roots: dict[str, Path],
     family: str,
     quantization: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     checkpoint, root = tiny_checkpoints[family], tiny_adapter_roots[family]
     engine = make_engine(checkpoint, root, quantization)
+    grouped = record_grouping(engine, monkeypatch)
     p = prompts(checkpoint)
     names = [None, *ADAPTER_CONFIGS]
-    # Every adapter (and the base) on the same prompt, plus two rows joining mid-run.
-    plan = [(f"{name}-0", p[0], name) for name in names]
+    # Every adapter (and the base) on two prompts, plus two rows joining mid-run: enough
+    # rows sharing adapters for the engine to group them, and fewer once rows finish.
+    plan = [(f"{name}-{i}", p[i], name) for i in (0, 1) for name in names]
     late = [("base-late", p[1], None), ("rslora-late", p[2], "rslora-all-r8")]
     arrivals = {
         0: [request(engine, s, pr, a) for s, pr, a in plan],
         3: [request(engine, s, pr, a) for s, pr, a in late],
     }
     results = run(engine, arrivals)
+    assert any(grouped) and not all(grouped), grouped
 
     device_kwargs = quantization_kwargs(engine.config, engine.device)
     fused = wants_fused_kernel(engine.config)  # the reference runs the engine's 4-bit kernel

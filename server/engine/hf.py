@@ -254,7 +254,7 @@ class HFEngine:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         cache.begin(pos)
-        self._route([s for s, a in zip(seqs, active, strict=True) if a], seqs, active, ids.shape[1])
+        self._route([s for s, a in zip(seqs, active, strict=True) if a], seqs, active)
         try:
             with torch.inference_mode():
                 out = self.model(
@@ -278,9 +278,7 @@ class HFEngine:
             kind: cache.attention_mask(pos, w, dtype) for kind, w in self._layer_windows.items()
         }
 
-    def _route(
-        self, active: list[_Sequence], rows: list[_Sequence], mask: list[bool], tokens: int
-    ) -> None:
+    def _route(self, active: list[_Sequence], rows: list[_Sequence], mask: list[bool]) -> None:
         """Merge one owning adapter, or set per-row slots for the batched deltas."""
         refs = {s.ref for s in active}
         owner = next(iter(refs)) if len(refs) == 1 else None
@@ -295,9 +293,7 @@ class HFEngine:
         slots = [s.slot if a else 0 for s, a in zip(rows, mask, strict=True)]
         scales = [s.ref.scale if s.ref else 1.0 for s in rows]
         rank = self.slots.rank(set(slots))
-        self.routing.set(
-            slots, scales, rank, self.device, tokens_per_row=tokens, dtype=self.base.dtype
-        )
+        self.routing.set(slots, scales, rank, self.device, dtype=self.base.dtype)
 
     def _should_merge(self) -> bool:
         if self.adapter_mode == "auto":

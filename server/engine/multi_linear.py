@@ -2,12 +2,11 @@
 adapter delta from stacked per-slot adapter tensors (slot 0 is "no adapter").
 
 LoRA:  y_i += scale_i · B[s_i] (A[s_i] x_i), with alpha/r (or alpha/sqrt r) folded into B.
-The stacks hold A as PEFT does ([r, in] per slot) and B transposed ([r, out]), so slots
-1..k of either stack are one contiguous [k·r, features] matrix. A decode step (one token
-per row) whose used slots span few blocks per row multiplies by that whole span at once and
-keeps each row's own block with the routing's block mask: two dense matmuls that read each
-adapter once, in place (`loraplex bench lora`). Prefill and sparse spans gather each row's
-A and B instead (Punica's BGMV) and use batched matmuls.
+The stacks hold A as PEFT does ([r, in] per slot) and B transposed ([r, out]). A forward
+whose rows share adapters groups its rows by adapter and runs two batched matmuls over the
+adapters in use, reading their stacks in place (Punica's SGMV, padded to a grid: routing.py
+`Groups`). Other forwards gather each row's A and B (Punica's BGMV) and use batched matmuls.
+`loraplex bench lora` measures both.
 VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B shared by all slots.
 """
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
 from loraplex.server.engine.nf4 import base_forward
-from loraplex.server.engine.routing import Routing, RoutingContext
+from loraplex.server.engine.routing import Groups, Routing, RoutingContext
 
 
 class MultiAdapterLinear(nn.Module):
@@ -53,7 +52,10 @@ class MultiAdapterLinear(nn.Module):
         if routing is None:
             return y
         if routing.used_slots & self.lora_slots:
-            y = y.add_(self._lora_delta(x, routing).to(y.dtype))
+            if routing.groups is not None:
+                self._add_grouped_lora(y, x, routing.rank, routing.groups)
+            else:
+                y = y.add_(self._lora_delta(x, routing).to(y.dtype))
         if routing.used_slots & self.vera_slots:
             y = y.add_(self._vera_delta(x, routing).to(y.dtype))
         return y
@@ -61,19 +63,25 @@ class MultiAdapterLinear(nn.Module):
     def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         assert self.lora_a is not None and self.lora_b is not None
         rank = routing.rank
-        stack_a, stack_b = self.lora_a[:, :rank], self.lora_b[:, :rank]
-        if routing.block_mask is not None:
-            # Slots 1..span-1 (slot 0, the base, has no delta): a view when rank is max_rank.
-            blocks = (routing.span - 1) * rank
-            a = stack_a[1 : routing.span].reshape(blocks, self.in_features)
-            b = stack_b[1 : routing.span].reshape(blocks, self.out_features)
-            return ((x.to(self.dtype) @ a.T) * routing.block_mask) @ b
-        a = stack_a.index_select(0, routing.slots)  # [rows, r, in]
-        b = stack_b.index_select(0, routing.slots)  # [rows, r, out]
+        a = self.lora_a[:, :rank].index_select(0, routing.slots)  # [rows, r, in]
+        b = self.lora_b[:, :rank].index_select(0, routing.slots)  # [rows, r, out]
         h = torch.bmm(x.to(self.dtype), a.transpose(1, 2))
         if routing.scales is not None:
             h = h * routing.scales.to(self.dtype)
         return torch.bmm(h, b)
+
+    def _add_grouped_lora(
+        self, y: torch.Tensor, x: torch.Tensor, rank: int, groups: Groups
+    ) -> None:
+        assert self.lora_a is not None and self.lora_b is not None
+        a = groups.take(self.lora_a[:, :rank])  # [count, r, in]
+        b = groups.take(self.lora_b[:, :rank])  # [count, r, out]
+        tokens = x.shape[1]
+        cells = x.to(self.dtype).index_select(0, groups.rows)  # [count * width, tokens, in]
+        h = torch.bmm(cells.view(groups.count, -1, self.in_features), a.transpose(1, 2))
+        h = h.view(groups.count, groups.width, tokens, rank) * groups.scales
+        delta = torch.bmm(h.view(groups.count, -1, rank), b)
+        y.index_add_(0, groups.rows, delta.view(-1, tokens, self.out_features).to(y.dtype))
 
     def _vera_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         assert self.vera_a is not None and self.vera_b is not None

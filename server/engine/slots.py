@@ -2,7 +2,7 @@
 
 Slot 0 means "no adapter". A slot held by running rows is never reused. A new adapter
 version takes the lowest slot that is free or idle, so the slots a batch uses stay low and
-dense decode steps multiply by a short span of slots (routing.py); an idle adapter evicted
+grouped forwards read slots 1..k of the stacks in place (routing.py); an idle adapter evicted
 from a low slot costs one reinstall, a copy of its weights, if it comes back.
 """
 

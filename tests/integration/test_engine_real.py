@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_driver import run
+from engine_driver import record_grouping, run
 from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,7 +30,9 @@ NEW_TOKENS = 10
 LOGPROB_TOLERANCE = 0.06
 
 
-def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path) -> None:
+def test_real_nf4_mixed_batch_matches_peft(
+    real_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = AutoModelForCausalLM.from_pretrained(real_checkpoint)
     for seed, (name, config) in enumerate(ADAPTER_CONFIGS.items()):
         std = 0.3 if name.startswith("vera") else 0.02
@@ -38,14 +40,17 @@ def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path
     del base
     config = EngineConfig(checkpoint=real_checkpoint, quantization="nf4", max_lora_rank=16)
     engine = HFEngine.from_config(config, AdapterStore([tmp_path]))
+    grouped = record_grouping(engine, monkeypatch)
     prompt = engine.encode("The three primary colors are")
     params = SamplingParams(max_new_tokens=NEW_TOKENS, logprobs=True)
     names = [None, *ADAPTER_CONFIGS]
+    twice = [(f"{n}-{i}", n) for i in (0, 1) for n in names]  # rows sharing adapters: grouped
     requests = [
-        SequenceRequest(str(n), prompt, params, engine.store.acquire(n) if n else None)
-        for n in names
+        SequenceRequest(seq_id, prompt, params, engine.store.acquire(n) if n else None)
+        for seq_id, n in twice
     ]
     results = run(engine, {0: requests})
+    assert all(grouped), grouped
     kwargs = quantization_kwargs(config, engine.device)
     fused = wants_fused_kernel(config)  # the reference runs the engine's 4-bit kernel
     references = {}
@@ -53,7 +58,8 @@ def test_real_nf4_mixed_batch_matches_peft(real_checkpoint: Path, tmp_path: Path
         model = load_reference(real_checkpoint, tmp_path / name if name else None, fused, **kwargs)
         references[str(name)] = greedy_reference(model, prompt, NEW_TOKENS)
         del model
-    for seq_id, reference in references.items():
+    for seq_id, name in twice:
+        reference = references[str(name)]
         assert results[seq_id].tokens == reference.tokens, seq_id
         assert results[seq_id].logprobs == pytest.approx(
             reference.logprobs, abs=LOGPROB_TOLERANCE
