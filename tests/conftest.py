@@ -1,11 +1,14 @@
-"""Shared fixtures: tiny checkpoints built once per test session, and an isolated cache."""
+"""Shared fixtures: tiny checkpoints and PEFT adapters for them, built once per test session,
+and an isolated cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from peft_adapters import ADAPTER_CONFIGS, save_adapter
 from tiny import save_tiny_checkpoint
+from transformers import AutoModelForCausalLM
 
 from loraplex.server import models
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
@@ -44,3 +47,19 @@ def real_model() -> ModelSource:
 def real_checkpoint(real_model: ModelSource) -> Path:
     """The default base converted to a transformers checkpoint (converted once, then reused)."""
     return models.hf_checkpoint(real_model, default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_roots(
+    tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    roots = {}
+    for family, checkpoint in tiny_checkpoints.items():
+        root = tmp_path_factory.mktemp(f"adapters-{family}")
+        base = AutoModelForCausalLM.from_pretrained(checkpoint)
+        for seed, (name, config) in enumerate(ADAPTER_CONFIGS.items()):
+            # VeRA's effect is a product of two vectors, so it needs larger values to show.
+            std = 1.0 if name.startswith("vera") else 0.3
+            save_adapter(base, config, root / name, seed=seed, std=std)
+        roots[family] = root
+    return roots

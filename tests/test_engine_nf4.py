@@ -42,6 +42,8 @@ def test_cached_scales_forward_equals_bitsandbytes_and_follows_weight_swaps() ->
         layer.weight = other.weight  # what a merge does
         assert torch.equal(fast(x), layer(x))
         assert not torch.equal(fast(x), before)
+        # Weight-first (cpu_matmul.py) changes only the order of the sums.
+        torch.testing.assert_close(CachedScalesNf4(layer, weight_first=True)(x), layer(x))
 
 
 def test_nf4_base_takes_bitsandbytes_fused_kernel_only_where_it_pays(

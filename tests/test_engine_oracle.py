@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from engine_driver import record_grouping, run
-from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference, save_adapter
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference
+from transformers import AutoTokenizer
 
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
@@ -20,22 +20,6 @@ NEW_TOKENS = 12
 # nf4 adds base-kernel rounding differences: up to 1.4e-3 where bitsandbytes takes its
 # AVX512-BF16 kernel for PEFT's forward and torch its AMX one for ours
 LOGPROB_TOLERANCE = {"fp32": 1e-4, "nf4": 3e-3}
-
-
-@pytest.fixture(scope="session")
-def tiny_adapter_roots(
-    tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    roots = {}
-    for family, checkpoint in tiny_checkpoints.items():
-        root = tmp_path_factory.mktemp(f"adapters-{family}")
-        base = AutoModelForCausalLM.from_pretrained(checkpoint)
-        for seed, (name, config) in enumerate(ADAPTER_CONFIGS.items()):
-            # VeRA's effect is a product of two vectors, so it needs larger values to show.
-            std = 1.0 if name.startswith("vera") else 0.3
-            save_adapter(base, config, root / name, seed=seed, std=std)
-        roots[family] = root
-    return roots
 
 
 def make_engine(checkpoint: Path, root: Path, quantization: str, mode: str = "batched") -> HFEngine:

@@ -12,6 +12,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server.device import compute_dtype, matmul_dtype
 from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.cpu_matmul import faster_output_head
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.nf4 import use_fused_kernel
 from loraplex.server.engine.output_head import quantize_output_head
@@ -73,6 +74,8 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
         # own 4-bit forward (nf4.py), so bitsandbytes' does not repack its weights in place.
         calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
         quantize_output_head(model, calibration)
+    else:
+        faster_output_head(model)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
     spec = BaseSpec(model_type=model_type, linear_shapes=shapes, max_rank=config.max_lora_rank)

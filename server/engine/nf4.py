@@ -23,12 +23,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from loraplex.server.engine.cpu_matmul import weight_first, weight_first_pays
+
 
 class CachedScalesNf4:
     """Calls like the wrapped `Linear4bit`; follows weight swaps (merges) by identity."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, weight_first: bool = False) -> None:
         self.layer = layer
+        self.weight_first = weight_first  # multiply as (W·xᵀ)ᵀ: cpu_matmul.py
         self._weight: object = None
         self._absmax: torch.Tensor | None = None
 
@@ -44,6 +47,9 @@ class CachedScalesNf4:
         dense = torch.ops.bitsandbytes.dequantize_4bit.default(
             weight.data, self._absmax, state.blocksize, state.quant_type, state.shape, compute
         )
+        if self.weight_first:
+            y = weight_first(x.to(compute), dense)
+            return (y if layer.bias is None else y + layer.bias.to(compute)).to(x.dtype)
         bias = None if layer.bias is None else layer.bias.to(compute)
         return F.linear(x.to(compute), dense, bias).to(x.dtype)
 
@@ -79,5 +85,5 @@ def repacked(weight: object) -> bool:
 def base_forward(layer: nn.Module, device: torch.device) -> Any:
     """The fastest exact forward for this base layer on this device."""
     if type(layer).__name__ == "Linear4bit" and device.type == "cpu":
-        return CachedScalesNf4(layer)
+        return CachedScalesNf4(layer, weight_first_pays())
     return layer  # CUDA has real 4-bit kernels; other layers have nothing to cache
