@@ -308,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     prompts = r.pop("prompts")
     r.update(fp32_phase(checkpoint, root, names, prompts, args.new_tokens))
     r.update(ratios(r))
-    r.update(requests=args.requests, new_tokens=args.new_tokens, rounds=args.rounds,
+    r.update(requests=args.requests, new_tokens=args.new_tokens, round_count=args.rounds,
              threads=torch.get_num_threads(), naive_requests=args.naive_requests,
              output_head=args.output_head, load_average=os.getloadavg())  # fmt: skip
     print(table(r))

@@ -11,8 +11,9 @@ Otherwise bitsandbytes computes a 4-bit matmul by dequantizing the whole weight 
 `linear`. With double quantization it first decodes the 8-bit block scales (absmax), on every
 call. Those scales are constant while the weight is, so they are decoded once here and kept
 (one fp32 per 64 weights: about 10 MiB for Gemma 3 270M). Everything else is bitsandbytes' own
-kernel, so outputs are bit-identical to `Linear4bit.forward`. Profiled on the real model
-(16 rows, 1 thread), the scale decoding was ~3% of a decode step.
+kernel, so outputs are bit-identical to `Linear4bit.forward`, unless the multiply runs
+weight-first where that is faster (cpu_matmul.py), which changes only rounding. Profiled on
+the real model (16 rows, 1 thread), the scale decoding was ~3% of a decode step.
 """
 
 from __future__ import annotations
