@@ -13,10 +13,10 @@ import torch
 # A forward groups its rows by adapter (`Groups`) when it has at least GROUPED_MIN_ROWS rows
 # and the padded grid has at most GROUPED_CELLS_PER_ROW cells per row; otherwise it gathers
 # each row's adapter weights. `loraplex bench lora` (Gemma 3 270M shapes, rank 16, fp32
-# stacks, 2 threads, AVX2), grouped against gathered: decode of 16 rows over 8 adapters 34
-# against 57 ms, 16 over 16 43 against 64, 32 over 8 34 against 60, 12 over 8 26 against
-# 39, 8 over 8 27 against 34; 4 over 4 23 against 18 and 2 over 2 25 against 19; prefill of
-# 8 rows x 20 tokens over 4 adapters 57 against 60, 3 rows x 90 tokens 93 against 79.
+# stacks, 2 threads, AVX2), grouped against gathered: decode of 16 rows over 8 adapters 35
+# against 41 ms, 16 over 16 37 against 44, 32 over 8 39 against 58, 12 over 8 30 against
+# 33, 8 over 8 30 against 33; 4 over 4 18 against 17 and 2 over 2 20 against 18; prefill
+# of 8 rows x 20 tokens over 4 adapters 49 against 53, 3 rows x 90 tokens 81 against 72.
 GROUPED_MIN_ROWS = 8
 GROUPED_CELLS_PER_ROW = 1.5
 
