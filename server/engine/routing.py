@@ -50,9 +50,11 @@ class RoutingContext:
         if not used:
             self.current = None
             return
-        groups = group_rows(slots, scales, device, dtype)
-        cells_per_row = groups.count * groups.width / len(slots)
-        grouped = len(slots) >= GROUPED_MIN_ROWS and cells_per_row <= self.grouped_cells_per_row
+        # The rule needs only the grid's size; its tensors are built when it is used.
+        members = _rows_by_slot(slots)
+        rows = len(slots)
+        cells = len(members) * max(len(group) for group in members.values())
+        grouped = rows >= GROUPED_MIN_ROWS and cells <= self.grouped_cells_per_row * rows
         self.current = Routing(
             slots=torch.tensor(slots, dtype=torch.long, device=device),
             scales=None
@@ -60,7 +62,7 @@ class RoutingContext:
             else torch.tensor(scales, dtype=torch.float32, device=device).view(-1, 1, 1),
             used_slots=used,
             rank=rank,
-            groups=groups if grouped else None,
+            groups=_grid(members, scales, device, dtype) if grouped else None,
         )
 
     def clear(self) -> None:
@@ -94,10 +96,22 @@ class Groups:
 def group_rows(
     slots: list[int], scales: list[float], device: torch.device, dtype: torch.dtype
 ) -> Groups:
+    """The grid of these rows, whatever the rule would pick (tests and benchmarks)."""
+    return _grid(_rows_by_slot(slots), scales, device, dtype)
+
+
+def _rows_by_slot(slots: list[int]) -> dict[int, list[int]]:
+    """The rows of each nonzero slot, in row order."""
     members: dict[int, list[int]] = {}
     for row, slot in enumerate(slots):
         if slot:
             members.setdefault(slot, []).append(row)
+    return members
+
+
+def _grid(
+    members: dict[int, list[int]], scales: list[float], device: torch.device, dtype: torch.dtype
+) -> Groups:
     order = sorted(members)
     width = max(len(rows) for rows in members.values())
     cells: list[int] = []
