@@ -7,8 +7,9 @@ turns` (2 cores, 8 rows decoding, a cold rank-16 all-linear LoRA loaded every 0.
 overlapping, the median step took 1.11x as long as with no loads, the slowest 1073 against
 743 ms, and each load 85 ms; taking turns, steps took 1.00x, the slowest 694 ms, and loads
 waited for the step in progress (316 ms at the median, under one step). A request cannot
-join a step before the one after its load anyway, and the scheduler plans each step inside
-its turn, so a request whose load went first joins it.
+join a step before the one after its load anyway. The scheduler submits inside
+`keep_side_turn()` and plans each step inside its turn, so a request whose load went first
+is queued before that step plans, and joins it.
 
 Side work that arrives during a step waits for its end; the next step waits until every
 side job that was waiting has finished. On an accelerator the two do not compete, so the
@@ -38,6 +39,7 @@ class CpuTurns:
         self._steps = 0  # steps finished
         self._side_now = 0  # side jobs that go before the next step: running or waking
         self._side_next = 0  # side jobs that wait for the step in progress or about to start
+        self._thread = threading.local()  # .keeping, .holding: see keep_side_turn
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -60,6 +62,33 @@ class CpuTurns:
         """Around CPU-heavy work off the engine thread. It starts at once when the engine is
         idle, else after the step in progress (or about to start) ends, so a stream of side
         jobs never keeps the engine from stepping."""
+        if not getattr(self._thread, "holding", False):  # else it goes on with its kept turn
+            self._take_side_turn()
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            self._thread.holding = finished and getattr(self._thread, "keeping", False)
+            if not self._thread.holding:
+                self._end_side_turn()
+
+    @contextmanager
+    def keep_side_turn(self) -> Iterator[None]:
+        """Side work that this thread finishes inside the block keeps its turn until the block
+        ends, so what the thread does with the result (queueing a request for the adapter it
+        just loaded) happens before the next step plans. Side work that fails ends its turn at
+        once: the caller may go on to wait for something only steps can bring about."""
+        self._thread.keeping = True
+        try:
+            yield
+        finally:
+            self._thread.keeping = False
+            if getattr(self._thread, "holding", False):
+                self._thread.holding = False
+                self._end_side_turn()
+
+    def _take_side_turn(self) -> None:
         with self._changed:
             if self._stepping or self._engine_waiting:
                 ticket = self._steps
@@ -67,9 +96,8 @@ class CpuTurns:
                 self._changed.wait_for(lambda: self._steps > ticket)  # counted in _side_now
             else:
                 self._side_now += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._side_now -= 1
-                self._changed.notify_all()
+
+    def _end_side_turn(self) -> None:
+        with self._changed:
+            self._side_now -= 1
+            self._changed.notify_all()

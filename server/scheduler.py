@@ -165,6 +165,12 @@ class Scheduler:
     def submit(self, submission: Submission) -> RequestHandle:
         """Queue a request; raises Overloaded, Draining or an adapter error at once."""
         self._check_admission()
+        # An adapter load takes a CPU turn before a step; the request is queued within that
+        # turn, so the step after it admits the request instead of planning without it.
+        with self.turns.keep_side_turn() if self.turns else contextlib.nullcontext():
+            return self._queue(submission)
+
+    def _queue(self, submission: Submission) -> RequestHandle:
         ref = self._acquire(submission)
         handle = RequestHandle(
             seq_id=f"seq-{next(self._ids)}",

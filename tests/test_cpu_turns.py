@@ -128,3 +128,40 @@ def test_the_server_takes_turns_only_where_the_engine_computes_on_the_cpu(tmp_pa
     no_device = cpu_turns(object(), AdapterStore([tmp_path]))  # type: ignore[arg-type]
     assert no_device is not None  # the GGUF engine: llama.cpp computes on the CPU threads
     assert cpu_turns(_EngineOn("cpu"), FakeAdapters(known=set())) is None  # no side work
+
+
+def test_side_work_finished_inside_keep_side_turn_holds_the_turn_until_the_block_ends() -> None:
+    turns, log = CpuTurns(), []
+    step_in, step_out = threading.Event(), threading.Event()
+    with turns.keep_side_turn():
+        with turns.side_work():
+            log.append("load")
+        in_thread(hold(turns.step, step_in, step_out, log, "step"))
+        assert not step_in.wait(SETTLE_S)
+        with turns.side_work():  # more side work in the kept turn starts at once
+            log.append("load again")
+        log.append("queued")
+    assert step_in.wait(WAIT_S)
+    step_out.set()
+    assert log == ["load", "load again", "queued", "step"]
+
+
+def test_side_work_that_fails_inside_keep_side_turn_ends_its_turn_at_once() -> None:
+    """The caller may then wait for room that only steps can free."""
+    turns = CpuTurns()
+    step_in, step_out = threading.Event(), threading.Event()
+    with turns.keep_side_turn():
+        with contextlib.suppress(RuntimeError), turns.side_work():
+            raise RuntimeError("no room")
+        in_thread(hold(turns.step, step_in, step_out, [], "step"))
+        assert step_in.wait(WAIT_S)
+    step_out.set()
+
+
+def test_keep_side_turn_without_side_work_holds_nothing() -> None:
+    turns = CpuTurns()
+    step_in, step_out = threading.Event(), threading.Event()
+    with turns.keep_side_turn():
+        in_thread(hold(turns.step, step_in, step_out, [], "step"))
+        assert step_in.wait(WAIT_S)
+    step_out.set()

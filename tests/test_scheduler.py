@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
@@ -11,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraplex.server.cpu_turns import CpuTurns
-from loraplex.server.engine.api import FinishReason, SamplingParams
+from loraplex.server.engine.api import AdapterRef, FinishReason, SamplingParams
 from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, Overloaded
 from loraplex.server.scheduler import RequestHandle, Scheduler, SchedulerLimits, Submission
 
@@ -298,26 +301,52 @@ def test_unknown_adapter_is_refused_at_submit_without_queueing() -> None:
     assert s.counts() == (0, 0)
 
 
-def test_engine_steps_take_turns_with_side_work() -> None:
-    """With turns, a step does not start while side work (an adapter load) runs, and it is
-    planned after that work, so a request submitted when its load finished joins it."""
-    engine, turns = FakeEngine(), CpuTurns()
-    s = Scheduler(engine, FakeAdapters(known={"a"}), SchedulerLimits(), turns=turns)
-    side_in, side_out, stepped = threading.Event(), threading.Event(), threading.Event()
+class LoadingAdapters(FakeAdapters):
+    """Loads a cold adapter inside `side_work`, as the adapter store does, then dawdles
+    before returning it, as a descheduled gRPC thread may."""
 
-    def side() -> None:
-        with turns.side_work():
-            side_in.set()
-            assert side_out.wait(10)
+    side_work: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
 
-    threading.Thread(target=side, daemon=True).start()
-    assert side_in.wait(10)
-    threading.Thread(target=lambda: (s.step(), stepped.set()), daemon=True).start()
-    assert not stepped.wait(0.2)
-    handle = s.submit(sub(n=2))  # as a gRPC thread does once the load is done
-    side_out.set()
-    assert stepped.wait(10)
-    assert [r.seq_id for r in engine.plans[0].prefill] == [handle.seq_id]
-    run_until_idle(s)
-    prompt = handle.submission.prompt_ids
-    assert tokens(handle) == [expected_token(prompt, None, i) for i in range(2)]
+    def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
+        if adapter_id not in self.versions:
+            with self.side_work():
+                self.load(adapter_id)
+            time.sleep(0.2)
+        return super().acquire(adapter_id, scale)
+
+
+def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> None:
+    """With turns, the load waits for the step in progress and the next step waits for the
+    load; the request is queued before that step plans, so the step prefills it."""
+    gate = threading.Event()
+    engine, turns, store = FakeEngine(gate=gate), CpuTurns(), LoadingAdapters(known={"a"})
+    store.side_work = turns.side_work
+    s = Scheduler(engine, store, SchedulerLimits(), turns=turns)
+    running = s.submit(sub("first", n=3))
+    s.start()
+    try:
+        assert wait_until(lambda: s.counts() == (1, 0))  # step 1 runs, held at the gate
+        handles: list[RequestHandle] = []
+        submitter = threading.Thread(target=lambda: handles.append(s.submit(sub(adapter="a"))))
+        submitter.start()
+        time.sleep(0.2)  # the load now waits for step 1
+        gate.set()
+        submitter.join(10)
+        assert wait_until(lambda: len(engine.plans) >= 2)
+        assert [r.seq_id for r in engine.plans[1].prefill] == [handles[0].seq_id]
+        assert engine.plans[1].decode == [running.seq_id]
+        assert tokens(handles[0]) == [
+            expected_token(handles[0].submission.prompt_ids, AdapterRef("a", 1), i)
+            for i in range(4)
+        ]
+    finally:
+        s.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
