@@ -31,6 +31,14 @@ class RunsSideWork(Protocol):
     side_work: Callable[[], AbstractContextManager[object]]
 
 
+class _KeptTurn(threading.local):
+    """Per thread: inside `keep_side_turn` (keeping), and holding a side turn kept past its
+    side work (holding)."""
+
+    keeping = False
+    holding = False
+
+
 class CpuTurns:
     def __init__(self) -> None:
         self._changed = threading.Condition()
@@ -39,7 +47,7 @@ class CpuTurns:
         self._steps = 0  # steps finished
         self._side_now = 0  # side jobs that go before the next step: running or waking
         self._side_next = 0  # side jobs that wait for the step in progress or about to start
-        self._thread = threading.local()  # .keeping, .holding: see keep_side_turn
+        self._thread = _KeptTurn()
 
     @contextmanager
     def step(self) -> Iterator[None]:
@@ -62,14 +70,14 @@ class CpuTurns:
         """Around CPU-heavy work off the engine thread. It starts at once when the engine is
         idle, else after the step in progress (or about to start) ends, so a stream of side
         jobs never keeps the engine from stepping."""
-        if not getattr(self._thread, "holding", False):  # else it goes on with its kept turn
+        if not self._thread.holding:  # else it goes on with its kept turn
             self._take_side_turn()
         finished = False
         try:
             yield
             finished = True
         finally:
-            self._thread.holding = finished and getattr(self._thread, "keeping", False)
+            self._thread.holding = finished and self._thread.keeping
             if not self._thread.holding:
                 self._end_side_turn()
 
@@ -84,7 +92,7 @@ class CpuTurns:
             yield
         finally:
             self._thread.keeping = False
-            if getattr(self._thread, "holding", False):
+            if self._thread.holding:
                 self._thread.holding = False
                 self._end_side_turn()
 
