@@ -12,7 +12,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -27,7 +27,7 @@ from loraplex.adapters.errors import (
 from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.adapters.paths import resolve_adapter_dir, scan_adapter_ids
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, read_adapter
-from loraplex.adapters.types import AdapterInfo, AdapterRef
+from loraplex.adapters.types import AdapterInfo, AdapterRef, StoreEvents
 from loraplex.adapters.weights import AdapterWeights, LoadedAdapter, tensors_nbytes
 
 RESIDENCY_WAIT_S = 30.0
@@ -37,6 +37,25 @@ Key = tuple[str, int]  # (adapter id, version)
 AdapterReader = Callable[[str, Path, BaseSpec], AdapterWeights]  # (id, directory, base)
 Fingerprint = tuple[tuple[str, float, int], ...]
 SideWork = Callable[[], contextlib.AbstractContextManager[object]]
+
+
+class _Unheard:
+    def adapter_loaded(self, adapter_id: str, seconds: float) -> None:
+        pass
+
+    def adapter_evicted(self, adapter_id: str) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _unreadable_files(adapter_id: str) -> Iterator[None]:
+    """An OSError while reading an adapter is the adapter's fault: InvalidAdapter, naming
+    the file, as the AdapterAdmin contract promises."""
+    try:
+        yield
+    except OSError as err:
+        name = err.filename or "its files"
+        raise InvalidAdapter(adapter_id, f"cannot read {name}: {err.strerror or err}") from err
 
 
 @dataclass
@@ -80,7 +99,9 @@ class AdapterStore:
         use. `read` parses and validates one adapter directory against the base. Loads
         (reading and preparing) run inside `side_work()`, which may wait for a turn on the
         CPU (loraplex.server.cpu_turns); settable later, as the server does. Waiting for room
-        happens outside it, since room comes from sequences that need steps to finish."""
+        happens outside it, since room comes from sequences that need steps to finish.
+        `events` hears of each load (with the seconds its reading and preparing took) and
+        each eviction; settable later too."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
@@ -90,6 +111,7 @@ class AdapterStore:
         self._read = read
         self._prepare = prepare
         self.side_work = side_work
+        self.events: StoreEvents = _Unheard()
         self._on_drop = on_drop or (lambda _adapter_id: None)
         self.residency_wait_s = residency_wait_s
         self._releases = 0  # counts versions that stopped being in use, for waiting acquires
@@ -234,6 +256,10 @@ class AdapterStore:
             self._load_locked(adapter_id, reuse_unchanged=False)
 
     def _load_locked(self, adapter_id: str, reuse_unchanged: bool) -> LoadedAdapter:
+        with _unreadable_files(adapter_id):
+            return self._read_and_install(adapter_id, reuse_unchanged)
+
+    def _read_and_install(self, adapter_id: str, reuse_unchanged: bool) -> LoadedAdapter:
         """Read from disk (outside the state lock) and install as the current version."""
         path = resolve_adapter_dir(adapter_id, self.roots)
         fingerprint = _fingerprint(path)
@@ -247,6 +273,7 @@ class AdapterStore:
             return current
         if base is None:
             raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
+        started = time.perf_counter()
         weights = self._read(adapter_id, path, base)
         with self._lock:  # only loads bump versions, and they are serialized by _load_lock
             version = self._last_version.get(adapter_id, 0) + 1
@@ -259,7 +286,8 @@ class AdapterStore:
             self._last_version[adapter_id] = version
             self._current[adapter_id] = adapter
             self._fingerprints[(adapter_id, version)] = fingerprint
-            return adapter
+        self.events.adapter_loaded(adapter_id, time.perf_counter() - started)
+        return adapter
 
     def _make_room(self, incoming: LoadedAdapter) -> None:
         """Evict least recently used idle, unpinned adapters until `incoming` fits."""
@@ -287,6 +315,7 @@ class AdapterStore:
                 )
             del self._current[victim.adapter_id]
             self._on_drop(victim.adapter_id)
+            self.events.adapter_evicted(victim.adapter_id)
 
     def _bytes_locked(self) -> int:
         alive = {(a.adapter_id, a.version): a for a in self._current.values()}

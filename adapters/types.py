@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -28,3 +29,18 @@ class AdapterInfo:
     pinned: bool
     in_use: int  # running sequences holding this adapter (any version)
     path: str
+
+
+class StoreEvents(Protocol):
+    """Hears what the store does: the server's metrics count loads and evictions."""
+
+    def adapter_loaded(self, adapter_id: str, seconds: float) -> None: ...
+
+    def adapter_evicted(self, adapter_id: str) -> None: ...
+
+
+@runtime_checkable
+class ReportsEvents(Protocol):
+    """An AdapterAdmin that tells `events` what it does (AdapterStore)."""
+
+    events: StoreEvents

@@ -62,7 +62,8 @@ class _AdapterResidency(Collector):
 
 
 class Metrics:
-    """Receives scheduler and service events; implements the SchedulerObserver protocol."""
+    """Receives scheduler, service and adapter store events; implements the
+    SchedulerObserver and StoreEvents protocols."""
 
     def __init__(self, registry: CollectorRegistry | None = None, max_adapter_labels: int = 32):
         self.registry = registry or CollectorRegistry()
@@ -92,9 +93,11 @@ class Metrics:
             "loraplex_batch_size", "Sequences per engine step", buckets=BATCH_BUCKETS, registry=r
         )
         self.adapter_load_time = Histogram(
-            "loraplex_adapter_load_seconds", "Adapter load time", buckets=LATENCY_BUCKETS,
+            "loraplex_adapter_load_seconds",
+            "Adapter load time: reading, validating and preparing",
+            buckets=LATENCY_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
         self.adapter_evictions = Counter(
             "loraplex_adapter_evictions", "Adapters dropped from residency", registry=r
         )
@@ -141,6 +144,12 @@ class Metrics:
 
     def step_finished(self, running: int, waiting: int, batch_size: int) -> None:
         self.batch_size.observe(batch_size)
+
+    def adapter_loaded(self, adapter_id: str, seconds: float) -> None:
+        self.adapter_load_time.observe(seconds)
+
+    def adapter_evicted(self, adapter_id: str) -> None:
+        self.adapter_evictions.inc()
 
     def serve_http(self, port: int, host: str) -> tuple[int, Callable[[], None]]:
         """Expose /metrics on its own port; returns the port and a function that stops it."""

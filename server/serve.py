@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 
+from loraplex.adapters.types import ReportsEvents
 from loraplex.server.auth import BearerAuth, Role, load_tokens
 from loraplex.server.config import (
     ConfigError,
@@ -32,7 +33,6 @@ from loraplex.server.convert import ChatTemplating
 from loraplex.server.cpu_turns import CpuTurns, RunsSideWork
 from loraplex.server.engine.api import AdapterAdmin, Engine
 from loraplex.server.metrics import Metrics
-from loraplex.server.observed_adapters import ObservedAdapters
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
 from loraplex.server.tls import server_credentials
@@ -302,14 +302,15 @@ def start(
     """Start the scheduler, the gRPC server and the metrics endpoint around a built engine."""
     metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
     metrics.watch_adapters(store.list)
-    observed = ObservedAdapters(store, metrics)
+    if isinstance(store, ReportsEvents):
+        store.events = metrics
     limits = scheduler_limits(config)
     turns = cpu_turns(engine, store)
-    scheduler = Scheduler(engine, observed, limits, observer=metrics, turns=turns)
+    scheduler = Scheduler(engine, store, limits, observer=metrics, turns=turns)
     metrics.watch_scheduler(scheduler.counts)
     if hasattr(engine, "resources"):
         metrics.watch_engine(engine.resources)
-    service = LoraplexService(scheduler, engine, observed, describe(config), metrics, chat)
+    service = LoraplexService(scheduler, engine, store, describe(config), metrics, chat)
     server, health_servicer, port = _grpc_server(
         config, service, load_tokens(config.auth_tokens_file)
     )

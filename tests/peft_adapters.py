@@ -10,6 +10,8 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, VeraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from loraplex.adapters.peft_format import BaseSpec
+
 # Three LoRA flavours and a VeRA with a regenerated projection, as the oracle tests mix them.
 ADAPTER_CONFIGS: dict[str, PeftConfig] = {
     "lora-qv-r4": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
@@ -46,6 +48,16 @@ def save_adapter(
     model.save_pretrained(out_dir)
     model.unload()  # gives the base back unchanged for the next adapter
     return out_dir
+
+
+def linear_spec(model: torch.nn.Module, max_rank: int = 16) -> BaseSpec:
+    """What an AdapterStore validates this model's adapters against: its layers' Linears."""
+    shapes = {
+        name: (m.in_features, m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in name
+    }
+    return BaseSpec(str(model.config.model_type), shapes, max_rank)
 
 
 @dataclass

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, VeraConfig
-from peft_adapters import save_adapter
+from peft_adapters import linear_spec, save_adapter
 from tiny import build_model, build_tokenizer
 
 from loraplex.adapters.errors import InvalidAdapter
@@ -49,12 +48,7 @@ def base_and_adapters(tmp_path_factory: pytest.TempPathFactory) -> tuple[BaseSpe
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
     save_adapter(model, lora, root / "lora", seed=1)
     save_adapter(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), root / "vera", 2)
-    shapes = {
-        name: (m.in_features, m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".layers." in name
-    }
-    return BaseSpec("llama", shapes, max_rank=16), root
+    return linear_spec(model), root
 
 
 def attempt(adapter_dir: Path, base: BaseSpec) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
-from peft_adapters import save_adapter
+from peft_adapters import linear_spec, save_adapter
 from tiny import build_model, build_tokenizer
 
 from loraplex.adapters.errors import (
@@ -36,12 +36,7 @@ def tiny_base() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def spec(tiny_base: torch.nn.Module) -> BaseSpec:
-    shapes = {
-        name: (m.in_features, m.out_features)
-        for name, m in tiny_base.named_modules()
-        if isinstance(m, torch.nn.Linear) and ".layers." in name
-    }
-    return BaseSpec(model_type="llama", linear_shapes=shapes, max_rank=16)
+    return linear_spec(tiny_base)
 
 
 @pytest.fixture(scope="module")

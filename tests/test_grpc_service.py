@@ -17,11 +17,16 @@ import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
 from grpc_helpers import field_bytes, metric, raw_unary, scrape
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from peft import LoraConfig
+from peft_adapters import linear_spec, save_adapter
+from tiny import build_model, build_tokenizer
 
+from loraplex.adapters.peft_format import BaseSpec
+from loraplex.adapters.store import AdapterStore
 from loraplex.clients import AsyncClient, Client
 from loraplex.clients import errors as client_errors
 from loraplex.proto.v1 import loraplex_pb2 as pb
-from loraplex.server.engine.api import AdapterRef
+from loraplex.server.engine.api import AdapterAdmin, AdapterRef
 from loraplex.server.serve import RunningServer, ServeConfig, start
 
 
@@ -37,11 +42,27 @@ class Served:
 def serve_fake(**overrides: object) -> Served:
     engine = FakeEngine(max_context=64)
     store = FakeAdapters(known={"a", "b", "c", "broken"}, broken={"broken"})
+    server, client = serve_around(engine, store, **overrides)
+    return Served(server, engine, store, client, f"127.0.0.1:{server.port}")
+
+
+def serve_around(
+    engine: FakeEngine, store: AdapterAdmin, **overrides: object
+) -> tuple[RunningServer, Client]:
     settings = {"port": 0, "metrics_port": 0, "max_new_tokens_limit": 1000, **overrides}
     config = ServeConfig(**settings)  # type: ignore[arg-type]
     server = start(config, engine, store)
-    target = f"127.0.0.1:{server.port}"
-    return Served(server, engine, store, Client(target, timeout=30), target)
+    return server, Client(f"127.0.0.1:{server.port}", timeout=30)
+
+
+@pytest.fixture(scope="module")
+def lora_root(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, BaseSpec]:
+    """Real PEFT adapters a, b and c for a real AdapterStore, over a tiny llama."""
+    model = build_model("llama", build_tokenizer())
+    root = tmp_path_factory.mktemp("adapters")
+    for seed, name in enumerate("abc"):
+        save_adapter(model, LoraConfig(r=4, target_modules=["q_proj"]), root / name, seed)
+    return root, linear_spec(model)
 
 
 @pytest.fixture
@@ -342,23 +363,51 @@ def test_adapter_labels_are_capped() -> None:
     assert [label(a) for a in ["x", "y", "z", "x", ""]] == ["x", "y", "other", "x", "base"]
 
 
-def test_adapter_loads_and_evictions_are_counted() -> None:
-    s = serve_fake()
-    s.store.max_resident = 1
+def test_adapter_loads_and_evictions_are_counted(lora_root: tuple[Path, BaseSpec]) -> None:
+    root, spec = lora_root
+    store = AdapterStore([root], base=spec, max_resident=1)
+    server, client = serve_around(FakeEngine(max_context=64), store)
     try:
-        before = scrape(s.server.metrics_port)
-        s.client.load_adapter("a")
-        s.client.generate("lazy load of b evicts a", adapter="b", max_new_tokens=1)
-        s.client.load_adapter("c")  # evicts b
-        after = scrape(s.server.metrics_port)
+        before = scrape(server.metrics_port)
+        client.load_adapter("a")
+        client.generate("lazy load of b evicts a", adapter="b", max_new_tokens=1)
+        client.load_adapter("c")  # evicts b
+        client.load_adapter("c")  # unchanged: no load
+        after = scrape(server.metrics_port)
         loads = metric(after, "loraplex_adapter_load_seconds_count")
         assert loads - metric(before, "loraplex_adapter_load_seconds_count") == 3
         evictions = metric(after, "loraplex_adapter_evictions_total")
         assert evictions - metric(before, "loraplex_adapter_evictions_total") == 2
-        assert [a.adapter_id for a in s.client.list_adapters()] == ["c"]
+        assert [a.adapter_id for a in client.list_adapters() if a.resident] == ["c"]
     finally:
-        s.client.close()
-        s.server.drain(grace_s=5)
+        client.close()
+        server.drain(grace_s=5)
+
+
+def test_cold_requests_that_arrive_during_a_step_all_join_the_next(
+    lora_root: tuple[Path, BaseSpec],
+) -> None:
+    """Their loads share the CPU turn after the step in progress: a burst of cold adapters
+    waits for one step, not one step per adapter."""
+    root, spec = lora_root
+    engine = FakeEngine(max_context=64, gate=threading.Event())
+    server, client = serve_around(engine, AdapterStore([root], base=spec))
+    try:
+        held = client.stream("held step", max_new_tokens=2)
+        first = iter(held)
+        _wait_for(lambda: client.server_info().running == 1)  # its step waits at the gate
+        cold = [client.stream(f"cold {name}", adapter=name, max_new_tokens=2) for name in "abc"]
+        tails = [iter(stream) for stream in cold]
+        time.sleep(0.5)  # each request reaches the wait for its load's turn long before this
+        engine.gate.set()
+        assert all(len(list(tail)) == 2 for tail in tails) and len(list(first)) == 2
+        together = [p for p in engine.plans if any(r.adapter for r in p.prefill)]
+        assert len(together) == 1
+        assert sorted(r.adapter.adapter_id for r in together[0].prefill if r.adapter) == list("abc")
+    finally:
+        engine.gate.set()
+        client.close()
+        server.drain(grace_s=5)
 
 
 def test_train_adapter_push_loads_the_new_adapter(
