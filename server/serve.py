@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,7 +32,13 @@ from loraplex.server.config import (
 )
 from loraplex.server.convert import ChatTemplating
 from loraplex.server.cpu_turns import CpuTurns, RunsSideWork
-from loraplex.server.engine.api import AdapterAdmin, Engine
+from loraplex.server.engine.api import (
+    AdapterAdmin,
+    Engine,
+    SamplingParams,
+    SequenceRequest,
+    StepPlan,
+)
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
@@ -43,6 +50,8 @@ if TYPE_CHECKING:
     from loraplex.server.engine.hf import HFEngine
 
 log = logging.getLogger("loraplex.serve")
+WARM_UP_ID = "warm-up"
+WARM_UP_PROMPT = "Before serving, the server runs this prompt once through the base model."
 PACKAGED_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters" / "trainer" / "defaults"
 ADMIN_WORKERS = 8  # gRPC threads kept free for admin, info and health calls
 
@@ -409,6 +418,20 @@ def _grpc_server(
     return server, health_servicer, port
 
 
+def warm_up(engine: Engine) -> None:
+    """One short base-model generation before serving. A process's first forward pass sets up
+    allocations and kernels: on 2 CPU cores the real model's first 92-token prefill took
+    0.96 s against 0.5 s for the next ones, which the first request would pay."""
+    started = time.perf_counter()
+    prompt = engine.encode(WARM_UP_PROMPT)
+    sampling = SamplingParams(max_new_tokens=2)
+    events = engine.step(StepPlan(prefill=[SequenceRequest(WARM_UP_ID, prompt, sampling)]))
+    if all(event.finish is None for event in events):
+        engine.step(StepPlan(decode=[WARM_UP_ID]))
+    engine.release(WARM_UP_ID)  # a no-op where its last token ended it
+    log.info("warmed up in %.2f s", time.perf_counter() - started)
+
+
 def serve(config: ServeConfig) -> int:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -418,6 +441,7 @@ def serve(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     engine, store, chat = build_backend(config)
     prepare_adapters(store, config)
+    warm_up(engine)
     running = start(config, engine, store, chat)
     log.info(
         "serving %s on %s:%d (metrics on port %d)",

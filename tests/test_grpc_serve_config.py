@@ -1,14 +1,16 @@
-"""`loraplex serve` settings: flags win over LORAPLEX_* variables, which win over the TOML file."""
+"""`loraplex serve`: its settings (flags win over LORAPLEX_* variables, which win over the TOML
+file) and the warm-up before it serves."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from fake_engine import FakeEngine
 
 from loraplex.server.cli import build_parser
 from loraplex.server.config import ConfigError, config_from_args
-from loraplex.server.serve import ServeConfig, adapter_roots
+from loraplex.server.serve import ServeConfig, adapter_roots, warm_up
 
 
 def parse(argv: list[str]) -> ServeConfig:
@@ -80,3 +82,17 @@ def test_a_port_in_use_is_a_config_error_naming_the_flag() -> None:
             config = ServeConfig(**{"port": 0, "metrics_port": 0, **settings})  # type: ignore[arg-type]
             with pytest.raises(ConfigError, match=flag):
                 start(config, FakeEngine(), FakeAdapters(known=set()))
+
+
+def test_the_warm_up_prefills_and_decodes_once_and_leaves_nothing_running() -> None:
+    engine = FakeEngine()
+    warm_up(engine)
+    assert [(len(p.prefill), len(p.decode)) for p in engine.plans] == [(1, 0), (0, 1)]
+    assert engine.running() == []
+
+
+def test_the_warm_up_skips_the_decode_when_the_first_token_ends_it() -> None:
+    engine = FakeEngine(eos_after=0)
+    warm_up(engine)
+    assert [(len(p.prefill), len(p.decode)) for p in engine.plans] == [(1, 0)]
+    assert engine.running() == []
