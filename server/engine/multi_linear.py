@@ -38,9 +38,12 @@ class MultiAdapterLinear(nn.Module):
         self.num_slots, self.max_rank, self.dtype = num_slots, max_rank, dtype
         self.lora_slots: set[int] = set()  # slots whose adapter targets this layer
         self.vera_slots: set[int] = set()
-        # Stacks are allocated on first use so untargeted layers cost nothing.
-        self.lora_a: torch.Tensor | None = None  # [slots, max_rank, in]
-        self.lora_b: torch.Tensor | None = None  # [slots, max_rank, out]: B transposed
+        # The LoRA stacks are allocated up front, as vLLM does: the memory they take shows at
+        # start, and the first adapter does not pay for zeroing them all inside a request's
+        # step (0.8 s for 33 slots of rank 16 over the real model's layers on 2 CPU cores).
+        device = self._device()
+        self.lora_a = torch.zeros((num_slots, max_rank, shape[0]), dtype=dtype, device=device)
+        self.lora_b = torch.zeros((num_slots, max_rank, shape[1]), dtype=dtype, device=device)
         self.vera_a: torch.Tensor | None = None  # [r, in] slice of the shared projection
         self.vera_b: torch.Tensor | None = None  # [out, r]
         self.vera_d: torch.Tensor | None = None  # [slots, r]
@@ -61,7 +64,6 @@ class MultiAdapterLinear(nn.Module):
         return y
 
     def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        assert self.lora_a is not None and self.lora_b is not None
         rank = routing.rank
         a = self.lora_a[:, :rank].index_select(0, routing.slots)  # [rows, r, in]
         b = self.lora_b[:, :rank].index_select(0, routing.slots)  # [rows, r, out]
@@ -73,7 +75,6 @@ class MultiAdapterLinear(nn.Module):
     def _add_grouped_lora(
         self, y: torch.Tensor, x: torch.Tensor, rank: int, groups: Groups
     ) -> None:
-        assert self.lora_a is not None and self.lora_b is not None
         a = groups.take(self.lora_a[:, :rank])  # [count, r, in]
         b = groups.take(self.lora_b[:, :rank])  # [count, r, out]
         tokens = x.shape[1]
@@ -101,12 +102,6 @@ class MultiAdapterLinear(nn.Module):
         )  # base weights decide where the stacks live
 
     def set_lora(self, slot: int, module: LoraModule) -> None:
-        if self.lora_a is None:
-            shape_a = (self.num_slots, self.max_rank, self.in_features)
-            shape_b = (self.num_slots, self.max_rank, self.out_features)
-            self.lora_a = torch.zeros(shape_a, dtype=self.dtype, device=self._device())
-            self.lora_b = torch.zeros(shape_b, dtype=self.dtype, device=self._device())
-        assert self.lora_b is not None
         rank = module.a.shape[0]
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
@@ -134,7 +129,7 @@ class MultiAdapterLinear(nn.Module):
 
     def clear_slot(self, slot: int) -> None:
         """Zero the slot so a stale adapter can never leak into a later row."""
-        if slot in self.lora_slots and self.lora_a is not None and self.lora_b is not None:
+        if slot in self.lora_slots:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
         if slot in self.vera_slots and self.vera_d is not None and self.vera_lb is not None:
