@@ -10,8 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from safetensors.torch import load_file
 from server_process import ServerProcess
 from test_trainer import DATA
 from transformers import AutoModelForCausalLM
+from waiting import wait_for
 
 from loraplex.adapters.paths import scan_adapter_ids
 from loraplex.clients import Client
@@ -29,16 +29,6 @@ from loraplex.clients import errors as client_errors
 
 PROMPT = "The capital of France"
 SERVE_ARGS = ["--quantization", "fp32", "--max-new-tokens-limit", "1000", "--log-level", "warning"]
-
-
-def wait_for(condition: Callable[[], bool], within_s: float = 120) -> None:
-    """Poll until `condition()` holds; the bound only stops a broken test from hanging."""
-    give_up = time.monotonic() + within_s
-    while time.monotonic() < give_up:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition never became true")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from near_tie import assert_equal_until_a_near_tie
 from peft_adapters import ADAPTER_CONFIGS, save_adapter
 from server_process import ServerProcess
 from transformers import AutoModelForCausalLM
+from waiting import wait_for
 
 from loraplex.adapters.store import AdapterStore
 from loraplex.clients import Client
@@ -210,14 +210,14 @@ def test_load_unload_replace_during_streaming_cause_no_failures(
     for t in threads:
         t.start()
     try:
-        _wait_for(lambda: len(results) >= 2)
+        wait_for(lambda: len(results) >= 2)
         shutil.rmtree(swap_root)
         shutil.copytree(adapter_root / "lora-v2", swap_root)
         replaced = client.load_adapter("swap")  # a newer copy under the same id
         assert replaced.version > first.version
         client.unload_adapter("vera")  # waits for its in-flight requests
         client.load_adapter("rslora")
-        _wait_for(lambda: any(r.adapter_version == replaced.version for r in results))
+        wait_for(lambda: any(r.adapter_version == replaced.version for r in results))
     finally:
         stop.set()
         for t in threads:
@@ -230,17 +230,6 @@ def test_load_unload_replace_during_streaming_cause_no_failures(
     assert want[first.version].tokens != want[replaced.version].tokens
     for result in results:
         assert_like_alone(backend, result, want[result.adapter_version])
-
-
-def _wait_for(condition: object, within_s: float = 300) -> None:
-    """Poll until `condition()` holds; the bound only stops a broken test from hanging."""
-    pause = threading.Event()
-    give_up = time.monotonic() + within_s
-    while time.monotonic() < give_up:
-        if condition():  # type: ignore[operator]
-            return
-        pause.wait(0.02)
-    raise AssertionError("condition never became true")
 
 
 @pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
@@ -318,13 +307,13 @@ def test_full_queue_cancellation_and_deadlines(tight_server: ServerProcess) -> N
         blocker_chunks = iter(blocker)
         next(blocker_chunks)  # running now
         queued = client.stream(PROMPTS[1], max_new_tokens=3)
-        _wait_for(lambda: client.server_info().waiting == 1)
+        wait_for(lambda: client.server_info().waiting == 1)
         with pytest.raises(client_errors.ResourceExhausted, match="queue is full"):
             client.generate(PROMPTS[2], max_new_tokens=3)
         # Cancelling the blocker frees its slot: the queued request is admitted and finishes.
         blocker.cancel()
         assert len([t for c in queued for t in c.token_ids]) == 3
-        _wait_for(lambda: client.server_info().running == 0)
+        wait_for(lambda: client.server_info().running == 0)
         samples = scrape(tight_server.metrics_port)
         assert metric(samples, "loraplex_requests_total", adapter="base", status="CANCELLED") == 1
         # A deadline that passes while waiting behind a long request ends it, freeing the queue.
@@ -334,7 +323,7 @@ def test_full_queue_cancellation_and_deadlines(tight_server: ServerProcess) -> N
             client.generate(
                 PROMPTS[1], max_new_tokens=3, timeout=0.05
             )  # well inside the blocker run
-        _wait_for(lambda: client.server_info().waiting == 0)
+        wait_for(lambda: client.server_info().waiting == 0)
         blocker.cancel()
         assert client.generate(PROMPTS[1], max_new_tokens=3).completion_tokens == 3
 
@@ -345,7 +334,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tight_server: ServerProce
         chunks = iter(stream)
         first = next(chunks)
         tight_server.terminate()
-        _wait_for(lambda: _health_or_gone(client) != "SERVING")
+        wait_for(lambda: _health_or_gone(client) != "SERVING")
         with pytest.raises(client_errors.Unavailable):
             client.generate(PROMPTS[1], max_new_tokens=2)  # no longer admitted
         rest = list(chunks)

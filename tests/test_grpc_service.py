@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from peft import LoraConfig
 from peft_adapters import linear_spec, save_adapter
 from tiny import build_model, build_tokenizer
+from waiting import wait_for
 
 from loraplex.adapters.peft_format import BaseSpec
 from loraplex.adapters.store import AdapterStore
@@ -203,7 +204,7 @@ def test_full_queue_answers_resource_exhausted_and_drops_nothing() -> None:
         streams = [s.client.stream("q", max_new_tokens=3) for _ in range(3)]
         iterators = [iter(st) for st in streams]
         # One runs (its step is held at the gate) and two wait: the queue is full.
-        _wait_for(lambda: s.client.server_info().waiting == 2)
+        wait_for(lambda: s.client.server_info().waiting == 2)
         with pytest.raises(client_errors.ResourceExhausted, match="queue is full"):
             s.client.generate("one too many", max_new_tokens=3)
         s.engine.gate.set()
@@ -215,23 +216,12 @@ def test_full_queue_answers_resource_exhausted_and_drops_nothing() -> None:
         s.server.drain(grace_s=5)
 
 
-def _wait_for(condition: object, within_s: float = 300) -> None:
-    """Poll until `condition()` holds; the bound only stops a broken test from hanging."""
-    pause = threading.Event()
-    give_up = time.monotonic() + within_s
-    while time.monotonic() < give_up:
-        if condition():  # type: ignore[operator]
-            return
-        pause.wait(0.02)
-    raise AssertionError("condition never became true")
-
-
 def test_deadline_exceeded_frees_the_slot(served: Served) -> None:
     served.engine.gate = threading.Event()
     with pytest.raises(client_errors.DeadlineExceeded):
         served.client.generate("slow", max_new_tokens=5, timeout=0.3)
     served.engine.gate.set()
-    _wait_for(lambda: served.client.server_info().running == 0)
+    wait_for(lambda: served.client.server_info().running == 0)
     assert served.client.generate("next", max_new_tokens=2).completion_tokens == 2
     assert not served.engine.seqs
 
@@ -239,14 +229,14 @@ def test_deadline_exceeded_frees_the_slot(served: Served) -> None:
 def test_cancelled_stream_frees_the_slot(served: Served) -> None:
     served.engine.gate = threading.Event()
     stream = served.client.stream("long", adapter="a", max_new_tokens=900)
-    _wait_for(lambda: served.client.server_info().running == 1)
+    wait_for(lambda: served.client.server_info().running == 1)
     stream.cancel()
     # The cancellation crosses the network; once the server has seen it, the step in flight
     # finishes and the next one releases the sequence.
     running = served.server.scheduler.running_requests
-    _wait_for(lambda: all(h.cancelled for h in running()))
+    wait_for(lambda: all(h.cancelled for h in running()))
     served.engine.gate.set()
-    _wait_for(lambda: served.client.server_info().running == 0)
+    wait_for(lambda: served.client.server_info().running == 0)
     released = [sid for plan in served.engine.plans for sid in plan.release]
     assert len(released) == 1 and not served.engine.seqs
     assert len(served.engine.plans) <= 3, "the cancelled sequence kept running"
@@ -284,7 +274,7 @@ def test_unload_without_waiting_refuses_while_in_use(served: Served) -> None:
     served.engine.gate = threading.Event()
     stream = served.client.stream("busy", adapter="a", max_new_tokens=3)
     it = iter(stream)
-    _wait_for(lambda: served.client.server_info().running == 1)
+    wait_for(lambda: served.client.server_info().running == 1)
     with pytest.raises(client_errors.FailedPrecondition, match=r"in use|use it"):
         served.client.unload_adapter("a", wait=False)
     served.engine.gate.set()
@@ -296,7 +286,7 @@ def test_a_request_keeps_its_adapter_version_across_a_replace(served: Served) ->
     served.engine.gate = threading.Event()
     stream = served.client.stream("swap", adapter="a", max_new_tokens=4)
     it = iter(stream)
-    _wait_for(lambda: served.client.server_info().running == 1)
+    wait_for(lambda: served.client.server_info().running == 1)
     old = served.store.versions["a"]
     assert served.client.load_adapter("a").version == old + 1
     served.engine.gate.set()
@@ -395,7 +385,7 @@ def test_cold_requests_that_arrive_during_a_step_all_join_the_next(
     try:
         held = client.stream("held step", max_new_tokens=2)
         first = iter(held)
-        _wait_for(lambda: client.server_info().running == 1)  # its step waits at the gate
+        wait_for(lambda: client.server_info().running == 1)  # its step waits at the gate
         cold = [client.stream(f"cold {name}", adapter=name, max_new_tokens=2) for name in "abc"]
         tails = [iter(stream) for stream in cold]
         time.sleep(0.5)  # each request reaches the wait for its load's turn long before this

@@ -12,6 +12,7 @@ import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from waiting import wait_for
 
 from loraplex.server.cpu_turns import CpuTurns
 from loraplex.server.engine.api import AdapterRef, FinishReason, SamplingParams
@@ -325,14 +326,14 @@ def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> No
     running = s.submit(sub("first", n=3))
     s.start()
     try:
-        assert wait_until(lambda: s.counts() == (1, 0))  # step 1 runs, held at the gate
+        wait_for(lambda: s.counts() == (1, 0), within_s=10)  # step 1 runs, held at the gate
         handles: list[RequestHandle] = []
         submitter = threading.Thread(target=lambda: handles.append(s.submit(sub(adapter="a"))))
         submitter.start()
         time.sleep(0.2)  # the load now waits for step 1
         gate.set()
         submitter.join(10)
-        assert wait_until(lambda: len(engine.plans) >= 2)
+        wait_for(lambda: len(engine.plans) >= 2, within_s=10)
         assert [r.seq_id for r in engine.plans[1].prefill] == [handles[0].seq_id]
         assert engine.plans[1].decode == [running.seq_id]
         assert tokens(handles[0]) == [
@@ -341,12 +342,3 @@ def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> No
         ]
     finally:
         s.stop()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.01)
-    return True
