@@ -3,9 +3,8 @@
 Pure Python, no torch. gRPC handler threads call `submit` and read their `RequestHandle`;
 one loop thread calls `step` while there is work. Every step it
 1. ends cancelled and expired requests (their engine slots are released in this same step),
-2. admits waiting requests from the fair `AdmissionQueue` within the sequence, token and
-   distinct-adapter budgets and prefills them; when it admits none, every running sequence
-   decodes one token (with `mixed_steps`, running sequences decode in every step),
+2. keeps every running sequence decoding and admits waiting requests from the fair
+   `AdmissionQueue` within the sequence, token and distinct-adapter budgets,
 3. runs the engine and routes each `TokenEvent` to its request.
 """
 
@@ -48,7 +47,6 @@ class SchedulerLimits:
     max_adapters_per_step: int = 4
     max_queue: int = 64
     max_skips: int = 8  # steps a skipped request waits before it blocks the queue behind it
-    mixed_steps: bool = False  # prefill new requests in the same step as the running decode
 
 
 @dataclass(frozen=True)
@@ -247,28 +245,20 @@ class Scheduler:
     def _plan(self) -> StepPlan:
         now = self.clock()
         release = self._end_abandoned(now)
-        running = list(self._running)
-        started = self._waiting.select(self._budget(running))
+        decode = list(self._running)
+        budget = StepBudget(
+            free_sequences=self.limits.max_batch_sequences - len(decode),
+            free_tokens=self.limits.max_batch_tokens - len(decode),
+            max_adapters=self.limits.max_adapters_per_step,
+            adapters=Counter(h.slot_key for h in self._running.values()),
+            empty=not decode,
+        )
+        started = self._waiting.select(budget)
         for handle in started:
             handle.timings.scheduled = now
             self._running[handle.seq_id] = handle
         prefill = [self._sequence(h) for h in started]
-        # Unless steps are mixed, a step that prefills runs no decode: a new request's first
-        # token waits for one prefill instead of a decode plus a prefill, and a request that
-        # arrives mid-step waits for the longer of the two parts, not their sum.
-        decode = running if self.limits.mixed_steps or not prefill else []
         return StepPlan(prefill=prefill, decode=decode, release=release)
-
-    def _budget(self, running: list[str]) -> StepBudget:
-        """Room for new requests; in a mixed step the decode rows take their share."""
-        decode_rows = len(running) if self.limits.mixed_steps else 0
-        return StepBudget(
-            free_sequences=self.limits.max_batch_sequences - len(running),
-            free_tokens=self.limits.max_batch_tokens - decode_rows,
-            max_adapters=self.limits.max_adapters_per_step,
-            adapters=Counter(self._running[seq_id].slot_key for seq_id in running),
-            empty=decode_rows == 0,
-        )
 
     def _sequence(self, handle: RequestHandle) -> SequenceRequest:
         sub = handle.submission

@@ -139,11 +139,6 @@ class ServeConfig(ModelConfig):
     max_skips: int = Field(
         default=8, ge=1, description="steps a skipped request waits before it blocks the queue"
     )
-    mixed_steps: bool = Field(
-        default=False,
-        description="decode running sequences in the same step as new prefills (by default a "
-        "step that admits requests only prefills them, which keeps time to first token short)",
-    )
     max_new_tokens_limit: int = Field(default=4096, ge=1, description="largest max_new_tokens")
     max_adapter_labels: int = Field(
         default=32, ge=0, description="adapters with their own metric label; others: 'other'"
@@ -359,7 +354,6 @@ def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
         max_adapters_per_step=config.max_adapters_per_step,
         max_queue=config.max_queue,
         max_skips=config.max_skips,
-        mixed_steps=config.mixed_steps,
     )
 
 

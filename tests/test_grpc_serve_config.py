@@ -10,7 +10,7 @@ from fake_engine import FakeEngine
 
 from loraplex.server.cli import build_parser
 from loraplex.server.config import ConfigError, config_from_args
-from loraplex.server.serve import ServeConfig, adapter_roots, scheduler_limits, warm_up
+from loraplex.server.serve import ServeConfig, adapter_roots, warm_up
 
 
 def parse(argv: list[str]) -> ServeConfig:
@@ -30,12 +30,6 @@ def test_precedence_flags_env_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert config.max_queue == 9  # variable over file
     assert config.max_batch_sequences == 6  # flag over variable
     assert config.preload_adapters == ["a", "b"] and config.pinned_adapters == ["p"]
-
-
-def test_scheduler_flags_reach_the_scheduler_limits() -> None:
-    limits = scheduler_limits(parse(["--mixed-steps", "--max-skips", "3", "--max-queue", "7"]))
-    assert limits.mixed_steps and limits.max_skips == 3 and limits.max_queue == 7
-    assert not scheduler_limits(parse([])).mixed_steps
 
 
 def test_repeated_list_flags_and_roots(tmp_path: Path) -> None:

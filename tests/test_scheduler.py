@@ -76,11 +76,8 @@ def test_every_request_gets_its_own_tokens_however_batched() -> None:
     assert all(n == 0 for n in store.in_use.values()), "adapter references leaked"
 
 
-@pytest.mark.parametrize("mixed_steps", [False, True])
-def test_budgets_hold_every_step(mixed_steps: bool) -> None:
-    limits = SchedulerLimits(
-        max_batch_sequences=4, max_batch_tokens=24, max_adapters_per_step=2, mixed_steps=mixed_steps
-    )
+def test_budgets_hold_every_step() -> None:
+    limits = SchedulerLimits(max_batch_sequences=4, max_batch_tokens=24, max_adapters_per_step=2)
     s, engine, _, _ = make(limits)
     for i in range(30):
         s.submit(sub("x" * (3 + i % 9), adapter="abcd"[i % 4] if i % 3 else "", n=1 + i % 6))
@@ -93,35 +90,6 @@ def test_budgets_hold_every_step(mixed_steps: bool) -> None:
         adapters |= {engine_adapter(engine, sid) for sid in plan.decode} - {""}
         assert len(adapters) <= limits.max_adapters_per_step
     assert len(admitted_order(engine)) == 30
-
-
-def test_a_step_that_admits_prefills_only_and_the_next_decodes_everyone() -> None:
-    s, engine, _, _ = make()
-    first = s.submit(sub("first", n=5))
-    s.step()
-    s.step()
-    second = s.submit(sub("second", adapter="a", n=5))
-    s.step()
-    s.step()
-    assert [r.seq_id for r in engine.plans[0].prefill] == [first.seq_id]
-    assert engine.plans[1].decode == [first.seq_id]
-    assert [r.seq_id for r in engine.plans[2].prefill] == [second.seq_id]
-    assert engine.plans[2].decode == [], "the running request decoded in a prefill step"
-    assert sorted(engine.plans[3].decode) == sorted([first.seq_id, second.seq_id])
-
-
-def test_mixed_steps_decode_beside_the_prefill_within_the_token_budget() -> None:
-    s, engine, _, _ = make(SchedulerLimits(max_batch_tokens=8, mixed_steps=True))
-    first = s.submit(sub("abc", n=5))
-    s.step()
-    fits = s.submit(sub("x" * 7, n=2))  # 7 prompt tokens + 1 decode row fill the budget
-    too_long = s.submit(sub("y" * 7, n=2))
-    s.step()
-    assert [r.seq_id for r in engine.plans[1].prefill] == [fits.seq_id]
-    assert engine.plans[1].decode == [first.seq_id]
-    s.step()
-    assert too_long.seq_id not in [r.seq_id for r in engine.plans[2].prefill]
-    assert sorted(engine.plans[2].decode) == sorted([first.seq_id, fits.seq_id])
 
 
 def engine_adapter(engine: FakeEngine, seq_id: str) -> str:
@@ -367,9 +335,7 @@ def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> No
         submitter.join(10)
         wait_for(lambda: len(engine.plans) >= 2, within_s=10)
         assert [r.seq_id for r in engine.plans[1].prefill] == [handles[0].seq_id]
-        assert engine.plans[1].decode == []  # a step that prefills decodes nothing
-        wait_for(lambda: len(engine.plans) >= 3, within_s=10)
-        assert sorted(engine.plans[2].decode) == sorted([running.seq_id, handles[0].seq_id])
+        assert engine.plans[1].decode == [running.seq_id]
         assert tokens(handles[0]) == [
             expected_token(handles[0].submission.prompt_ids, AdapterRef("a", 1), i)
             for i in range(4)
