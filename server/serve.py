@@ -87,6 +87,12 @@ class ServeConfig(ModelConfig):
         "--max-batch-sequences is 16 or more",
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    decode_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads for decode steps (hf backend); default: one fewer than "
+        "--threads, leaving a core to gRPC and token streaming",
+    )
     adapter_roots: list[Path] = Field(
         default_factory=list,
         description="directories holding PEFT adapter folders; an adapter's id is its folder "
@@ -197,6 +203,7 @@ def build_engine(config: ServeConfig) -> HFEngine:
         output_head=config.output_head,
         nf4_kernel=config.nf4_kernel,
         threads=config.threads,
+        decode_threads=config.decode_threads,
         max_lora_rank=config.max_lora_rank,
         adapter_slots=config.max_adapters_per_step,
         max_batch_size=config.max_batch_sequences,

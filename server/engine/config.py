@@ -43,6 +43,13 @@ class EngineConfig(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads; default: torch's choice"
     )
+    decode_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="torch CPU threads for decode forwards; default: one fewer than threads "
+        "(at least 1), which leaves a core to the server's gRPC and streaming threads",
+    )
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="largest adapter rank")
     adapter_slots: int = Field(
         default=16, ge=1, le=4096, description="distinct adapters the running batch can hold"
