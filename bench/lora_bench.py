@@ -9,6 +9,11 @@ in the dtype the engine gives them on the CPU, fp32, unless --dtype says otherwi
 weights: the cost does not depend on the values), once with the rows grouped by adapter
 and once gathered per row, alternating, and prints the ratio. `routes` says which one the
 engine's rule picks.
+
+Then, for prefills of a few prompts (one adapter each), it times the engine's packed prefill
+(the prompts back to back in one row, each prompt's delta over its own span) against one
+row per prompt padded to the longest (gathered per row). The deltas alone are timed; the
+padding also costs base work, which comes on top.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ CASES = [  # rows, adapters, tokens per row, stride between the adapters' slots
     (16, 8, 1, 1), (16, 8, 1, 2), (16, 16, 1, 1), (8, 8, 1, 1), (32, 8, 1, 1), (12, 8, 1, 1),
     (4, 4, 1, 1), (4, 4, 1, 2), (2, 2, 1, 1), (8, 4, 20, 1), (8, 8, 20, 1), (3, 3, 90, 1),
 ]  # fmt: skip
+PREFILL_CASES = [(74,), (40, 74), (30, 50, 70), (64, 64)]  # prompt lengths, one adapter each
+CPU = torch.device("cpu")
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -93,21 +100,55 @@ def time_case(
     slots = [stride * (adapters - i % adapters) for i in range(rows)]
     chosen, forced = routes(routing, slots, args.rank, dtype)
     inputs = [torch.randn(rows, tokens, layer.in_features, dtype=dtype) for layer in stack]
-    seconds: dict[str, list[float]] = {name: [] for name in forced}
-    with torch.inference_mode():
-        for _ in range(args.repeats):
-            for name, route in forced.items():
-                routing.current = route
-                started = time.perf_counter()
-                for layer, x in zip(stack, inputs, strict=True):
-                    layer(x)
-                seconds[name].append(time.perf_counter() - started)
-    grouped, gather = (statistics.median(seconds[k][1:]) * 1e3 for k in ("grouped", "gather"))
+    seconds = timed(stack, {name: (route, inputs) for name, route in forced.items()}, args)
+    grouped, gather = seconds["grouped"], seconds["gather"]
     return {
         "rows": rows, "adapters": adapters, "tokens": tokens, "slot_stride": stride,
         "grouped_ms": grouped, "gather_ms": gather, "grouped_vs_gather": grouped / gather,
         "routes": chosen,
     }  # fmt: skip
+
+
+def time_prefill(lengths: tuple[int, ...], args: argparse.Namespace) -> dict[str, object]:
+    routing = RoutingContext()
+    dtype = DTYPES[args.dtype]
+    stack = layers(len(lengths) + 1, args.rank, routing, dtype)
+    slots, scales = list(range(1, len(lengths) + 1)), [1.0] * len(lengths)
+    routing.set_packed(slots, scales, list(lengths), args.rank, CPU)
+    packed = routing.current
+    routing.set(slots, scales, args.rank, CPU, dtype=dtype)
+    padded = routing.current
+    assert packed is not None and padded is not None
+    width, total = max(lengths), sum(lengths)
+    fan_ins = [layer.in_features for layer in stack]
+    seconds = timed(stack, {
+        "packed": (packed, [torch.randn(1, total, n, dtype=dtype) for n in fan_ins]),
+        "padded": (padded, [torch.randn(len(lengths), width, n, dtype=dtype) for n in fan_ins]),
+    }, args)  # fmt: skip
+    return {
+        "prompt_tokens": list(lengths), "packed_ms": seconds["packed"],
+        "padded_ms": seconds["padded"], "packed_vs_padded": seconds["packed"] / seconds["padded"],
+    }  # fmt: skip
+
+
+def timed(
+    stack: list[MultiAdapterLinear],
+    runs: dict[str, tuple[Routing, list[torch.Tensor]]],
+    args: argparse.Namespace,
+) -> dict[str, float]:
+    """Median ms of one forward through `stack` per run, the runs taking turns (the first
+    turn warms up and is not counted)."""
+    routing = stack[0].routing
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            for name, (route, inputs) in runs.items():
+                routing.current = route
+                started = time.perf_counter()
+                for layer, x in zip(stack, inputs, strict=True):
+                    layer(x)
+                seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(times[1:]) * 1e3 for name, times in seconds.items()}
 
 
 def routes(
@@ -138,9 +179,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         print(f"| {r['rows']} | {r['adapters']} | {r['tokens']} | {r['slot_stride']} | "
               f"{r['grouped_ms']:.1f} | {r['gather_ms']:.1f} | {r['grouped_vs_gather']:.2f} "
               f"| {r['routes']} |")  # fmt: skip
+    prefills = [time_prefill(lengths, args) for lengths in PREFILL_CASES]
+    print("\n| prompt tokens | packed ms | padded ms | packed/padded |")
+    print("|---|---|---|---|")
+    for r in prefills:
+        print(f"| {r['prompt_tokens']} | {r['packed_ms']:.1f} | {r['padded_ms']:.1f} | "
+              f"{r['packed_vs_padded']:.2f} |")  # fmt: skip
     summary = {"threads": args.threads, "rank": args.rank, "dtype": str(DTYPES[args.dtype])}
-    print(json.dumps({**summary, "cases": results}, indent=2))
-    return results
+    print(json.dumps({**summary, "cases": results, "prefills": prefills}, indent=2))
+    return results + prefills
 
 
 if __name__ == "__main__":

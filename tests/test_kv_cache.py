@@ -5,11 +5,18 @@ must allow exactly its causal window."""
 from __future__ import annotations
 
 import random
+from itertools import accumulate
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from loraplex.server.engine.kv_cache import NO_TOKEN, BatchKVCache
+from loraplex.server.engine.kv_cache import (
+    NO_TOKEN,
+    BatchKVCache,
+    packed_attention_mask,
+    packed_positions,
+)
 
 LAYERS, HEADS, DIM = 2, 1, 3
 
@@ -22,29 +29,31 @@ def _value(seq: int, position: int, layer: int) -> float:
     return float(seq * 1000 + position * 10 + layer)
 
 
-def _forward(cache: BatchKVCache, seqs: list[int], positions: list[list[int]]) -> None:
-    """What a model forward does to the cache: begin, one update per layer, commit."""
+def _forward(cache: BatchKVCache, owners: list[list[int]], positions: list[list[int]]) -> None:
+    """What a model forward does to the cache: begin, one update per layer, commit.
+    owners[i][j] is the sequence whose token goes into column j of row i."""
     pos = torch.tensor(positions, dtype=torch.long)
     cache.begin(pos)
     for layer in range(LAYERS):
         key = torch.tensor(
-            [[[_value(s, p, layer) if p != NO_TOKEN else -7.0] for p in row]
-             for s, row in zip(seqs, positions, strict=True)]
+            [[[_value(s, p, layer) if p != NO_TOKEN else -7.0] for s, p in zip(o, row, strict=True)]
+             for o, row in zip(owners, positions, strict=True)]
         )  # fmt: skip
         key = key[:, None].expand(-1, HEADS, -1, DIM).clone()
         seen_keys, seen_values = cache.update(key, -key, layer)
-        assert seen_keys.shape[0] == len(seqs)
+        assert seen_keys.shape[0] == len(owners)
         assert seen_keys.shape[2] == seen_values.shape[2] == cache.length + pos.shape[1]
     cache.commit(pos.shape[1])
 
 
 def _prefill(cache: BatchKVCache, seqs: list[int], lengths: dict[int, int]) -> None:
-    width = max(lengths[s] for s in seqs)
+    """The engine's prefill: the prompts packed back to back in one fresh row."""
+    packed = [lengths[s] for s in seqs]
     fresh = _cache()
-    fresh.add_rows(len(seqs))
-    positions = [[NO_TOKEN] * (width - lengths[s]) + list(range(lengths[s])) for s in seqs]
-    _forward(fresh, seqs, positions)
-    cache.extend(fresh)
+    fresh.add_rows(1)
+    owners = [s for s in seqs for _ in range(lengths[s])]
+    _forward(fresh, [owners], packed_positions(packed, torch.device("cpu")).tolist())
+    cache.extend(fresh, packed)
 
 
 def _check(cache: BatchKVCache, rows: list[int], lengths: dict[int, int]) -> None:
@@ -96,7 +105,7 @@ def test_rows_see_only_their_own_tokens_through_joins_decodes_and_leaves(seed: i
         else:  # decode; some rows may sit this step out
             active = [rng.random() < 0.8 for _ in rows]
             positions = [[lengths[s] if a else NO_TOKEN] for s, a in zip(rows, active, strict=True)]
-            _forward(cache, rows, positions)
+            _forward(cache, [[s] for s in rows], positions)
             for s, a in zip(rows, active, strict=True):
                 lengths[s] += a
         _check(cache, rows, lengths)
@@ -128,9 +137,29 @@ def test_columns_no_live_row_uses_are_squeezed_out() -> None:
     _prefill(cache, [1], lengths)
     _prefill(cache, [2], lengths)
     for _ in range(3):
-        _forward(cache, [1, 2], [[lengths[1]], [lengths[2]]])
+        _forward(cache, [[1], [2]], [[lengths[1]], [lengths[2]]])
         lengths = {s: n + 1 for s, n in lengths.items()}
     assert cache.length == 8 + 3
     cache.keep_rows([1])  # the long row leaves: 6 of 11 columns fall out of use
     assert cache.length == lengths[2]
     _check(cache, [2], lengths)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_prompts_attend_as_if_each_were_alone(window: int | None) -> None:
+    """Attention over prompts packed in one row, against each prompt alone with torch's own
+    causal (and banded, for a sliding window) attention."""
+    lengths = [4, 1, 6, 3]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, sum(lengths), 5, generator=gen) for _ in range(3))
+    mask = packed_attention_mask(lengths, window, torch.float32, torch.device("cpu"))
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    starts = [0, *accumulate(lengths[:-1])]
+    for start, length in zip(starts, lengths, strict=True):
+        span = slice(start, start + length)
+        alone = torch.ones(length, length, dtype=torch.bool).tril()
+        if window is not None:
+            alone = alone.triu(-(window - 1))
+        want = F.scaled_dot_product_attention(q[:, :, span], k[:, :, span], v[:, :, span],
+                                              attn_mask=alone)  # fmt: skip
+        torch.testing.assert_close(got[:, :, span], want)

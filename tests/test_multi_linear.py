@@ -117,3 +117,27 @@ def test_the_rule_groups_only_many_rows_that_share_adapters() -> None:
     gathered = RoutingContext(grouped_cells_per_row=0.0)  # what bench engine's gathered run uses
     gathered.set([1, 2] * (many // 2), [1.0] * many, 8, cpu)
     assert gathered.current is not None and gathered.current.groups is None
+
+
+@pytest.mark.parametrize(
+    ("slots", "lengths"),
+    [
+        ([1], [7]),  # one prompt
+        ([2, 0, 3, 6, 2], [3, 5, 1, 4, 2]),  # LoRA of several ranks, VeRA, the base, a repeat
+        ([0, 0], [2, 3]),  # the base only: nothing to route
+    ],
+)
+def test_packed_prompts_get_their_own_adapter_on_their_own_tokens(
+    slots: list[int], lengths: list[int]
+) -> None:
+    layer, routing, deltas = _layer()
+    x = torch.randn(1, sum(lengths), IN, generator=torch.Generator().manual_seed(3))
+    scales = [1.5 - 0.5 * i for i in range(len(slots))]  # negative and zero too
+    rank = max((LORA_RANKS.get(s, 0) for s in slots), default=0)
+    routing.set_packed(slots, scales, lengths, rank, x.device)
+    with torch.no_grad():
+        got = layer(x)
+    prompts = x[0].split(lengths)  # each prompt alone, as one row of its own
+    want = torch.cat([_expected(layer, p[None], [s], [c], deltas)[0]
+                      for p, s, c in zip(prompts, slots, scales, strict=True)])  # fmt: skip
+    torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-4)

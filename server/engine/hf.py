@@ -3,13 +3,18 @@
 Each step runs at most two forward passes, each batched across adapters: one decode token
 for every running sequence, and one prefill of the step's new sequences, whose cache rows
 then join the running batch. Finished sequences leave at the end of the step.
+
+The prefill packs its prompts back to back in a single row, not one padded row each: no
+work goes into padding, and each prompt's adapter delta is two plain matmuls over its span
+(`loraplex bench` figures in ARCHITECTURE.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 
@@ -26,7 +31,12 @@ from loraplex.server.engine.api import (
 )
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf_model import LoadedBase, load_base
-from loraplex.server.engine.kv_cache import NO_TOKEN, BatchKVCache
+from loraplex.server.engine.kv_cache import (
+    NO_TOKEN,
+    BatchKVCache,
+    packed_attention_mask,
+    packed_positions,
+)
 from loraplex.server.engine.merge import MergeState, can_merge
 from loraplex.server.engine.routing import RoutingContext
 from loraplex.server.engine.sampling import TokenSampler
@@ -184,7 +194,12 @@ class HFEngine:
         tokens = [[s.tokens[-1] if a else 0] for s, a in pairs]
         positions = [[len(s.tokens) - 1 if a else NO_TOKEN] for s, a in pairs]
         rows = [s for s, a in zip(self._sequences, active, strict=True) if a]
-        logits = self._forward(self._cache, tokens, positions, self._sequences, active)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        self._cache.begin(pos)
+        masks = self._masks(lambda window: self._cache.attention_mask(pos, window, self.base.dtype))
+        self._route(rows, self._sequences, active)
+        logits = self._forward(self._cache, ids, pos, masks, 1)[:, -1]
         if not all(active):  # a mask copy of [rows, vocab] costs ~3% of a step; skip it if it can
             logits = logits[torch.tensor(active, device=logits.device)]
         return self._advance_all(rows, logits)
@@ -201,20 +216,25 @@ class HFEngine:
                 events.append(_error_event(request.seq_id, str(err)))
         if not fresh:
             return events
-        width = max(len(s.tokens) for s in fresh)
-        tokens = [[0] * (width - len(s.tokens)) + s.tokens for s in fresh]
-        positions = [
-            [NO_TOKEN] * (width - len(s.tokens)) + list(range(len(s.tokens))) for s in fresh
-        ]
+        lengths = [len(s.tokens) for s in fresh]
+        ids = torch.tensor([[t for s in fresh for t in s.tokens]], device=self.device)
+        pos = packed_positions(lengths, self.device)
+        last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
         cache = self._new_cache()
-        cache.add_rows(len(fresh))
+        cache.add_rows(1)
+        cache.begin(pos)
         try:
-            logits = self._forward(cache, tokens, positions, fresh, [True] * len(fresh))
+            dtype = self.base.dtype
+            masks = self._masks(
+                lambda window: packed_attention_mask(lengths, window, dtype, self.device)
+            )
+            self._route(fresh, fresh, [True] * len(fresh), packed=lengths)
+            logits = self._forward(cache, ids, pos, masks, last)[0]
         except Exception:
             for s in fresh:
                 self.slots.drop(s.slot)
             raise
-        self._cache.extend(cache)
+        self._cache.extend(cache, lengths)
         self._sequences += fresh
         return events + self._advance_all(fresh, logits)
 
@@ -284,43 +304,38 @@ class HFEngine:
     # ---- forward ------------------------------------------------------------------------
 
     def _forward(
-        self,
-        cache: BatchKVCache,
-        tokens: list[list[int]],
-        positions: list[list[int]],
-        seqs: list[_Sequence],
-        active: list[bool],
-    ) -> torch.Tensor:
-        """One batched forward; returns the last column's logits per row [rows, vocab]."""
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        cache.begin(pos)
-        self._route([s for s, a in zip(seqs, active, strict=True) if a], seqs, active)
+        self, cache: BatchKVCache, ids: torch.Tensor, pos: torch.Tensor, masks: object,
+        keep: int | torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """One forward through the routing just set; returns the logits of the columns that
+        `keep` names (transformers' logits_to_keep) [rows, kept, vocab]."""
         try:
             with torch.inference_mode():
                 out = self.model(
                     input_ids=ids,
                     position_ids=pos.clamp(min=0),
-                    attention_mask=self._masks(cache, pos),
+                    attention_mask=masks,
                     past_key_values=cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=keep,
                 )
         finally:
             self.routing.clear()
         cache.commit(ids.shape[1])
-        return out.logits[:, -1].float()
+        return out.logits.float()
 
-    def _masks(self, cache: BatchKVCache, pos: torch.Tensor) -> object:
-        dtype = self.base.dtype
+    def _masks(self, build: Callable[[int | None], torch.Tensor]) -> object:
+        """The attention mask `build(window)`, or one per layer type for sliding models."""
         if self._layer_windows is None:
-            return cache.attention_mask(pos, None, dtype)
-        return {
-            kind: cache.attention_mask(pos, w, dtype) for kind, w in self._layer_windows.items()
-        }
+            return build(None)
+        return {kind: build(window) for kind, window in self._layer_windows.items()}
 
-    def _route(self, active: list[_Sequence], rows: list[_Sequence], mask: list[bool]) -> None:
-        """Merge one owning adapter, or set per-row slots for the batched deltas."""
+    def _route(
+        self, active: list[_Sequence], rows: list[_Sequence], mask: list[bool],
+        packed: list[int] | None = None,
+    ) -> None:  # fmt: skip
+        """Merge one owning adapter, or set per-row slots for the batched deltas (per-prompt
+        spans when the rows are prompts `packed` back to back, of these lengths)."""
         refs = {s.ref for s in active}
         owner = next(iter(refs)) if len(refs) == 1 else None
         self._owned_forwards = self._owned_forwards + 1 if owner == self._owner else 1
@@ -334,7 +349,10 @@ class HFEngine:
         slots = [s.slot if a else 0 for s, a in zip(rows, mask, strict=True)]
         scales = [s.ref.scale if s.ref else 1.0 for s in rows]
         rank = self.slots.rank(set(slots))
-        self.routing.set(slots, scales, rank, self.device, dtype=self.base.dtype)
+        if packed is not None:
+            self.routing.set_packed(slots, scales, packed, rank, self.device)
+        else:
+            self.routing.set(slots, scales, rank, self.device, dtype=self.base.dtype)
 
     def _should_merge(self) -> bool:
         if self.adapter_mode == "auto":

@@ -11,6 +11,7 @@ dropped places stay finite and are always masked out (their position is -1).
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -83,16 +84,19 @@ class BatchKVCache:
         self._compact()
         return order
 
-    def extend(self, other: BatchKVCache) -> None:
-        """Append the rows of `other` (a freshly prefilled batch) after this cache's rows."""
-        first, width = self.rows, other.length
-        self.add_rows(other.rows)
+    def extend(self, packed: BatchKVCache, lengths: list[int]) -> None:
+        """Append one row per prompt of `packed`, a freshly prefilled single row that holds
+        the prompts back to back (`lengths` tokens each), each moved to its row's start."""
+        first, width = self.rows, max(lengths)
+        self.add_rows(len(lengths))
         self._reserve(self.rows, width)
-        rows = slice(first, self.rows)
-        for layer in range(self.num_layers):
-            self.keys[layer][rows, :, :width] = other.keys[layer][: other.rows, :, :width]
-            self.values[layer][rows, :, :width] = other.values[layer][: other.rows, :, :width]
-        self._pos[rows, :width] = other.pos[:, :width]
+        starts = [0, *accumulate(lengths[:-1])]
+        for row, (start, length) in enumerate(zip(starts, lengths, strict=True), start=first):
+            span = slice(start, start + length)
+            for layer in range(self.num_layers):
+                self.keys[layer][row, :, :length] = packed.keys[layer][0, :, span]
+                self.values[layer][row, :, :length] = packed.values[layer][0, :, span]
+            self._pos[row, :length] = packed.pos[0, span]
         self._pos[:first, self.length : width] = NO_TOKEN  # reserved by a forward that failed
         self.length = max(self.length, width)
 
@@ -133,9 +137,7 @@ class BatchKVCache:
             query_pos.shape[1], dtype=torch.bool, device=self.device
         )
         allowed |= own & (q == NO_TOKEN)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[:, None]
+        return _additive(allowed, dtype)[:, None]
 
     def _reserve(self, rows: int, columns: int) -> None:
         """Make room for `rows` rows of `columns` columns, doubling what runs short."""
@@ -170,6 +172,31 @@ class BatchKVCache:
         self._pos[:live] = NO_TOKEN
         self._pos[:live, :kept] = positions
         self.length = kept
+
+
+def packed_positions(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """Token positions [1, sum(lengths)] of prompts packed back to back in one row."""
+    return torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+
+
+def packed_attention_mask(
+    lengths: list[int], window: int | None, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive mask [1, 1, T, T] for the first forward of a fresh row packed as
+    `packed_positions` lays it out: each token sees its own prompt's tokens up to itself."""
+    prompt = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                     torch.tensor(lengths, device=device))  # fmt: skip
+    q = k = packed_positions(lengths, device)[0]
+    allowed = (prompt[:, None] == prompt[None, :]) & (k[None, :] <= q[:, None])
+    if window is not None:
+        allowed &= q[:, None] - k[None, :] < window
+    return _additive(allowed, dtype)[None, None]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where attention is allowed, the dtype's minimum elsewhere."""
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def _settled_order(rows: list[int]) -> list[int]:

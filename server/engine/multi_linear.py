@@ -6,7 +6,8 @@ The stacks hold A as PEFT does ([r, in] per slot) and B transposed ([r, out]). A
 whose rows share adapters groups its rows by adapter and runs two batched matmuls over the
 adapters in use, reading their stacks in place (Punica's SGMV, padded to a grid: routing.py
 `Groups`). Other forwards gather each row's A and B (Punica's BGMV) and use batched matmuls.
-`loraplex bench lora` measures both.
+`loraplex bench lora` measures both. A packed prefill (one row, prompts back to back) adds
+each prompt's delta to its own span of tokens with plain matmuls, the SGMV idea unpadded.
 VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B shared by all slots.
 """
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
 from loraplex.server.engine.nf4 import base_forward
-from loraplex.server.engine.routing import Groups, Routing, RoutingContext
+from loraplex.server.engine.routing import Groups, Routing, RoutingContext, Span
 
 
 class MultiAdapterLinear(nn.Module):
@@ -54,6 +55,9 @@ class MultiAdapterLinear(nn.Module):
         routing = self.routing.current
         if routing is None:
             return y
+        if routing.spans is not None:
+            self._add_span_deltas(y, x, routing.rank, routing.spans)
+            return y
         if routing.used_slots & self.lora_slots:
             if routing.groups is not None:
                 self._add_grouped_lora(y, x, routing.rank, routing.groups)
@@ -64,6 +68,7 @@ class MultiAdapterLinear(nn.Module):
         return y
 
     def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        assert routing.slots is not None
         rank = routing.rank
         a = self.lora_a[:, :rank].index_select(0, routing.slots)  # [rows, r, in]
         b = self.lora_b[:, :rank].index_select(0, routing.slots)  # [rows, r, out]
@@ -84,9 +89,27 @@ class MultiAdapterLinear(nn.Module):
         delta = torch.bmm(h.view(groups.count, -1, rank), b)
         y.index_add_(0, groups.rows, delta.view(-1, tokens, self.out_features).to(y.dtype))
 
+    def _add_span_deltas(
+        self, y: torch.Tensor, x: torch.Tensor, rank: int, spans: tuple[Span, ...]
+    ) -> None:
+        """y[span] += scale · ΔW x[span] for each prompt of a packed row ([1, tokens, ...])."""
+        rows_x, rows_y = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
+        for span in spans:
+            xs, ys = rows_x[span.start : span.stop].to(self.dtype), rows_y[span.start : span.stop]
+            if span.slot in self.lora_slots:
+                h = xs @ self.lora_a[span.slot, :rank].T
+                _add_product(ys, h, self.lora_b[span.slot, :rank], span.scale)
+            if span.slot in self.vera_slots:
+                assert self.vera_a is not None and self.vera_b is not None
+                assert self.vera_d is not None and self.vera_lb is not None
+                h = (xs @ self.vera_a.T) * self.vera_d[span.slot]
+                delta = (h @ self.vera_b.T) * self.vera_lb[span.slot]
+                ys.add_(delta.to(ys.dtype), alpha=span.scale)
+
     def _vera_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         assert self.vera_a is not None and self.vera_b is not None
         assert self.vera_d is not None and self.vera_lb is not None
+        assert routing.slots is not None
         d = self.vera_d.index_select(0, routing.slots)[:, None, :]  # [rows, 1, r]
         lb = self.vera_lb.index_select(0, routing.slots)[:, None, :]  # [rows, 1, out]
         h = (x.to(self.dtype) @ self.vera_a.T) * d
@@ -137,3 +160,12 @@ class MultiAdapterLinear(nn.Module):
             self.vera_lb[slot].zero_()
         self.lora_slots.discard(slot)
         self.vera_slots.discard(slot)
+
+
+def _add_product(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """out += scale · h @ b, in one fused matmul when the dtypes allow (it skips writing and
+    re-reading the delta: 90 against 140 us per layer for 74 tokens of Gemma 3 270M)."""
+    if out.dtype == h.dtype:
+        out.addmm_(h, b, alpha=scale)
+    else:
+        out.add_((h @ b).to(out.dtype), alpha=scale)

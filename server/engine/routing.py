@@ -1,4 +1,5 @@
-"""Which adapter slot and scale each row of the current forward pass uses.
+"""Which adapter slot and scale each row (or, in a packed prefill, each span of tokens) of
+the current forward pass uses.
 
 The engine sets one `Routing` on the shared `RoutingContext` before a forward; every
 wrapped linear layer reads it. Nothing lives in module globals.
@@ -7,6 +8,7 @@ wrapped linear layer reads it. Nothing lives in module globals.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -23,11 +25,22 @@ GROUPED_CELLS_PER_ROW = 1.5
 
 @dataclass(frozen=True)
 class Routing:
-    slots: torch.Tensor  # [rows] long: slot per row, 0 = no adapter
+    slots: torch.Tensor | None  # [rows] long: slot per row, 0 = no adapter; None: spans
     scales: torch.Tensor | None  # [rows, 1, 1]: each row's adapter scale; None: all 1.0
     used_slots: frozenset[int]  # nonzero slots present in this forward
     rank: int  # largest LoRA rank among the used slots (stacks are sliced to it)
     groups: Groups | None = None  # LoRA rows grouped by adapter; None: gathered per row
+    spans: tuple[Span, ...] | None = None  # packed prefill: one row, prompts back to back
+
+
+@dataclass(frozen=True)
+class Span:
+    """The tokens [start, stop) of a packed row that belong to one prompt, and its adapter."""
+
+    slot: int
+    scale: float
+    start: int
+    stop: int
 
 
 class RoutingContext:
@@ -63,6 +76,29 @@ class RoutingContext:
             used_slots=used,
             rank=rank,
             groups=_grid(members, scales, device, dtype) if grouped else None,
+        )
+
+    def set_packed(
+        self, slots: list[int], scales: list[float], lengths: list[int], rank: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        """Route a single row that holds several prompts back to back (`lengths` tokens each)."""
+        used = frozenset(s for s in slots if s)
+        if not used:
+            self.current = None
+            return
+        stops = list(accumulate(lengths))
+        spans = tuple(
+            Span(slot, scale, stop - length, stop)
+            for slot, scale, length, stop in zip(slots, scales, lengths, stops, strict=True)
+            if slot
+        )
+        self.current = Routing(
+            slots=None,
+            scales=None,
+            used_slots=used,
+            rank=rank,
+            spans=spans,
         )
 
     def clear(self) -> None:
