@@ -1,8 +1,11 @@
-"""Run-time choice of the torch device: CUDA when present, else the CPU."""
+"""Run-time choice of the torch device (CUDA when present, else the CPU) and of the torch
+CPU threads a piece of work runs on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -38,3 +41,18 @@ def matmul_dtype(device: torch.device) -> torch.dtype:
 
 def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block on `count` torch CPU threads, then put back the calling thread's setting.
+    (With OpenMP the setting belongs to the calling thread; threads that start later take
+    the last value set anywhere.)"""
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)

@@ -158,7 +158,8 @@ class Scheduler:
         self._ids = count()
         self._admitting = True
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._loop_exited = threading.Event()  # set while no loop runs
+        self._loop_exited.set()
 
     # ---- called from request threads -------------------------------------------------
 
@@ -364,8 +365,17 @@ class Scheduler:
     # ---- the loop thread and draining -------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
-        self._thread.start()
+        """Run the loop on a thread of its own (`serve` runs it on its main thread instead)."""
+        self._loop_exited.clear()
+        threading.Thread(target=self.run, name="scheduler", daemon=True).start()
+
+    def run(self) -> None:
+        """Step until stopped, on the calling thread."""
+        self._loop_exited.clear()
+        try:
+            self._loop()
+        finally:
+            self._loop_exited.set()
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -398,13 +408,13 @@ class Scheduler:
         return clean
 
     def stop(self) -> None:
-        """Stop the loop thread, ending whatever is still queued or running."""
+        """Stop the loop and wait for it to exit (never call it from the loop's own thread),
+        then end whatever is still queued or running."""
         self._admitting = False
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join()
+        self._loop_exited.wait()
         with self._lock:
             for handle in list(self._waiting):
                 self._waiting.remove(handle)

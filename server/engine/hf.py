@@ -12,7 +12,7 @@ work goes into padding, and each prompt's adapter delta is two plain matmuls ove
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -22,7 +22,7 @@ from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter
-from loraplex.server.device import pick_device
+from loraplex.server.device import pick_device, torch_threads
 from loraplex.server.engine.api import (
     FinishReason,
     SequenceRequest,
@@ -70,19 +70,10 @@ class CpuThreads:
     prefill: int | None  # None: torch's setting
     decode: int | None  # None: one fewer than prefill, at least 1
 
-    @contextlib.contextmanager
-    def running(self, *, decode: bool) -> Iterator[None]:
-        """Set the forward's thread count, and put back what was set before."""
-        before = torch.get_num_threads()
-        prefill = self.prefill or before
-        wanted = (self.decode or max(1, prefill - 1)) if decode else prefill
-        if wanted != before:
-            torch.set_num_threads(wanted)
-        try:
-            yield
-        finally:
-            if wanted != before:
-                torch.set_num_threads(before)
+    def running(self, *, decode: bool) -> contextlib.AbstractContextManager[None]:
+        """The forward's thread count, with what was set before put back afterwards."""
+        prefill = self.prefill or torch.get_num_threads()
+        return torch_threads((self.decode or max(1, prefill - 1)) if decode else prefill)
 
 
 @dataclass
