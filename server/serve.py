@@ -90,8 +90,7 @@ class ServeConfig(ModelConfig):
     decode_threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch CPU threads for decode steps (hf backend); default: one fewer than "
-        "--threads, leaving a core to gRPC and token streaming",
+        description="torch CPU threads for decode steps (hf backend); default: --threads",
     )
     adapter_roots: list[Path] = Field(
         default_factory=list,

@@ -165,3 +165,19 @@ def test_keep_side_turn_without_side_work_holds_nothing() -> None:
         in_thread(hold(turns.step, step_in, step_out, [], "step"))
         assert step_in.wait(WAIT_S)
     step_out.set()
+
+
+def test_side_work_runs_on_one_torch_thread_and_puts_the_setting_back() -> None:
+    turns = CpuTurns()
+    seen: list[int] = []
+
+    def work() -> None:
+        torch.set_num_threads(2)
+        with turns.side_work():
+            seen.append(torch.get_num_threads())
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(WAIT_S)
+    assert seen == [1, 2]

@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 from waiting import wait_for
 
 from loraplex.server.cpu_turns import CpuTurns
-from loraplex.server.engine.api import AdapterRef, FinishReason, SamplingParams
+from loraplex.server.engine.api import (
+    AdapterRef,
+    FinishReason,
+    SamplingParams,
+    StepPlan,
+    TokenEvent,
+)
 from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, Overloaded
 from loraplex.server.scheduler import RequestHandle, Scheduler, SchedulerLimits, Submission
 
@@ -248,6 +254,30 @@ def test_drain_finishes_in_flight_work_and_refuses_new_requests() -> None:
     assert all(h.finish_reason is FinishReason.LENGTH for h in handles)
     with pytest.raises(Draining):
         s.submit(sub())
+
+
+def test_run_steps_on_the_calling_thread_until_a_drain_from_another_ends_it() -> None:
+    """What `serve` does: the loop runs on its main thread, and a drain from elsewhere
+    finishes the work in flight, stops the loop and lets run() return."""
+    s, engine, _, _ = make()
+    s.clock = time.monotonic
+    stepped_on: set[threading.Thread] = set()
+    step = engine.step
+
+    def recording_step(plan: StepPlan) -> list[TokenEvent]:
+        stepped_on.add(threading.current_thread())
+        return step(plan)
+
+    engine.step = recording_step  # type: ignore[method-assign]
+    handle = s.submit(sub(n=5))
+    results: list[bool] = []
+    drainer = threading.Thread(target=lambda: results.append(s.drain(grace_s=60)))
+    drainer.start()
+    s.run()
+    drainer.join(timeout=10)
+    assert results == [True]
+    assert stepped_on == {threading.current_thread()}
+    assert handle.finish_reason is FinishReason.LENGTH
 
 
 def test_a_request_arriving_as_the_loop_goes_idle_runs_at_once() -> None:

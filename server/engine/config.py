@@ -47,8 +47,7 @@ class EngineConfig(BaseModel):
         default=None,
         ge=1,
         le=1024,
-        description="torch CPU threads for decode forwards; default: one fewer than threads "
-        "(at least 1), which leaves a core to the server's gRPC and streaming threads",
+        description="torch CPU threads for decode forwards; default: as many as threads",
     )
     max_lora_rank: int = Field(default=64, ge=1, le=1024, description="largest adapter rank")
     adapter_slots: int = Field(

@@ -59,21 +59,19 @@ AUTO_MERGE_AFTER_FORWARDS = 4
 class CpuThreads:
     """torch's intra-op threads for prefill and for decode forwards on the CPU.
 
-    A decode forward is hundreds of small parallel regions; when the server's own threads
-    (gRPC, token streams) preempt one torch thread, every region waits for it. Offline, on 2
-    cores, a 16-row decode step takes 0.13 s on 2 threads and 0.16 s on 1, but under load in
-    the server 2 threads measured a TPOT p50 of 0.235 s against 0.171 s with decode on 1
-    thread. A prefill's large matmuls still gain from every core (72 tokens: 0.155 against
-    0.25 s), so prefill keeps them.
+    Decode forwards are hundreds of small parallel regions, prefills a few large matmuls, so
+    a busy host may want fewer threads for decode. By default both use every thread: with
+    the engine stepping on the server's only OpenMP thread (see serve.py), decode on 2
+    threads served a TPOT p50 of 0.121 s on 2 cores against 0.160 s on 1.
     """
 
     prefill: int | None  # None: torch's setting
-    decode: int | None  # None: one fewer than prefill, at least 1
+    decode: int | None  # None: as many as prefill
 
     def running(self, *, decode: bool) -> contextlib.AbstractContextManager[None]:
         """The forward's thread count, with what was set before put back afterwards."""
         prefill = self.prefill or torch.get_num_threads()
-        return torch_threads((self.decode or max(1, prefill - 1)) if decode else prefill)
+        return torch_threads((self.decode or prefill) if decode else prefill)
 
 
 @dataclass
