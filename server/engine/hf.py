@@ -209,14 +209,13 @@ class HFEngine:
         ids = torch.tensor([[t for s in fresh for t in s.tokens]], device=self.device)
         pos = packed_positions(lengths, self.device)
         last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
+        masks = self._masks(
+            lambda window: packed_attention_mask(lengths, window, self.base.dtype, self.device)
+        )
         cache = self._new_cache()
         cache.add_rows(1)
         cache.begin(pos)
         try:
-            dtype = self.base.dtype
-            masks = self._masks(
-                lambda window: packed_attention_mask(lengths, window, dtype, self.device)
-            )
             self._route(fresh, fresh, [True] * len(fresh), packed=lengths)
             logits = self._forward(cache, ids, pos, masks, last)[0]
         except Exception:
