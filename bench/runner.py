@@ -19,6 +19,7 @@ from loraplex.bench.stats import Distribution
 from loraplex.bench.workload import Trace, TraceRequest
 from loraplex.clients import AsyncClient
 from loraplex.clients.errors import LoraplexClientError
+from loraplex.server.gc_pauses import frozen_startup_objects
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,18 @@ async def run_trace(
 ) -> RunResult:
     """Send every request of `trace` to the server at `target`; never raises for a request."""
     bar = tqdm(total=len(trace.requests), desc="requests", unit="req", disable=not progress)
-    cpu_start, start = time.process_time(), time.perf_counter()
+    with frozen_startup_objects():  # a collection would pause the client mid-request
+        cpu_start, start = time.process_time(), time.perf_counter()
+        records = await _run(target, trace, bar, start, timeout_s)
+        wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    bar.close()
+    ordered = sorted(records, key=lambda r: r.index)
+    return RunResult(ordered, wall, cpu_s)
+
+
+async def _run(
+    target: str, trace: Trace, bar: tqdm[Any], start: float, timeout_s: float
+) -> list[RequestRecord]:
     async with AsyncClient(target, timeout=timeout_s) as client:
 
         async def one(request: TraceRequest, due: float) -> RequestRecord:
@@ -81,13 +93,8 @@ async def run_trace(
             return record
 
         if trace.spec.arrival == "closed":
-            records = await _closed_loop(one, trace)
-        else:
-            records = await _open_loop(one, trace, start)
-    bar.close()
-    wall = time.perf_counter() - start
-    ordered = sorted(records, key=lambda r: r.index)
-    return RunResult(ordered, wall, time.process_time() - cpu_start)
+            return await _closed_loop(one, trace)
+        return await _open_loop(one, trace, start)
 
 
 async def _open_loop(one: Any, trace: Trace, start: float) -> list[RequestRecord]:

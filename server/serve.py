@@ -39,6 +39,7 @@ from loraplex.server.engine.api import (
     SequenceRequest,
     StepPlan,
 )
+from loraplex.server.gc_pauses import freeze_startup_objects
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
 from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
@@ -457,6 +458,7 @@ def serve(config: ServeConfig) -> int:
     engine, store, chat = build_backend(config)
     prepare_adapters(store, config)
     warm_up(engine)
+    log.info("%d start-up objects exempt from garbage collection", freeze_startup_objects())
     running = start(config, engine, store, chat, loop_thread=False)
     log.info(
         "serving %s on %s:%d (metrics on port %d)",

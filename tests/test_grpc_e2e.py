@@ -8,6 +8,7 @@ it with others and llama.cpp rounds a batch otherwise than one row.
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -129,7 +130,7 @@ def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("logs") / "server.log"
     args = [*backend.serve_args, "--adapter-roots", str(backend.adapter_root), *COMMON_ARGS]
     args += ["--preload-adapters", "lora", "--preload-adapters", "vera"]
-    args += ["--cache-dir", str(log.parent)]
+    args += ["--cache-dir", str(log.parent), "--log-level", "info"]  # start-up facts logged
     proc = ServerProcess(args, log)
     yield proc
     proc.stop()
@@ -145,6 +146,13 @@ def test_health_serving_and_preloaded_adapters(client: Client) -> None:
     assert client.health() == "SERVING"
     resident = {a.adapter_id for a in client.list_adapters() if a.resident}
     assert {"lora", "vera"} <= resident
+
+
+def test_the_server_exempts_its_start_up_objects_from_garbage_collection(
+    server: ServerProcess,
+) -> None:
+    found = re.search(r"(\d+) start-up objects exempt", server.log_path.read_text(errors="replace"))
+    assert found and int(found[1]) > 100_000  # importing torch alone makes ~445,000
 
 
 def test_concurrent_clients_on_different_adapters_match_the_engine_alone(
