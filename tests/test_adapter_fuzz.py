@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, VeraConfig
 from peft_adapters import linear_spec, save_adapter
+from safetensors.torch import load_file, save_file
 from tiny import build_model, build_tokenizer
 
 from loraplex.adapters.errors import InvalidAdapter
@@ -151,3 +152,20 @@ def test_a_claimed_100_gb_tensor_is_refused_before_reading(
     with pytest.raises(InvalidAdapter, match="limit"):
         read_adapter("huge", case, base)
     assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("kind", ["lora", "vera"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_weight_is_refused_naming_its_tensor(
+    base_and_adapters: tuple[BaseSpec, Path], tmp_path: Path, kind: str, bad: float
+) -> None:
+    base, root = base_and_adapters
+    case = scratch_copy(root / kind, tmp_path)
+    tensors = load_file(case / WEIGHTS_FILE)
+    name = sorted(k for k in tensors if "lora_B" in k or "lambda_b" in k)[-1]
+    tensors[name].view(-1)[-1] = bad  # one value among many finite ones
+    save_file(tensors, case / WEIGHTS_FILE)
+    module = name.removesuffix(".weight").rsplit(".", 1)[0]
+    with pytest.raises(InvalidAdapter, match="finite") as refused:
+        read_adapter("poisoned", case, base)
+    assert module.rsplit(".", 1)[-1] in str(refused.value)
