@@ -70,7 +70,9 @@ def _check(cache: BatchKVCache, rows: list[int], lengths: dict[int, int]) -> Non
             values = cache.values[layer][i, 0, columns, 0].tolist()
             assert keys == [_value(seq, p, layer) for p in positions]
             assert values == [-k for k in keys]
-        assert torch.isfinite(cache.keys[0][i]).all()
+        for store in (cache.keys, cache.values):  # what forwards read: masked, but finite
+            assert all(torch.isfinite(store[layer][i, :, : cache.length]).all()
+                       for layer in range(LAYERS))  # fmt: skip
     # A decode query at each row's next position may see exactly that row's tokens. It is
     # reserved and never committed, as by a forward that failed; later steps must cope.
     query = torch.tensor([[lengths[s]] for s in rows], dtype=torch.long)
@@ -82,8 +84,21 @@ def _check(cache: BatchKVCache, rows: list[int], lengths: dict[int, int]) -> Non
         assert sorted(seen) == list(range(lengths[seq] + 1))
 
 
+def _poison_fresh_storage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storage that grows comes uninitialized; here it holds the worst it could: NaN."""
+
+    def nan_filled(self: BatchKVCache, rows: int, columns: int) -> torch.Tensor:
+        shape = (rows, self.kv_heads, columns, self.head_dim)
+        return torch.full(shape, float("nan"), dtype=self.dtype)
+
+    monkeypatch.setattr(BatchKVCache, "_empty", nan_filled)
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_rows_see_only_their_own_tokens_through_joins_decodes_and_leaves(seed: int) -> None:
+def test_rows_see_only_their_own_tokens_through_joins_decodes_and_leaves(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _poison_fresh_storage(monkeypatch)
     rng = random.Random(seed)
     cache = _cache()
     rows: list[int] = []  # the sequence held by each row

@@ -5,8 +5,12 @@ built from these positions, not from column indices, so rows may join, leave or 
 freely and still see exactly their own causal (and, per layer type, sliding) window.
 
 Storage has spare rows and columns, grown by doubling, so a step that adds or drops a row
-copies only the rows that join or move, not the whole cache. Stale values in spare or
-dropped places stay finite and are always masked out (their position is -1).
+copies only the rows that join or move, not the whole cache. Grown storage is left
+uninitialized: zero-filling it touched every page at once, and on 2 CPU cores growing the
+real model's cache from 8 to 16 rows of 368 columns stalled its step 0.235 s. So every cell a
+forward reads (live rows, columns up to the end of its own tokens) is written first: by a
+forward, by a copy of live cells, or by zeros where a joining row has no tokens. Masked-out
+cells must still be finite, because a NaN times a zero attention weight is NaN.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ class BatchKVCache:
 
     def _empty(self, rows: int, columns: int) -> torch.Tensor:
         shape = (rows, self.kv_heads, columns, self.head_dim)
-        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return torch.empty(shape, dtype=self.dtype, device=self.device)  # see the module doc
+
+    def _zero(self, rows: slice, columns: slice) -> None:
+        for store in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                store[layer][rows, :, columns] = 0
 
     @property
     def pos(self) -> torch.Tensor:
@@ -62,6 +71,7 @@ class BatchKVCache:
         """Append empty rows (used before their first forward)."""
         self._reserve(self.rows + count, self.capacity)
         self._pos[self.rows : self.rows + count] = NO_TOKEN
+        self._zero(slice(self.rows, self.rows + count), slice(0, self.length))
         self.rows += count
 
     def keep_rows(self, rows: list[int]) -> list[int]:
@@ -90,6 +100,8 @@ class BatchKVCache:
         first, width = self.rows, max(lengths)
         self.add_rows(len(lengths))
         self._reserve(self.rows, width)
+        # The columns a longer prompt adds: empty in every other row.
+        self._zero(slice(0, self.rows), slice(self.length, width))
         starts = [0, *accumulate(lengths[:-1])]
         for row, (start, length) in enumerate(zip(starts, lengths, strict=True), start=first):
             span = slice(start, start + length)
