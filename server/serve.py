@@ -472,11 +472,9 @@ def serve(config: ServeConfig) -> int:
         daemon=True,
     )
     drainer.start()
-    # The engine steps on the thread that loaded and warmed it up. Each thread that runs a
-    # multi-threaded torch op keeps an OpenMP pool while it lives, and once the pools hold
-    # more threads than there are cores libgomp stops spinning between parallel regions:
-    # on 2 cores an elementwise op on 60x640 floats took 6 us on the only such thread and
-    # 60-70 us with a second, and a 60-token prefill 0.27 s against 0.17-0.19 s.
+    # The engine steps on the thread that loaded and warmed it up, the process's only
+    # multi-threaded OpenMP pool (why one matters: cpu_turns.py's module doc); a 60-token
+    # prefill stepped on a second thread took 0.27 s against 0.17-0.19 s.
     running.scheduler.run()
     drainer.join()
     outcome = "all requests finished" if drained and drained[0] else "the grace period ran out"

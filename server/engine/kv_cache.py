@@ -54,6 +54,8 @@ class BatchKVCache:
         return torch.empty(shape, dtype=self.dtype, device=self.device)  # see the module doc
 
     def _zero(self, rows: slice, columns: slice) -> None:
+        if rows.start >= rows.stop or columns.start >= columns.stop:
+            return  # most calls: a fresh cache's first row, a prompt no longer than the rest
         for store in (self.keys, self.values):
             for layer in range(self.num_layers):
                 store[layer][rows, :, columns] = 0
