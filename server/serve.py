@@ -136,7 +136,9 @@ class ServeConfig(ModelConfig):
     )
     max_batch_sequences: int = Field(default=8, ge=1, description="sequences per engine step")
     max_batch_tokens: int = Field(
-        default=2048, ge=1, description="tokens per engine step (prefill plus decode)"
+        default=2048,
+        ge=1,
+        description="tokens per round: the prompts it admits plus one per running sequence",
     )
     max_adapters_per_step: int = Field(
         default=4, ge=1, description="distinct adapters per engine step"

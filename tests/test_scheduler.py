@@ -186,14 +186,44 @@ def test_cancelling_a_running_request_frees_its_slot_in_the_next_step() -> None:
     assert running.seq_id in engine.seqs
     running.cancel()
     s.step()
-    plan = engine.plans[-1]
-    assert plan.release == [running.seq_id]
+    decode, prefill = engine.plans[-2:]
+    assert decode.release == [running.seq_id] and not decode.decode
     assert running.seq_id not in engine.seqs
-    assert [r.seq_id for r in plan.prefill] == [waiting.seq_id]
+    assert [r.seq_id for r in prefill.prefill] == [waiting.seq_id]
     assert running.finish_reason is FinishReason.CANCELLED
     assert len(tokens(running)) == 1  # events() ends without an error
     assert sum(store.in_use.values()) == 0
     run_until_idle(s)
+
+
+def test_a_request_arriving_during_a_decode_step_is_prefilled_right_after_it() -> None:
+    """The prefill step is planned once the decode step ends: a request that arrived during
+    it does not wait for another decode step, and the running sequence's token from the
+    decode step is delivered before the prefill runs."""
+    s, engine, _, _ = make()
+    running = s.submit(sub("first", n=5))
+    s.step()
+    arrived: list[RequestHandle] = []
+    delivered_at_prefill: list[int] = []
+    step = engine.step
+
+    def arrival_during_decode(plan: StepPlan) -> list[TokenEvent]:
+        if plan.decode and not arrived:
+            arrived.append(s.submit(sub("second", n=2)))
+        if plan.prefill:
+            delivered_at_prefill.append(running.completion_tokens)
+        return step(plan)
+
+    engine.step = arrival_during_decode  # type: ignore[method-assign]
+    s.step()
+    decode, prefill = engine.plans[-2:]
+    assert decode.decode == [running.seq_id] and not decode.prefill
+    assert [r.seq_id for r in prefill.prefill] == [arrived[0].seq_id] and not prefill.decode
+    assert delivered_at_prefill == [2]
+    run_until_idle(s)
+    assert tokens(arrived[0]) == [
+        expected_token(arrived[0].submission.prompt_ids, None, i) for i in range(2)
+    ]
 
 
 def test_cancelling_a_waiting_request_removes_it() -> None:
@@ -346,9 +376,9 @@ class LoadingAdapters(FakeAdapters):
         return super().acquire(adapter_id, scale)
 
 
-def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> None:
+def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_prefill() -> None:
     """With turns, the load waits for the step in progress and the next step waits for the
-    load; the request is queued before that step plans, so the step prefills it."""
+    load; the request is queued before that step plans, so the round prefills it."""
     gate = threading.Event()
     engine, turns, store = FakeEngine(gate=gate), CpuTurns(), LoadingAdapters(known={"a"})
     store.side_work = turns.side_work
@@ -363,9 +393,9 @@ def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> No
         time.sleep(0.2)  # the load now waits for step 1
         gate.set()
         submitter.join(10)
-        wait_for(lambda: len(engine.plans) >= 2, within_s=10)
-        assert [r.seq_id for r in engine.plans[1].prefill] == [handles[0].seq_id]
+        wait_for(lambda: len(engine.plans) >= 3, within_s=10)
         assert engine.plans[1].decode == [running.seq_id]
+        assert [r.seq_id for r in engine.plans[2].prefill] == [handles[0].seq_id]
         assert tokens(handles[0]) == [
             expected_token(handles[0].submission.prompt_ids, AdapterRef("a", 1), i)
             for i in range(4)
