@@ -147,6 +147,12 @@ class ServeConfig(ModelConfig):
     max_skips: int = Field(
         default=8, ge=1, description="steps a skipped request waits before it blocks the queue"
     )
+    prefill_steps_per_round: int = Field(
+        default=2,
+        ge=1,
+        description="prefill steps between two decode steps, at most: more lowers time to "
+        "first token in bursts, and the running sequences wait longer for their next token",
+    )
     max_new_tokens_limit: int = Field(default=4096, ge=1, description="largest max_new_tokens")
     max_adapter_labels: int = Field(
         default=32, ge=0, description="adapters with their own metric label; others: 'other'"
@@ -371,6 +377,7 @@ def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
         max_adapters_per_step=config.max_adapters_per_step,
         max_queue=config.max_queue,
         max_skips=config.max_skips,
+        prefill_steps_per_round=config.prefill_steps_per_round,
     )
 
 

@@ -10,7 +10,7 @@ from fake_engine import FakeEngine
 
 from loraplex.server.cli import build_parser
 from loraplex.server.config import ConfigError, config_from_args
-from loraplex.server.serve import ServeConfig, adapter_roots, warm_up
+from loraplex.server.serve import ServeConfig, adapter_roots, scheduler_limits, warm_up
 
 
 def parse(argv: list[str]) -> ServeConfig:
@@ -39,11 +39,18 @@ def test_repeated_list_flags_and_roots(tmp_path: Path) -> None:
     assert adapter_roots(default)[0] == tmp_path / "adapters"
 
 
+def test_scheduler_limits_come_from_the_settings() -> None:
+    limits = scheduler_limits(parse(["--prefill-steps-per-round", "3", "--max-skips", "5"]))
+    assert (limits.prefill_steps_per_round, limits.max_skips) == (3, 5)
+    assert scheduler_limits(parse([])).prefill_steps_per_round == 2
+
+
 @pytest.mark.parametrize(
     ("argv", "flag"),
     [
         (["--max-batch-sequences", "0"], "--max-batch-sequences"),
         (["--port", "70000"], "--port"),
+        (["--prefill-steps-per-round", "0"], "--prefill-steps-per-round"),
         (["--quantization", "int3"], None),
     ],
 )

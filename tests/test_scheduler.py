@@ -226,6 +226,34 @@ def test_a_request_arriving_during_a_decode_step_is_prefilled_right_after_it() -
     ]
 
 
+@pytest.mark.parametrize("prefill_steps", [1, 2, 3])
+def test_requests_arriving_during_prefills_are_prefilled_before_the_next_decode_up_to_the_bound(
+    prefill_steps: int,
+) -> None:
+    """A request arrives during every prefill step. A round prefills it in a step of its own
+    until the round has run `prefill_steps_per_round` of them; then the running sequences
+    decode, so no decode waits for more than that many prefill steps."""
+    limits = SchedulerLimits(max_batch_sequences=64, prefill_steps_per_round=prefill_steps)
+    s, engine, _, _ = make(limits)
+    first = s.submit(sub("first", n=12))
+    arrivals: list[RequestHandle] = []
+    step = engine.step
+
+    def arrival_during_prefill(plan: StepPlan) -> list[TokenEvent]:
+        if plan.prefill and len(arrivals) < 20:
+            arrivals.append(s.submit(sub(f"arrival {len(arrivals)}", n=3)))
+        return step(plan)
+
+    engine.step = arrival_during_prefill  # type: ignore[method-assign]
+    for _ in range(3):
+        s.step()
+    kinds = "".join("P" if plan.prefill else "D" for plan in engine.plans)
+    assert kinds == "P" * prefill_steps + ("D" + "P" * prefill_steps) * 2
+    assert all(len(plan.prefill) == 1 for plan in engine.plans if plan.prefill)
+    run_until_idle(s)
+    assert all(h.finish_reason is FinishReason.LENGTH for h in [first, *arrivals])
+
+
 def test_cancelling_a_waiting_request_removes_it() -> None:
     s, engine, _, _ = make(SchedulerLimits(max_batch_sequences=1))
     s.submit(sub(n=3))
@@ -376,14 +404,14 @@ class LoadingAdapters(FakeAdapters):
         return super().acquire(adapter_id, scale)
 
 
-def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_prefill() -> None:
+def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> None:
     """With turns, the load waits for the step in progress and the next step waits for the
-    load; the request is queued before that step plans, so the round prefills it."""
+    load; the request is queued before that step plans, so the step prefills it."""
     gate = threading.Event()
     engine, turns, store = FakeEngine(gate=gate), CpuTurns(), LoadingAdapters(known={"a"})
     store.side_work = turns.side_work
     s = Scheduler(engine, store, SchedulerLimits(), turns=turns)
-    running = s.submit(sub("first", n=3))
+    s.submit(sub("first", n=3))
     s.start()
     try:
         wait_for(lambda: s.counts() == (1, 0), within_s=10)  # step 1 runs, held at the gate
@@ -393,9 +421,8 @@ def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_prefill() ->
         time.sleep(0.2)  # the load now waits for step 1
         gate.set()
         submitter.join(10)
-        wait_for(lambda: len(engine.plans) >= 3, within_s=10)
-        assert engine.plans[1].decode == [running.seq_id]
-        assert [r.seq_id for r in engine.plans[2].prefill] == [handles[0].seq_id]
+        wait_for(lambda: len(engine.plans) >= 2, within_s=10)
+        assert [r.seq_id for r in engine.plans[1].prefill] == [handles[0].seq_id]
         assert tokens(handles[0]) == [
             expected_token(handles[0].submission.prompt_ids, AdapterRef("a", 1), i)
             for i in range(4)
