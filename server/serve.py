@@ -138,7 +138,7 @@ class ServeConfig(ModelConfig):
     max_batch_tokens: int = Field(
         default=2048,
         ge=1,
-        description="tokens per round: the prompts it admits plus one per running sequence",
+        description="prompt tokens per prefill step, less one per running sequence",
     )
     max_adapters_per_step: int = Field(
         default=4, ge=1, description="distinct adapters per engine step"
