@@ -268,6 +268,8 @@ class Scheduler:
         return StepPlan(decode=list(self._running), release=release)
 
     def _plan_prefill(self) -> StepPlan:
+        if not len(self._waiting):
+            return StepPlan()  # every round asks; most have nothing waiting
         now = self.clock()
         budget = StepBudget(
             free_sequences=self.limits.max_batch_sequences - len(self._running),
