@@ -26,3 +26,16 @@ class AdapterInUse(AdapterError):
 
 class AdapterCapacityExceeded(AdapterError):
     """Residency limits are reached and every resident adapter is pinned or in use."""
+
+
+PINNED = (
+    "is pinned; unpin it first, or pass force to unload it anyway "
+    "(`loraplex adapters unload --force`)"
+)
+
+
+class AdapterPinned(AdapterError):
+    """Unloading was asked of a pinned adapter without force; it stays loaded and pinned."""
+
+    def __init__(self, adapter_id: str, problem: str = PINNED) -> None:
+        super().__init__(adapter_id, problem)

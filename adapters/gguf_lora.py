@@ -20,7 +20,7 @@ import torch
 
 from loraplex.adapters.errors import InvalidAdapter
 from loraplex.adapters.peft_format import BaseSpec
-from loraplex.adapters.weights import LoraModule, LoraWeights
+from loraplex.adapters.weights import LoraModule, LoraWeights, refuse_overflowing
 
 GGUF_LORA_FILE = "adapter_model.gguf"
 SUFFIXES = (".lora_a", ".lora_b")
@@ -61,7 +61,9 @@ def _parse(
         modules[module] = LoraModule(_as_torch(a), _as_torch(b), scaling)
     if not modules:
         raise InvalidAdapter(adapter_id, f"{GGUF_LORA_FILE} holds no LoRA tensors")
-    return LoraWeights(modules)
+    weights = LoraWeights(modules)
+    refuse_overflowing(adapter_id, weights)
+    return weights
 
 
 def _check_shapes(

@@ -1,6 +1,10 @@
 """The fields of a PEFT `adapter_config.json` that loraplex reads, typed, since the file is
 untrusted input: a wrong type or an impossible value becomes a message naming the field
-rather than an exception deep inside the loader. Other fields are kept and ignored."""
+rather than an exception deep inside the loader.
+
+Every other field is either known not to change a saved adapter's forward (metadata, training
+settings) or refused when set: PEFT keeps adding LoRA variants behind new config fields, and
+serving such an adapter as plain LoRA would answer wrongly with status OK."""
 
 from __future__ import annotations
 
@@ -61,3 +65,70 @@ def validated(config: dict[str, Any]) -> dict[str, Any] | str:
     typed = fields.model_dump(exclude_unset=True)
     merged = {**config, **typed}
     return {k: v for k, v in merged.items() if not (k in typed and v is None)}  # null: default
+
+
+# Fields that describe or train an adapter but never change the forward of its saved weights
+# (the tensors alone say which layers are adapted).
+INERT_FIELDS = frozenset({
+    "base_model_name_or_path", "revision", "task_type", "inference_mode", "auto_mapping",
+    "peft_version", "lora_dropout", "vera_dropout", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "megatron_config", "megatron_core", "runtime_config", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
+    "d_initial", "init_weights",
+})  # fmt: skip
+READ_FIELDS = frozenset(PeftConfigFields.model_fields)
+# Fields that select another forward (PEFT's LoRA variants) or change the model around the
+# adapter: refused whenever they hold a value.
+MATH_FIELDS = {
+    "use_dora": "DoRA scales each output by a learned magnitude",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies its delta only from the "
+    "invocation tokens on",
+    "layer_replication": "it duplicates decoder layers of the base",
+    "lora_bias": "it adds a trained bias to lora_B",
+    "use_qalora": "QA-LoRA pools each layer's input before lora_A",
+    "trainable_token_indices": "it retrains rows of the token embeddings",
+    "target_parameters": "it adapts raw parameters (such as MoE experts), not linear layers",
+    "arrow_config": "Arrow routes each token among several LoRA experts",
+    "use_bdlora": "block-diagonal LoRA shards its factors",
+    "velora_config": "VeLoRA changes the adapter's forward",
+    "monteclora_config": "MonteCLoRA samples its adapter weights",
+    "kasa_config": "KaSA rewrites the base weights and adds singular values",
+}
+# Initializations that rewrote the base weights (W - scaling·BA) during training: until PEFT
+# converts the adapter to a plain LoRA (which saves init_lora_weights = true), it only fits
+# that rewritten base.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def unsupported_field(config: dict[str, Any]) -> str | None:
+    """What makes `config` describe math loraplex does not serve, naming the field; None if
+    every field is read, inert or unset."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        return (
+            f"init_lora_weights is {init!r}: this initialization rewrote the base weights while "
+            "training, so the adapter does not fit the original base; convert it to a plain "
+            "LoRA first (PEFT's save_pretrained with path_initial_model_for_weight_conversion)"
+        )
+    for name, value in config.items():
+        known = name in READ_FIELDS or name in INERT_FIELDS or name == "init_lora_weights"
+        if _unset(value) or (known and name not in MATH_FIELDS):
+            continue
+        if name in MATH_FIELDS:
+            return f"{name} is set: {MATH_FIELDS[name]}, which loraplex does not serve"
+        return (
+            f"unknown config field {name!r} is set ({value!r:.60}); loraplex cannot tell whether "
+            "it changes the adapter's math, so it refuses the adapter"
+        )
+    return None
+
+
+def _unset(value: Any) -> bool:
+    """Whether a field holds PEFT's 'off' value: null, false, zero or empty."""
+    return (
+        value is None
+        or value is False
+        or value == 0
+        or value in ("", "none")
+        or (isinstance(value, list | dict) and not value)
+    )

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.adapters.errors import InvalidAdapter
-from loraplex.adapters.peft_config import validated
+from loraplex.adapters.peft_config import unsupported_field, validated
 from loraplex.adapters.safetensors_header import HeaderError, read_header
 from loraplex.adapters.weights import (
     AdapterWeights,
@@ -26,6 +26,7 @@ from loraplex.adapters.weights import (
     VeraModule,
     VeraProjection,
     VeraWeights,
+    refuse_overflowing,
 )
 
 CONFIG_FILE = "adapter_config.json"
@@ -36,6 +37,8 @@ KEY_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
 VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
 VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
+LOADABLE_DTYPES = ("F32", "F16", "BF16", "F64")
+UNADAPTABLE_TARGETS = ("embed_tokens", "lm_head")
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,16 @@ def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type not in ("LORA", "VERA"):
         raise InvalidAdapter(adapter_id, f"peft_type {peft_type!r} is not supported (LORA or VERA)")
+    problem = unsupported_field(config)
+    if problem is not None:
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE}: {problem}")
     tensors = _read_tensors(adapter_id, path, base)
     if peft_type == "LORA":
-        return _parse_lora(adapter_id, config, tensors, base)
-    return _parse_vera(adapter_id, config, tensors, base)
+        weights: AdapterWeights = _parse_lora(adapter_id, config, tensors, base)
+    else:
+        weights = _parse_vera(adapter_id, config, tensors, base)
+    refuse_overflowing(adapter_id, weights)
+    return weights
 
 
 def _read_config(adapter_id: str, path: Path) -> dict[str, Any]:
@@ -110,17 +119,41 @@ def largest_adapter(base: BaseSpec) -> tuple[int, int]:
 
 
 def _check_header(adapter_id: str, weights_path: Path, base: BaseSpec) -> None:
-    """Refuse impossible tensors from the header alone, before anything is allocated."""
-    max_bytes, longest = largest_adapter(base)
+    """Refuse impossible tensors from the header alone, before anything is allocated. What
+    the tensors are (names, dtypes) is judged before how large they are: an embedding LoRA is
+    also too large, and its size is the less useful thing to say."""
     try:
-        entries = read_header(weights_path, max_bytes)
+        header = read_header(weights_path)
     except (HeaderError, OSError) as err:
         raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} is invalid: {err}") from None
-    for name, entry in entries.items():
+    for name, entry in header.entries.items():
+        _refuse_unadaptable_target(adapter_id, name)
+        if entry.dtype not in LOADABLE_DTYPES:
+            raise InvalidAdapter(
+                adapter_id, f"tensor {name!r} has dtype {entry.dtype}; adapter weights must be "
+                f"{', '.join(LOADABLE_DTYPES)} (convert the file, e.g. to BF16 or F32)",
+            )  # fmt: skip
+    max_bytes, longest = largest_adapter(base)
+    if header.data_bytes > max_bytes:
+        raise InvalidAdapter(
+            adapter_id, f"{WEIGHTS_FILE} holds {header.data_bytes} bytes of tensors; the limit is "
+            f"{max_bytes}, what rank {base.max_rank} on every layer of the resident base takes",
+        )  # fmt: skip
+    for name, entry in header.entries.items():
         if len(entry.shape) > 2 or any(d > longest for d in entry.shape):
             raise InvalidAdapter(
                 adapter_id, f"tensor {name!r} of shape {list(entry.shape)} fits no layer of the "
                 f"resident {base.model_type} base",
+            )  # fmt: skip
+
+
+def _refuse_unadaptable_target(adapter_id: str, tensor_name: str) -> None:
+    for target in UNADAPTABLE_TARGETS:
+        if f".{target}." in f".{tensor_name}.":
+            raise InvalidAdapter(
+                adapter_id, f"tensor {tensor_name!r} adapts {target}: adapters on the token "
+                "embeddings or the output head (embed_tokens, lm_head) are not supported; only "
+                "the decoder blocks' linear layers can be adapted (drop those target_modules)",
             )  # fmt: skip
 
 
@@ -176,8 +209,6 @@ def _pattern_value(pattern: Mapping[str, Any], name: str, default: Any) -> Any:
 
 
 def _refuse_unsupported_lora(adapter_id: str, config: Mapping[str, Any]) -> None:
-    if config.get("use_dora"):
-        raise InvalidAdapter(adapter_id, "DoRA (use_dora) is not supported")
     if config.get("modules_to_save"):
         raise InvalidAdapter(adapter_id, "modules_to_save is not supported (LoRA layers only)")
     if config.get("bias", "none") != "none":

@@ -32,8 +32,15 @@ class TensorEntry:
     nbytes: int
 
 
-def read_header(path: Path, max_data_bytes: int) -> dict[str, TensorEntry]:
-    """The tensors `path` declares; raises HeaderError for anything malformed or too large."""
+@dataclass(frozen=True)
+class Header:
+    entries: dict[str, TensorEntry]
+    data_bytes: int  # what the tensors take, as the file's size says
+
+
+def read_header(path: Path) -> Header:
+    """The tensors `path` declares; raises HeaderError for anything malformed. The caller
+    judges sizes, names and dtypes, in the order that gives the most useful message."""
     with path.open("rb") as file:
         size = path.stat().st_size
         prefix = file.read(8)
@@ -44,8 +51,6 @@ def read_header(path: Path, max_data_bytes: int) -> dict[str, TensorEntry]:
             raise HeaderError(f"claims a {length}-byte header in a {size}-byte file")
         raw = file.read(length)
     data_bytes = size - 8 - length
-    if data_bytes > max_data_bytes:
-        raise HeaderError(f"holds {data_bytes} bytes of tensors; the limit is {max_data_bytes}")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -55,7 +60,7 @@ def read_header(path: Path, max_data_bytes: int) -> dict[str, TensorEntry]:
     header.pop("__metadata__", None)
     entries = {str(name): _entry(str(name), info, data_bytes) for name, info in header.items()}
     _check_coverage(header, data_bytes)
-    return entries
+    return Header(entries, data_bytes)
 
 
 def _entry(name: str, info: Any, data_bytes: int) -> TensorEntry:

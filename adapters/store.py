@@ -22,6 +22,7 @@ from loraplex.adapters.errors import (
     AdapterError,
     AdapterInUse,
     AdapterNotFound,
+    AdapterPinned,
     InvalidAdapter,
 )
 from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
@@ -150,12 +151,17 @@ class AdapterStore:
         with self._lock:
             return self._info(adapter)
 
-    def unload(self, adapter_id: str, wait: bool = True, timeout: float | None = None) -> None:
+    def unload(
+        self, adapter_id: str, wait: bool = True, timeout: float | None = None, force: bool = False
+    ) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             known = adapter_id in self._current or self._in_use(adapter_id) > 0
             if not known:
                 raise AdapterNotFound(adapter_id, "is not loaded")
+            # A pin is an operator's promise that the adapter stays; only force overrides it.
+            if adapter_id in self._pinned and not force:
+                raise AdapterPinned(adapter_id)
             if self._in_use(adapter_id) and not wait:
                 raise AdapterInUse(adapter_id, f"{self._in_use(adapter_id)} sequences use it")
             self._current.pop(adapter_id, None)

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from loraplex.adapters.errors import InvalidAdapter
+
+# The most an adapter's delta may amplify a layer's input (see `delta_gain`): with inputs up
+# to the same size, the delta stays inside the range of float32 and bfloat16 (~3.4e38), the
+# dtypes the backends compute in. Trained adapters sit many orders of magnitude below it.
+MAX_DELTA_GAIN = math.sqrt(torch.finfo(torch.float32).max)
 
 
 @dataclass(frozen=True)
@@ -100,3 +108,37 @@ def tensors_nbytes(weights: AdapterWeights) -> int:
         else:
             tensors += [module.lambda_d, module.lambda_b]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _inf_norm(matrix: torch.Tensor) -> float:
+    """The largest row sum of absolute values, in float64 so the check cannot overflow."""
+    return float(matrix.double().abs().sum(-1).max())
+
+
+def delta_gain(weights: AdapterWeights) -> tuple[str, float]:
+    """The module whose delta can amplify its input most, and an upper bound of that gain:
+    the infinity norm of ΔW, bounded through its factors without forming ΔW."""
+    if isinstance(weights, VeraWeights):
+        shared = _inf_norm(weights.projection.b) * _inf_norm(weights.projection.a)
+    gains: dict[str, float] = {}
+    for name, module in weights.modules.items():
+        if isinstance(module, LoraModule):
+            gains[name] = abs(module.scaling) * _inf_norm(module.b) * _inf_norm(module.a)
+        else:
+            vectors = module.lambda_b.double().abs().max() * module.lambda_d.double().abs().max()
+            gains[name] = float(vectors) * shared
+    name = max(gains, key=gains.__getitem__)
+    return name, gains[name]
+
+
+def refuse_overflowing(adapter_id: str, weights: AdapterWeights) -> None:
+    """Refuse an adapter whose effective weights (scaling included) could overflow the
+    activations of any request it serves."""
+    name, gain = delta_gain(weights)
+    if not gain <= MAX_DELTA_GAIN:
+        raise InvalidAdapter(
+            adapter_id,
+            f"{name}: its delta (scaling x weights) can amplify an input {gain:.3g} times, over "
+            f"the limit of {MAX_DELTA_GAIN:.3g}; its activations would overflow float32. Check "
+            "lora_alpha and the weights' magnitudes",
+        )

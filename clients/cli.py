@@ -67,6 +67,7 @@ class AdaptersConfig(ClientConfig):
     wait: bool = Field(
         default=True, description="unload: wait for in-flight requests (--no-wait refuses)"
     )
+    force: bool = Field(default=False, description="unload: unload even if pinned")
     unpin: bool = Field(default=False, description="pin: unpin instead")
 
 
@@ -155,7 +156,7 @@ def _load(config: AdaptersConfig) -> int:
 
 def _unload(config: AdaptersConfig) -> int:
     with config.client() as client:
-        client.unload_adapter(config.adapter_id, wait=config.wait)
+        client.unload_adapter(config.adapter_id, wait=config.wait, force=config.force)
     print(f"unloaded {config.adapter_id}")
     return 0
 
@@ -170,7 +171,10 @@ def _pin(config: AdaptersConfig) -> int:
 ADAPTER_ACTIONS: dict[str, tuple[Callable[[AdaptersConfig], int], str]] = {
     "list": (_list, "list the adapters the server knows"),
     "load": (_load, "load an adapter, or a newer copy of a loaded one"),
-    "unload": (_unload, "unload an adapter once its in-flight requests finish"),
+    "unload": (
+        _unload,
+        "unload an adapter once its in-flight requests finish (a pinned one only with --force)",
+    ),
     "pin": (_pin, "keep an adapter resident (--unpin releases it)"),
 }
 

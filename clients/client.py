@@ -49,6 +49,15 @@ class ServerInfo:
         return cls(**{name: getattr(msg, name) for name in cls.__dataclass_fields__})
 
 
+def _unload_request(
+    adapter_id: str, wait: bool, timeout_s: float | None, force: bool
+) -> pb.UnloadAdapterRequest:
+    request = pb.UnloadAdapterRequest(adapter_id=adapter_id, no_wait=not wait, force=force)
+    if timeout_s is not None:
+        request.timeout_s = timeout_s
+    return request
+
+
 class _Collector:
     """Accumulates stream messages into chunks and the final Generation."""
 
@@ -56,15 +65,18 @@ class _Collector:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.request_id: str | None = None  # the server sends it in the first message only
         self.result: Generation | None = None
 
     def add(self, msg: pb.GenerateStreamResponse) -> Chunk | None:
+        if self.request_id is None:
+            self.request_id = msg.request_id
         self.text.append(msg.text)
         self.token_ids.extend(msg.token_ids)
         self.logprobs.extend(msg.logprobs)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.result = messages.generation(
-                msg, "".join(self.text), self.token_ids, self.logprobs
+                msg, "".join(self.text), self.token_ids, self.logprobs, self.request_id
             )
         if msg.token_ids or msg.text:
             return Chunk(msg.text, list(msg.token_ids), list(msg.logprobs))
@@ -131,7 +143,9 @@ class Client:
         """Generate and wait; options are the fields of `GenerateArgs`."""
         args = GenerateArgs(prompt=prompt, **options)
         msg = self._call("Generate", pb.GenerateRequest(**messages.request_fields(args)), timeout)
-        return messages.generation(msg, msg.text, list(msg.token_ids), list(msg.logprobs))
+        return messages.generation(
+            msg, msg.text, list(msg.token_ids), list(msg.logprobs), msg.request_id
+        )
 
     def stream(
         self, prompt: str = "", *, timeout: float | None = None, **options: Any
@@ -160,12 +174,14 @@ class Client:
         return messages.adapter(msg.adapter)
 
     def unload_adapter(
-        self, adapter_id: str, wait: bool = True, timeout_s: float | None = None
+        self,
+        adapter_id: str,
+        wait: bool = True,
+        timeout_s: float | None = None,
+        force: bool = False,
     ) -> None:
-        request = pb.UnloadAdapterRequest(adapter_id=adapter_id, no_wait=not wait)
-        if timeout_s is not None:
-            request.timeout_s = timeout_s
-        self._call("UnloadAdapter", request)
+        """`force` unloads a pinned adapter too; without it the server refuses one."""
+        self._call("UnloadAdapter", _unload_request(adapter_id, wait, timeout_s, force))
 
     def pin_adapter(self, adapter_id: str, pinned: bool = True) -> Adapter:
         msg = self._call(
@@ -250,7 +266,9 @@ class AsyncClient:
         args = GenerateArgs(prompt=prompt, **options)
         request = pb.GenerateRequest(**messages.request_fields(args))
         msg = await self._call("Generate", request, timeout)
-        return messages.generation(msg, msg.text, list(msg.token_ids), list(msg.logprobs))
+        return messages.generation(
+            msg, msg.text, list(msg.token_ids), list(msg.logprobs), msg.request_id
+        )
 
     def stream(
         self, prompt: str = "", *, timeout: float | None = None, **options: Any
@@ -277,12 +295,13 @@ class AsyncClient:
         return messages.adapter(msg.adapter)
 
     async def unload_adapter(
-        self, adapter_id: str, wait: bool = True, timeout_s: float | None = None
+        self,
+        adapter_id: str,
+        wait: bool = True,
+        timeout_s: float | None = None,
+        force: bool = False,
     ) -> None:
-        request = pb.UnloadAdapterRequest(adapter_id=adapter_id, no_wait=not wait)
-        if timeout_s is not None:
-            request.timeout_s = timeout_s
-        await self._call("UnloadAdapter", request)
+        await self._call("UnloadAdapter", _unload_request(adapter_id, wait, timeout_s, force))
 
     async def pin_adapter(self, adapter_id: str, pinned: bool = True) -> Adapter:
         request = pb.PinAdapterRequest(adapter_id=adapter_id, unpin=not pinned)

@@ -110,7 +110,9 @@ def generation(
     text: str,
     token_ids: list[int],
     logprobs: list[float],
+    request_id: str,
 ) -> Generation:
+    """A stream's last message lacks the request id (only its first has it): callers pass it."""
     t = msg.timings
     return Generation(
         text=text,
@@ -119,7 +121,7 @@ def generation(
         prompt_tokens=msg.usage.prompt_tokens,
         completion_tokens=msg.usage.completion_tokens,
         timings=Timings(t.queue_s, t.time_to_first_token_s, t.total_s),
-        request_id=msg.request_id,
+        request_id=request_id,
         adapter_id=msg.adapter_id,
         adapter_version=msg.adapter_version,
         logprobs=logprobs,

@@ -19,6 +19,7 @@ from loraplex.server.scheduler import Timings
 
 GenerationRequest = pb.GenerateRequest | pb.GenerateStreamRequest
 ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MAX_REQUEST_ID_BYTES = 256
 DEFAULTS = SamplingParams()
 
 
@@ -35,6 +36,16 @@ def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
             "starting with a letter or digit, without '..'",
         )
     return adapter_id
+
+
+def check_request_id(request_id: str) -> None:
+    """The id is echoed back, so an unbounded one would let a small request buy a large reply."""
+    size = len(request_id.encode("utf-8"))
+    if size > MAX_REQUEST_ID_BYTES:
+        raise InvalidRequest(
+            "request_id",
+            f"is {size} bytes of UTF-8; this server accepts at most {MAX_REQUEST_ID_BYTES} bytes",
+        )
 
 
 def sampling_from_proto(msg: pb.SamplingParams, max_new_tokens_limit: int) -> SamplingParams:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -146,6 +147,7 @@ class LoraplexService:
                 text="".join(text),
                 token_ids=token_ids,
                 logprobs=logprobs,
+                request_id=request.request_id,
                 **self._final_fields(handle, request),
             )
 
@@ -155,19 +157,25 @@ class LoraplexService:
     ) -> Iterator[Message]:
         with self._counted(request.adapter_id):
             handle = self._submit(request, context)
+            # The id goes in the first message only: repeating it in every token message
+            # multiplied its size by the number of tokens.
+            request_ids = itertools.chain([request.request_id], itertools.repeat(""))
             for event in handle.events():
                 yield pb.GenerateStreamResponse(
                     text=event.text,
                     token_ids=_token_ids(event),
                     logprobs=_logprobs(event),
-                    request_id=request.request_id,
+                    request_id=next(request_ids),
                 )
             _check_not_cancelled(handle)
-            yield pb.GenerateStreamResponse(**self._final_fields(handle, request))
+            yield pb.GenerateStreamResponse(
+                request_id=next(request_ids), **self._final_fields(handle, request)
+            )
 
     def _submit(
         self, request: convert.GenerationRequest, context: grpc.ServicerContext
     ) -> RequestHandle:
+        convert.check_request_id(request.request_id)
         if request.adapter_id:
             convert.check_adapter_id(request.adapter_id)
         convert.check_prompt_size(request, self.description.max_prompt_chars)
@@ -194,7 +202,6 @@ class LoraplexService:
                 prompt_tokens=handle.prompt_tokens, completion_tokens=handle.completion_tokens
             ),
             "timings": convert.timings_to_proto(handle.timings),
-            "request_id": request.request_id,
             "adapter_id": request.adapter_id,
             "adapter_version": handle.adapter_version,
         }
@@ -274,7 +281,9 @@ class LoraplexService:
         timeout = request.timeout_s if request.HasField("timeout_s") else None
         if timeout is not None and not timeout >= 0:
             raise InvalidRequest("timeout_s", f"must be >= 0 seconds, got {timeout}")
-        self._store().unload(adapter_id, wait=not request.no_wait, timeout=timeout)
+        self._store().unload(
+            adapter_id, wait=not request.no_wait, timeout=timeout, force=request.force
+        )
         return pb.UnloadAdapterResponse()
 
     @_guard

@@ -9,6 +9,7 @@ from loraplex.adapters.errors import (
     AdapterError,
     AdapterInUse,
     AdapterNotFound,
+    AdapterPinned,
     InvalidAdapter,
 )
 from loraplex.server.errors import (
@@ -27,6 +28,7 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
     InvalidAdapter: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterInUse: grpc.StatusCode.FAILED_PRECONDITION,
+    AdapterPinned: grpc.StatusCode.FAILED_PRECONDITION,  # unpin first, or unload with force
     AdapterCapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,  # all resident ones busy
     AdapterError: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,7 +28,14 @@ BAD_GENERATIONS = [
     ({"adapter": "bad-shapes"}, grpc.StatusCode.FAILED_PRECONDITION, "shape"),
     ({"adapter": "bad-arch"}, grpc.StatusCode.FAILED_PRECONDITION, "bad-arch"),
     ({"adapter": "bad-pickle"}, grpc.StatusCode.FAILED_PRECONDITION, "safetensors"),
+    ({"adapter": "bad-alora"}, grpc.StatusCode.FAILED_PRECONDITION, "alora_invocation_tokens"),
+    ({"adapter": "bad-fp8"}, grpc.StatusCode.FAILED_PRECONDITION, "F8_E4M3"),
+    ({"adapter": "bad-overflow"}, grpc.StatusCode.FAILED_PRECONDITION, "overflow"),
+    ({"adapter": "bad-alpha"}, grpc.StatusCode.FAILED_PRECONDITION, "overflow"),
+    ({"request_id": "x" * 257}, grpc.StatusCode.INVALID_ARGUMENT, "request_id"),
 ]
+# Copies of a good adapter with one thing changed that loraplex must refuse, not serve.
+EDITED_COPIES = ["bad-alora", "bad-fp8", "bad-overflow", "bad-alpha"]
 
 
 def write_bad_adapters(root: Path, good: Path) -> None:
@@ -48,3 +57,24 @@ def write_bad_adapters(root: Path, good: Path) -> None:
 
     torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     (pickled / "adapter_model.safetensors").unlink()
+    write_edited_copies(root, good)
+
+
+def write_edited_copies(root: Path, good: Path) -> None:
+    """An aLoRA config, float8 weights, weights x 1e18, and lora_alpha 1e38."""
+    from safetensors.torch import load_file, save_file
+
+    def copy(name: str, config: dict | None = None, edit: Callable | None = None) -> None:
+        target = root / name
+        shutil.copytree(good, target)
+        if config:
+            path = target / "adapter_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+        if edit:
+            weights = target / "adapter_model.safetensors"
+            save_file({k: edit(k, t) for k, t in load_file(weights).items()}, weights)
+
+    copy("bad-alora", {"alora_invocation_tokens": [2, 3]})
+    copy("bad-fp8", edit=lambda k, t: t.to(torch.float8_e4m3fn) if "lora_B" in k else t)
+    copy("bad-overflow", edit=lambda k, t: t * 1e18)
+    copy("bad-alpha", {"lora_alpha": 1e38})

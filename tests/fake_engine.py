@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from loraplex.adapters.errors import AdapterInUse, AdapterNotFound, InvalidAdapter
+from loraplex.adapters.errors import AdapterInUse, AdapterNotFound, AdapterPinned, InvalidAdapter
 from loraplex.server.engine.api import (
     AdapterInfo,
     AdapterRef,
@@ -129,15 +129,20 @@ class FakeAdapters:
             self._evict(keep=adapter_id)
             return self._info(adapter_id)
 
-    def unload(self, adapter_id: str, wait: bool = True, timeout: float | None = None) -> None:
+    def unload(
+        self, adapter_id: str, wait: bool = True, timeout: float | None = None, force: bool = False
+    ) -> None:
         with self._lock:
             if adapter_id not in self.versions:
                 raise AdapterNotFound(adapter_id, "not loaded")
+            if adapter_id in self.pinned and not force:
+                raise AdapterPinned(adapter_id)
             busy = lambda: any(n for (a, _), n in self.in_use.items() if a == adapter_id)  # noqa: E731
             if busy() and not wait:
                 raise AdapterInUse(adapter_id, "running requests use it")
             self._lock.wait_for(lambda: not busy(), timeout)
             del self.versions[adapter_id]
+            self.pinned.discard(adapter_id)
 
     def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo:
         with self._lock:

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from bad_inputs import BAD_GENERATIONS, write_bad_adapters
+from bad_inputs import BAD_GENERATIONS, EDITED_COPIES, write_bad_adapters
 from engine_driver import Result
 from engine_driver import run as engine_run
 from gguf_oracle import DRIFT
@@ -240,6 +240,44 @@ def test_load_unload_replace_during_streaming_cause_no_failures(
         assert_like_alone(backend, result, want[result.adapter_version])
 
 
+def test_a_hostile_burst_leaves_healthy_requests_as_they_are_alone(
+    client: Client, backend: Backend
+) -> None:
+    """Healthy requests (adapters and base) sent at once with an adapter refused for overflow,
+    a request whose adapter_scale overflows its activations, and extreme sampling values:
+    each healthy request is served as it is alone, each hostile one ends alone."""
+    healthy = [(p, a) for p in PROMPTS[:2] for a in ["", "lora", "rslora", "vera"]]
+    hostile: list[dict] = [
+        {"adapter": "bad-overflow"},
+        {"adapter": "rslora", "scale": 1e30},
+        {"temperature": 1e-38},
+        {"temperature": 1.0, "repetition_penalty": 1e-38, "seed": 5},
+    ]
+
+    def send(options: dict) -> Generation | client_errors.LoraplexClientError:
+        try:
+            return client.generate(max_new_tokens=8, logprobs=True, **options)
+        except client_errors.LoraplexClientError as err:
+            return err
+
+    jobs = [{"prompt": p, "adapter": a} for p, a in healthy]
+    jobs += [{"prompt": PROMPTS[2], **h} for h in hostile]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(send, jobs))
+    for (prompt, adapter), result in zip(healthy, results, strict=False):
+        assert isinstance(result, Generation), result
+        assert_like_alone(backend, result, alone(backend, prompt, adapter, 8))
+    refused, overflowed, tiny_t, tiny_penalty = results[len(healthy) :]
+    assert isinstance(refused, client_errors.FailedPrecondition)
+    assert "overflow" in refused.details
+    assert isinstance(overflowed, client_errors.LoraplexClientError)
+    assert overflowed.code == grpc.StatusCode.INTERNAL and "not finite" in overflowed.details
+    assert isinstance(tiny_t, Generation)  # a tiny temperature samples the argmax
+    assert_like_alone(backend, tiny_t, alone(backend, PROMPTS[2], "", 8))
+    assert isinstance(tiny_penalty, Generation) and tiny_penalty.completion_tokens == 8
+    assert all(np.isfinite(tiny_penalty.logprobs)) and client.health() == "SERVING"
+
+
 @pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
 def test_bad_generation_requests(
     client: Client, options: dict, code: grpc.StatusCode, named: str
@@ -253,7 +291,7 @@ def test_bad_generation_requests(
     assert client.generate("still serving", max_new_tokens=2).completion_tokens == 2
 
 
-@pytest.mark.parametrize("adapter_id", ["bad-shapes", "bad-arch", "bad-pickle"])
+@pytest.mark.parametrize("adapter_id", ["bad-shapes", "bad-arch", "bad-pickle", *EDITED_COPIES])
 def test_loading_an_invalid_adapter_is_refused(client: Client, adapter_id: str) -> None:
     with pytest.raises(client_errors.FailedPrecondition) as caught:
         client.load_adapter(adapter_id)

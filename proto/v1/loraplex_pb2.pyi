@@ -168,7 +168,9 @@ class GenerateRequest(_message.Message):
     adapter_scale: _builtins.float
     """default 1"""
     request_id: _builtins.str
-    """the client's id, echoed back"""
+    """The client's id, at most 256 bytes of UTF-8 (longer: INVALID_ARGUMENT). Echoed back once:
+    in GenerateResponse, or in the first message of a GenerateStream.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """instead of prompt, when the tokenizer has a chat template"""
@@ -299,6 +301,7 @@ class GenerateResponse(_message.Message):
     text: _builtins.str
     finish_reason: Global___FinishReason.ValueType
     request_id: _builtins.str
+    """the request's request_id"""
     adapter_id: _builtins.str
     adapter_version: _builtins.int
     """the version that served the whole request; 0 for the base"""
@@ -335,7 +338,9 @@ Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
 @_typing.final
 class GenerateStreamResponse(_message.Message):
-    """Each message carries new tokens; the last one also carries finish_reason, usage and timings."""
+    """Each message carries new tokens; the first one also carries request_id, and the last one
+    finish_reason, usage, timings, adapter_id and adapter_version.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -353,6 +358,7 @@ class GenerateStreamResponse(_message.Message):
     finish_reason: Global___FinishReason.ValueType
     """UNSPECIFIED until the last message"""
     request_id: _builtins.str
+    """the request's request_id in the first message only; empty in the rest"""
     adapter_id: _builtins.str
     adapter_version: _builtins.int
     @_builtins.property
@@ -462,7 +468,9 @@ class GetServerInfoResponse(_message.Message):
     backend: _builtins.str
     """"hf" or "gguf" """
     quantization: _builtins.str
-    """"nf4", "int8" or "none" """
+    """The hf backend's --quantization: "nf4", "int8", "bf16" or "fp32". The gguf backend runs
+    the file's own quantization as stored and reports the fixed string "the GGUF file's own".
+    """
     max_context: _builtins.int
     """prompt plus generated tokens"""
     max_new_tokens_limit: _builtins.int
@@ -636,21 +644,25 @@ class UnloadAdapterRequest(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
     NO_WAIT_FIELD_NUMBER: _builtins.int
     TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     no_wait: _builtins.bool
     """refuse with FAILED_PRECONDITION instead of waiting for users"""
     timeout_s: _builtins.float
     """how long to wait for in-flight requests (default: no limit)"""
+    force: _builtins.bool
+    """unload even if pinned (else a pinned one is FAILED_PRECONDITION)"""
     def __init__(
         self,
         *,
         adapter_id: _builtins.str = ...,
         no_wait: _builtins.bool = ...,
         timeout_s: _builtins.float | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_timeout_s", b"_timeout_s", "timeout_s", b"timeout_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_s", b"_timeout_s", "adapter_id", b"adapter_id", "no_wait", b"no_wait", "timeout_s", b"timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_timeout_s", b"_timeout_s", "adapter_id", b"adapter_id", "force", b"force", "no_wait", b"no_wait", "timeout_s", b"timeout_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__timeout_s: _TypeAlias = _typing.Literal["timeout_s"]  # noqa: Y015
     _WhichOneofArgType__timeout_s: _TypeAlias = _typing.Literal["_timeout_s", b"_timeout_s"]  # noqa: Y015

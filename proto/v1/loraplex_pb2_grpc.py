@@ -126,7 +126,8 @@ class LoraplexServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UnloadAdapter(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Unload an adapter; a pinned one only with force (otherwise FAILED_PRECONDITION).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

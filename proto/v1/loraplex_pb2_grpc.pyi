@@ -47,6 +47,7 @@ class LoraplexStub:
     LoadAdapter: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.LoadAdapterRequest, _loraplex_pb2.LoadAdapterResponse]
     """Load an adapter from the adapter roots, or a newer copy of a loaded one (a new version)."""
     UnloadAdapter: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.UnloadAdapterRequest, _loraplex_pb2.UnloadAdapterResponse]
+    """Unload an adapter; a pinned one only with force (otherwise FAILED_PRECONDITION)."""
     PinAdapter: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.PinAdapterRequest, _loraplex_pb2.PinAdapterResponse]
     Drain: _grpc.UnaryUnaryMultiCallable[_loraplex_pb2.DrainRequest, _loraplex_pb2.DrainResponse]
     """Stop admitting requests, let the running ones finish, then shut the server down."""
@@ -66,6 +67,7 @@ class LoraplexAsyncStub(LoraplexStub):
     LoadAdapter: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.LoadAdapterRequest, _loraplex_pb2.LoadAdapterResponse]  # type: ignore[assignment]
     """Load an adapter from the adapter roots, or a newer copy of a loaded one (a new version)."""
     UnloadAdapter: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.UnloadAdapterRequest, _loraplex_pb2.UnloadAdapterResponse]  # type: ignore[assignment]
+    """Unload an adapter; a pinned one only with force (otherwise FAILED_PRECONDITION)."""
     PinAdapter: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.PinAdapterRequest, _loraplex_pb2.PinAdapterResponse]  # type: ignore[assignment]
     Drain: _aio.UnaryUnaryMultiCallable[_loraplex_pb2.DrainRequest, _loraplex_pb2.DrainResponse]  # type: ignore[assignment]
     """Stop admitting requests, let the running ones finish, then shut the server down."""
@@ -123,7 +125,8 @@ class LoraplexServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _loraplex_pb2.UnloadAdapterRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_loraplex_pb2.UnloadAdapterResponse, _abc.Awaitable[_loraplex_pb2.UnloadAdapterResponse]]: ...
+    ) -> _typing.Union[_loraplex_pb2.UnloadAdapterResponse, _abc.Awaitable[_loraplex_pb2.UnloadAdapterResponse]]:
+        """Unload an adapter; a pinned one only with force (otherwise FAILED_PRECONDITION)."""
 
     @_abc_1.abstractmethod
     def PinAdapter(

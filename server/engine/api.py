@@ -27,6 +27,14 @@ __all__ = [
 ]
 
 MAX_NEW_TOKENS_LIMIT = 1 << 16
+# Temperatures below this sample as greedy does (vLLM's rule too): the distribution is then
+# the argmax up to ties, and dividing logits by a smaller number only risks overflow.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# The error of a sequence whose logits are NaN or infinite: it ends alone, never served as OK.
+NOT_FINITE_LOGITS = (
+    "the model's logits for this request are not finite (NaN or infinity): its adapter or "
+    "adapter_scale made the activations overflow; the request was ended"
+)
 
 
 class FinishReason(enum.Enum):
@@ -50,6 +58,11 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the token is the (penalized) logits' argmax rather than a draw."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self, max_new_tokens_limit: int = MAX_NEW_TOKENS_LIMIT) -> None:
         """Raise InvalidRequest naming the first field with a value that cannot be served."""
@@ -134,8 +147,11 @@ class AdapterAdmin(Protocol):
         """Load the adapter, or a newer copy of it (new version); running sequences keep theirs."""
         ...
 
-    def unload(self, adapter_id: str, wait: bool = True, timeout: float | None = None) -> None:
-        """Drop the adapter once no sequence uses it; with wait=False raise AdapterInUse instead."""
+    def unload(
+        self, adapter_id: str, wait: bool = True, timeout: float | None = None, force: bool = False
+    ) -> None:
+        """Drop the adapter once no sequence uses it; with wait=False raise AdapterInUse instead.
+        A pinned adapter raises AdapterPinned (and stays loaded and pinned) unless `force`."""
         ...
 
     def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo: ...

@@ -10,6 +10,7 @@ first, which saves one adapter switch per step.
 
 from __future__ import annotations
 
+import logging
 import queue
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 
 from loraplex.adapters.errors import AdapterNotFound
 from loraplex.server.engine.api import (
+    NOT_FINITE_LOGITS,
     AdapterRef,
     FinishReason,
     SequenceRequest,
@@ -37,6 +39,7 @@ from loraplex.server.engine.gguf_text import TextStream
 from loraplex.server.errors import InvalidRequest
 
 GroupKey = tuple[str, int, float] | None  # (adapter id, version, scale); None is the base
+log = logging.getLogger(__name__)
 
 
 def _no_adapters(ref: AdapterRef) -> Path:
@@ -221,7 +224,15 @@ class GGUFEngine:
         ]
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> TokenEvent:
-        token, logprob = seq.sampler.choose(logits)
+        """Choose the sequence's next token; a row that cannot be advanced (non-finite logits,
+        a sampling failure) ends that sequence alone."""
+        if not (np.isfinite(logits.max()) and np.isfinite(logits.min())):  # NaN shows in both
+            return self._fail(seq, NOT_FINITE_LOGITS)
+        try:
+            token, logprob = seq.sampler.choose(logits)
+        except Exception as err:
+            log.exception("sampling failed for %s", seq.seq_id)
+            return self._fail(seq, f"sampling failed: {err}")
         seq.pos += len(seq.pending)
         seq.pending = [token]
         seq.generated += 1
@@ -237,6 +248,10 @@ class GGUFEngine:
         if finish is not None:
             self.release(seq.seq_id)
         return TokenEvent(seq.seq_id, token, text, logprob, finish)
+
+    def _fail(self, seq: _Sequence, problem: str) -> TokenEvent:
+        self.release(seq.seq_id)
+        return TokenEvent(seq.seq_id, None, finish=FinishReason.ERROR, error=problem)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
         if self._runtime.is_end_of_generation(token):

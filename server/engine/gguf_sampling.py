@@ -5,6 +5,9 @@ token already in the prompt or output), then greedy argmax when temperature is 0
 temperature, top-k, top-p, and a draw from the sequence's own seeded generator. The logprob
 reported is that of the chosen token under the distribution it was chosen from (for greedy, the
 penalized logits' softmax).
+
+Safe for every value validation accepts: penalized logits are clamped to float32's range, and
+the temperature divides logits only after the largest is subtracted, in float64.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from loraplex.server.engine.api import SamplingParams
 
 # top-p first looks among this many best tokens; a full sort of a 262k vocabulary costs ~15 ms
 _NUCLEUS_PREFETCH = 4096
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class TokenSampler:
@@ -29,11 +33,11 @@ class TokenSampler:
     def choose(self, logits: np.ndarray) -> tuple[int, float | None]:
         """The next token id and, if asked for, its logprob; `logits` is not modified."""
         scores = self._penalized(logits)
-        if self.params.temperature == 0.0:
+        if self.params.greedy:
             token = int(np.argmax(scores))
             logprob = _log_softmax_at(scores, token) if self.params.logprobs else None
         else:
-            token, logprob = self._draw(scores / np.float32(self.params.temperature))
+            token, logprob = self._draw(scores)
         self._seen[token] = True
         return token, logprob
 
@@ -42,26 +46,30 @@ class TokenSampler:
         if penalty == 1.0:
             return logits
         scores = logits.astype(np.float32, copy=True)
-        seen = scores[self._seen]
-        scores[self._seen] = np.where(seen > 0, seen / penalty, seen * penalty)
+        seen = scores[self._seen].astype(np.float64)
+        penalized = np.where(seen > 0, seen / penalty, seen * penalty)
+        scores[self._seen] = np.clip(penalized, -_FLOAT32_MAX, _FLOAT32_MAX)
         return scores
 
     def distribution(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The token ids a temperature > 0 draw can pick, and their probabilities."""
-        scores = self._penalized(logits) / np.float32(self.params.temperature)
-        return _filtered(scores, self.params.top_k, self.params.top_p)
+        p = self.params
+        return _filtered(self._penalized(logits), p.temperature, p.top_k, p.top_p)
 
     def _draw(self, scores: np.ndarray) -> tuple[int, float | None]:
-        ids, probs = _filtered(scores, self.params.top_k, self.params.top_p)
+        p = self.params
+        ids, probs = _filtered(scores, p.temperature, p.top_k, p.top_p)
         pick = int(self._rng.choice(len(ids), p=probs))
         logprob = float(np.log(probs[pick])) if self.params.logprobs else None
         return int(ids[pick]), logprob
 
 
-def _filtered(scores: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    ids = _top_k_ids(scores, top_k)
+def _filtered(
+    scores: np.ndarray, temperature: float, top_k: int, top_p: float
+) -> tuple[np.ndarray, np.ndarray]:
+    ids = _top_k_ids(scores, top_k)  # the temperature does not change the order
     kept = scores[ids].astype(np.float64)
-    probs = np.exp(kept - kept.max())
+    probs = np.exp((kept - kept.max()) / temperature)
     probs /= probs.sum()
     if top_p < 1.0:
         ids, probs = _nucleus(ids, probs, top_p)

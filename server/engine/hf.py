@@ -12,6 +12,7 @@ work goes into padding, and each prompt's adapter delta is two plain matmuls ove
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -24,6 +25,7 @@ from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter
 from loraplex.server.device import pick_device, torch_threads
 from loraplex.server.engine.api import (
+    NOT_FINITE_LOGITS,
     FinishReason,
     SequenceRequest,
     StepPlan,
@@ -53,6 +55,7 @@ from loraplex.server.errors import InvalidRequest
 #   requantizing every layer costs 6.5 / 3.4 s per merge plus unmerge (50+ forwards to repay),
 #   and rounding to NF4 again changes outputs (peft #2321). Quantized bases stay batched.
 AUTO_MERGE_AFTER_FORWARDS = 4
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,7 @@ class HFEngine:
         cache.begin(pos)
         try:
             self._route(fresh, fresh, [True] * len(fresh), packed=lengths)
-            logits = self._forward(cache, ids, pos, masks, last)[0]
+            logits = self._forward(cache, ids, pos, masks, last, packed_lengths=lengths)[0]
         except Exception:
             for s in fresh:
                 self.slots.drop(s.slot)
@@ -262,15 +265,29 @@ class HFEngine:
             raise InvalidRequest("adapter.scale", f"must be finite, got {scale}")
 
     def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        """Advance each sequence by its row of `logits` [len(seqs), vocab]."""
+        """Advance each sequence by its row of `logits` [len(seqs), vocab]; a row that cannot
+        be advanced (non-finite logits, a sampling failure) ends that sequence alone."""
         # One batched argmax serves every greedy row (per-row argmaxes over 262k logits add up).
         greedy = any(s.sampler.plain_greedy for s in seqs)
         argmax: list[int | None] = logits.argmax(-1).tolist() if greedy else [None] * len(seqs)
-        return [self._advance(*args) for args in zip(seqs, logits, argmax, strict=True)]
+        low, high = torch.aminmax(logits, dim=-1)  # NaN and infinities show in these
+        finite = (torch.isfinite(low) & torch.isfinite(high)).tolist()
+        return [
+            self._advance(seq, row, top) if ok else self._fail(seq, NOT_FINITE_LOGITS)
+            for seq, row, top, ok in zip(seqs, logits, argmax, finite, strict=True)
+        ]
+
+    def _fail(self, seq: _Sequence, problem: str) -> TokenEvent:
+        seq.finish = FinishReason.ERROR
+        return _error_event(seq.request.seq_id, problem)
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor, argmax: int | None) -> TokenEvent:
         """Choose the sequence's next token and decide whether it finished."""
-        token, logprob = seq.sampler.choose(logits, seq.history, argmax)
+        try:
+            token, logprob = seq.sampler.choose(logits, seq.history, argmax)
+        except Exception as err:  # one request's sampling must not end its batch mates
+            log.exception("sampling failed for %s", seq.request.seq_id)
+            return self._fail(seq, f"sampling failed: {err}")
         seq.tokens.append(token)
         seq.generated += 1
         seq.history = torch.cat([seq.history, seq.history.new_tensor([token])])
@@ -293,10 +310,11 @@ class HFEngine:
 
     def _forward(
         self, cache: BatchKVCache, ids: torch.Tensor, pos: torch.Tensor, masks: object,
-        keep: int | torch.Tensor,
+        keep: int | torch.Tensor, packed_lengths: list[int] | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """One forward through the routing just set; returns the logits of the columns that
-        `keep` names (transformers' logits_to_keep) [rows, kept, vocab]."""
+        `keep` names (transformers' logits_to_keep) [rows, kept, vocab]. `packed_lengths`:
+        the prompts of a packed row, which attention keeps apart (packed_attention.py)."""
         try:
             with torch.inference_mode():
                 out = self.model(
@@ -306,6 +324,7 @@ class HFEngine:
                     past_key_values=cache,
                     use_cache=True,
                     logits_to_keep=keep,
+                    packed_lengths=packed_lengths,
                 )
         finally:
             self.routing.clear()

@@ -1,4 +1,8 @@
-"""Per-request token choice: repetition penalty, temperature, top-k, top-p, seeded sampling."""
+"""Per-request token choice: repetition penalty, temperature, top-k, top-p, seeded sampling.
+
+Safe for every value validation accepts: penalized logits are clamped to the float range,
+and the largest logit is subtracted before dividing by the temperature, so no step of the
+softmax sees an infinity (a row's logits are checked finite before they get here)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class TokenSampler:
     @property
     def plain_greedy(self) -> bool:
         """Whether the token is simply the argmax of the model's logits."""
-        return self.params.temperature == 0.0 and self.params.repetition_penalty == 1.0
+        return self.params.greedy and self.params.repetition_penalty == 1.0
 
     def choose(
         self, logits: torch.Tensor, history: torch.Tensor, argmax: int | None = None
@@ -42,9 +46,10 @@ class TokenSampler:
         p = self.params
         if p.repetition_penalty != 1.0 and history.numel():
             scores = apply_repetition_penalty(scores, history, p.repetition_penalty)
-        if p.temperature == 0.0:
+        if p.greedy:
             return int(scores.argmax())
-        probs = filtered_probs(scores / p.temperature, p.top_k, p.top_p)
+        scaled = (scores - scores.max()) / p.temperature
+        probs = filtered_probs(scaled, p.top_k, p.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
@@ -54,7 +59,8 @@ def apply_repetition_penalty(
     """CTRL-style, as transformers does it: seen logits > 0 divided, < 0 multiplied."""
     seen = scores.gather(0, history)
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return scores.scatter(0, history, seen)
+    largest = torch.finfo(seen.dtype).max  # a tiny or huge penalty must not make infinities
+    return scores.scatter(0, history, seen.clamp(-largest, largest))
 
 
 def filtered_probs(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -178,3 +178,35 @@ def test_logprobs_and_seeded_sampling(engine: GGUFEngine) -> None:
     assert tokens[0] == tokens[1] != tokens[2]
     logprobs = np.array([e.logprob for e in runs[0]], dtype=float)
     assert np.all(np.isfinite(logprobs)) and np.all(logprobs <= 0)
+
+
+def tokens_by_sequence(events: list[TokenEvent]) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    for event in events:
+        tokens.setdefault(event.seq_id, [])
+        if event.token_id is not None:
+            tokens[event.seq_id].append(event.token_id)
+    return tokens
+
+
+def test_extreme_sampling_values_and_an_overflowing_row_end_alone(engine: GGUFEngine) -> None:
+    """Every value validation accepts is sampled safely, and a row whose logits are not
+    finite ends with a clear error while its batch mates match their solo runs."""
+    solo = tokens_by_sequence(drain(engine, engine.step(
+        StepPlan(prefill=[request(engine, "healthy", max_new_tokens=6)])
+    )))["healthy"]  # fmt: skip
+    mixed = [
+        request(engine, "healthy", max_new_tokens=6),
+        request(engine, "tiny-t", temperature=1e-38, max_new_tokens=6),
+        request(engine, "tiny-penalty", temperature=1.0, repetition_penalty=1e-38, seed=1),
+        request(engine, "overflow", AdapterRef("good", 1, 1e30), max_new_tokens=6),
+    ]
+    events = drain(engine, engine.step(StepPlan(prefill=mixed)))
+    finish = {e.seq_id: e for e in events if e.finish is not None}
+    tokens = tokens_by_sequence(events)
+    assert tokens["healthy"] == solo
+    assert tokens["tiny-t"] == solo  # a temperature that small samples the argmax
+    assert finish["tiny-penalty"].finish is FinishReason.LENGTH
+    assert finish["overflow"].finish is FinishReason.ERROR
+    assert "not finite" in (finish["overflow"].error or "")
+    assert set(engine.resources().values()) == {0}
