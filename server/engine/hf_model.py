@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server.device import compute_dtype, matmul_dtype
+from loraplex.server.engine import packed_attention
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.cpu_matmul import faster_output_head
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
@@ -38,6 +40,29 @@ class LoadedBase:
 
 FUSED_KERNEL_BELOW_BATCH = 16  # see wants_fused_kernel
 
+# bitsandbytes (>= 0.50) logs this through `logging` on every int8 matmul whose input is not
+# fp16, so Python's once-per-location warning filter never sees it: one record per layer per
+# forward. The cast is LLM.int8()'s design, not a fault; the engine keeps fp32/bf16
+# activations because casting them to fp16 first changes the outputs (the outlier columns
+# and the result are computed in the input's dtype, and the bias is recast in place).
+INT8_CAST_LOGGER = "bitsandbytes.autograd._functions"
+INT8_CAST_MESSAGE = "MatMul8bitLt: inputs will be cast from"
+
+
+class _DropInt8InputCast(logging.Filter):
+    """Drops exactly bitsandbytes' per-call int8 input-cast notice; its other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(INT8_CAST_MESSAGE)
+
+
+_INT8_CAST_FILTER = _DropInt8InputCast()
+
+
+def quiet_int8_input_cast() -> None:
+    """Install the filter on bitsandbytes' logger (idempotent: a logger holds a filter once)."""
+    logging.getLogger(INT8_CAST_LOGGER).addFilter(_INT8_CAST_FILTER)
+
 
 def quantization_kwargs(config: EngineConfig, device: torch.device) -> dict[str, object]:
     dtype = compute_dtype(device)
@@ -55,10 +80,12 @@ def quantization_kwargs(config: EngineConfig, device: torch.device) -> dict[str,
 
 
 def load_base(config: EngineConfig, device: torch.device, routing: RoutingContext) -> LoadedBase:
+    if config.quantization == "int8":
+        quiet_int8_input_cast()
     model = AutoModelForCausalLM.from_pretrained(
         config.checkpoint,
         device_map={"": device},
-        attn_implementation="sdpa",
+        attn_implementation=packed_attention.register(),
         **quantization_kwargs(config, device),
     ).eval()
     model.requires_grad_(False)
