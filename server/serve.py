@@ -341,7 +341,7 @@ def start(
     metrics.watch_scheduler(scheduler.counts)
     if hasattr(engine, "resources"):
         metrics.watch_engine(engine.resources)
-    service = LoraplexService(scheduler, engine, store, describe(config), metrics, chat)
+    service = LoraplexService(scheduler, engine, store, describe(config, engine), metrics, chat)
     server, health_servicer, port = _grpc_server(
         config, service, load_tokens(config.auth_tokens_file)
     )
@@ -381,16 +381,22 @@ def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
     )
 
 
-def describe(config: ServeConfig) -> ServerDescription:
+def describe(config: ServeConfig, engine: Engine) -> ServerDescription:
     backend = pick_backend(config)
     return ServerDescription(
         model=config.model,
         backend=backend,
-        quantization=config.quantization if backend == "hf" else "the GGUF file's own",
+        quantization=_gguf_file_type(engine) if backend == "gguf" else config.quantization,
         max_new_tokens_limit=config.max_new_tokens_limit,
         version=version("loraplex"),
         max_prompt_chars=config.max_prompt_chars,
     )
+
+
+def _gguf_file_type(engine: Engine) -> str:
+    from loraplex.server.engine.gguf import GGUFEngine  # llama.cpp is an optional extra
+
+    return engine.quantization if isinstance(engine, GGUFEngine) else "unknown"
 
 
 def _serve_metrics(config: ServeConfig, metrics: Metrics) -> tuple[int, Callable[[], None]]:

@@ -142,6 +142,13 @@ def client(server: ServerProcess) -> Iterator[Client]:
         yield c
 
 
+def test_server_info_reports_the_quantization_really_served(
+    client: Client, backend: Backend
+) -> None:
+    # The hf suite serves fp32; the gguf suite the default Q4_K_M file.
+    assert client.server_info().quantization == {"hf": "fp32", "gguf": "Q4_K_M"}[backend.name]
+
+
 def test_health_serving_and_preloaded_adapters(client: Client) -> None:
     assert client.health() == "SERVING"
     resident = {a.adapter_id for a in client.list_adapters() if a.resident}

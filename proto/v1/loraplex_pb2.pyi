@@ -469,7 +469,8 @@ class GetServerInfoResponse(_message.Message):
     """"hf" or "gguf" """
     quantization: _builtins.str
     """The hf backend's --quantization: "nf4", "int8", "bf16" or "fp32". The gguf backend runs
-    the file's own quantization as stored and reports the fixed string "the GGUF file's own".
+    the file as stored and reports its file type as llama.cpp names it: "Q4_K_M", "Q5_K_M",
+    "Q8_0", "F16", ... ("unknown" when the file does not say).
     """
     max_context: _builtins.int
     """prompt plus generated tokens"""

@@ -103,6 +103,11 @@ class GGUFEngine:
     def running(self) -> list[str]:
         return list(self._sequences)
 
+    @property
+    def quantization(self) -> str:
+        """The GGUF file's quantization (Q4_K_M, ...), as GetServerInfo reports it."""
+        return self._runtime.file_type()
+
     def resources(self) -> dict[str, int]:
         """What running sequences hold; all zero when idle, so a soak run can spot leaks."""
         return {

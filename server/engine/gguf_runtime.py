@@ -16,6 +16,7 @@ from typing import Any
 
 import llama_cpp.llama_cpp as llama
 import numpy as np
+from gguf import LlamaFileType
 
 from loraplex.server.errors import CorruptModel, LoraplexError
 
@@ -132,6 +133,16 @@ class LlamaRuntime:
         return ctx
 
     # ---- tokens and text ----------------------------------------------------------------
+
+    def file_type(self) -> str:
+        """The GGUF file's quantization as llama.cpp names it (Q4_K_M, Q5_K_M, F16, ...)."""
+        value = ctypes.create_string_buffer(32)
+        llama.llama_model_meta_val_str(self.model, b"general.file_type", value, len(value))
+        try:
+            name = LlamaFileType(int(value.value)).name
+        except ValueError:
+            return "unknown"
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
     def tokenize(self, text: str) -> list[int]:
         data = text.encode()
