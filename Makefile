@@ -3,7 +3,7 @@
 
 setup: .venv/.setup-done
 
-.venv/.setup-done: pyproject.toml scripts/setup.sh
+.venv/.setup-done: pyproject.toml scripts/setup.sh patches/llama.cpp/per-sequence-lora.patch
 	bash scripts/setup.sh
 	touch $@
 

@@ -4,6 +4,8 @@ Each case runs in its own process, so its peak RSS is its own. Greedy decoding t
 tokens/s counts generated tokens over the wall time from the first prefill to the last token.
 
     python -m loraplex.bench.gguf_bench --quants q4_k_m,q5_k_m --tokens 64 --threads 2
+
+The adapters are 8 random rank-16 LoRAs on every linear layer (--lora-rank, --lora-targets).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loraplex.bench.gguf_random_lora import write_random_lora
+from loraplex.bench.gguf_random_lora import ALL_LINEAR, TARGETS, write_random_lora
 from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest, StepPlan
@@ -32,12 +34,16 @@ from loraplex.server.models import resolve
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 STREAMS = 8
+GROUPED = "ours_8_eight_adapters_grouped"  # one decode call per adapter, as stock llama.cpp
 CASES = (
     "raw",
     "ours_1",
     "ours_1_repacked",
+    "ours_1_adapter",
+    "ours_1_adapter_grouped",
     "ours_8_one_adapter",
     "ours_8_eight_adapters",
+    "ours_8_eight_adapters_grouped",
     "reload_8",
     "switch",
 )
@@ -48,7 +54,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = resolve(args.model, default_cache_dir())
     assert base.sha256 is not None
     with tempfile.TemporaryDirectory(prefix="gguf-bench-") as scratch:
-        loras = [write_random_lora(base.path, Path(scratch) / f"l{i}.gguf", i) for i in range(8)]
+        targets = ALL_LINEAR if args.lora_targets == "all-linear" else TARGETS
+        loras = [
+            write_random_lora(
+                base.path, Path(scratch) / f"l{i}.gguf", i, args.lora_rank, targets=targets
+            )
+            for i in range(STREAMS)
+        ]
         report = {}
         for quant in args.quants.split(","):
             path = base.path
@@ -68,6 +80,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quants", default="q4_k_m,q5_k_m")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--lora-targets",
+        choices=["all-linear", "q-v"],
+        default="all-linear",
+        help="the random adapters' targets: every linear of each block, or attn_q and attn_v",
+    )
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)  # child process
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--loras", help=argparse.SUPPRESS)
@@ -99,11 +118,14 @@ def _print_quant(quant: str, r: dict[str, dict]) -> None:
         return float(r[case]["tokens_per_s"])
 
     one, eight, mixed = tps("ours_1"), tps("ours_8_one_adapter"), tps("ours_8_eight_adapters")
+    one_adapter = tps("ours_1_adapter") / tps("ours_1_adapter_grouped")
     rows = [
         ("one stream, ours / raw", one / tps("raw"), 0.9),
+        ("one stream on an adapter, per-sequence / grouped", one_adapter, 0.95),
         ("8 streams one adapter / ours one stream", eight / one, 2.0),
-        ("8 streams 8 adapters / 8 streams one adapter", mixed / eight, 0.7),
-        ("8 streams 8 adapters / reload baseline", mixed / tps("reload_8"), 3.0),
+        ("8 streams 8 adapters / 8 streams one adapter", mixed / eight, 0.85),
+        ("8 streams 8 adapters / reload baseline", mixed / tps("reload_8"), 3.5),
+        ("8 streams 8 adapters, per-sequence / grouped", mixed / tps(GROUPED), 1.0),
     ]
     print(f"== {quant}", file=sys.stderr)
     for case, result in r.items():
@@ -122,8 +144,11 @@ def _child(args: argparse.Namespace) -> None:
         "raw": lambda: _raw(path, args),
         "ours_1": lambda: _ours(path, [None], loras, args),
         "ours_1_repacked": lambda: _ours(path, [None], loras, args, repack_weights=True),
+        "ours_1_adapter": lambda: _ours(path, [0], loras, args),
+        "ours_1_adapter_grouped": lambda: _ours(path, [0], loras, args, per_sequence=False),
         "ours_8_one_adapter": lambda: _ours(path, [0] * STREAMS, loras, args),
         "ours_8_eight_adapters": lambda: _ours(path, list(range(STREAMS)), loras, args),
+        GROUPED: lambda: _ours(path, list(range(STREAMS)), loras, args, per_sequence=False),
         "reload_8": lambda: _reload(path, loras, args),
         "switch": lambda: _switch_cost(path, loras, args),
     }
@@ -158,7 +183,11 @@ def _raw_generate(llm: object, n_tokens: int) -> int:
 
 
 def _engine(
-    path: Path, loras: list[Path], args: argparse.Namespace, repack_weights: bool = False
+    path: Path,
+    loras: list[Path],
+    args: argparse.Namespace,
+    repack_weights: bool = False,
+    per_sequence: bool = True,
 ) -> GGUFEngine:
     files = AdapterFiles()
     for i, lora in enumerate(loras):
@@ -169,7 +198,9 @@ def _engine(
         n_threads=args.threads,
         repack_weights=repack_weights,
     )
-    return GGUFEngine(path, config, files, max_idle_adapters=len(loras))
+    return GGUFEngine(
+        path, config, files, max_idle_adapters=len(loras), per_sequence_lora=per_sequence
+    )
 
 
 def _ours(
@@ -178,8 +209,9 @@ def _ours(
     loras: list[Path],
     args: argparse.Namespace,
     repack_weights: bool = False,
+    per_sequence: bool = True,
 ) -> dict[str, float]:
-    engine = _engine(path, loras, args, repack_weights)
+    engine = _engine(path, loras, args, repack_weights, per_sequence)
     prompt = engine.encode(PROMPT)
     requests = [
         SequenceRequest(
@@ -193,11 +225,12 @@ def _ours(
     for r in requests:  # adapters load before the clock starts, as in a warm server
         engine.check(r)
     started = time.perf_counter()
-    tokens, switches, plan = 0, 0, StepPlan(prefill=requests)
+    tokens, switches, steps, plan = 0, 0, 0, StepPlan(prefill=requests)
     while plan.prefill or plan.decode:
         events = engine.step(plan)
         tokens += sum(e.token_id is not None for e in events)
         switches += engine.last_step.adapter_switches
+        steps += 1
         plan = StepPlan(decode=engine.running())
     elapsed = time.perf_counter() - started
     engine.close()
@@ -206,6 +239,7 @@ def _ours(
         "seconds": elapsed,
         "tokens_per_s": tokens / elapsed,
         "adapter_switches": switches,
+        "adapter_switches_per_step": switches / steps,
     }
 
 

@@ -34,16 +34,25 @@ def architecture(base: Path) -> str:
     return bytes(field.parts[-1]).decode()
 
 
+ALL_LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
 def write_random_lora(
-    base: Path, out: Path, seed: int, rank: int = 8, alpha: float = 16.0, std: float = 0.05
+    base: Path,
+    out: Path,
+    seed: int,
+    rank: int = 8,
+    alpha: float = 16.0,
+    std: float = 0.05,
+    targets: tuple[str, ...] = TARGETS,
 ) -> Path:
-    """A rank-`rank` LoRA on attn_q/attn_v of every block, with random A and B."""
+    """A rank-`rank` LoRA on the `targets` of every block, with random A and B."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(out, architecture(base))
     writer.add_string("general.type", "adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", alpha)
-    for name, (n_in, n_out) in sorted(base_shapes(base).items()):
+    for name, (n_in, n_out) in sorted(base_shapes(base, targets).items()):
         lora_a = rng.normal(0.0, std, size=(rank, n_in)).astype(np.float32)
         lora_b = rng.normal(0.0, std, size=(n_out, rank)).astype(np.float32)
         writer.add_tensor(f"{name}.lora_a", lora_a)

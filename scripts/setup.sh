@@ -2,8 +2,9 @@
 # Creates .venv with everything loraplex needs, on a machine with or without a GPU.
 #   - torch: the CPU build where no NVIDIA GPU is present (never the multi-GB CUDA wheels),
 #     a CUDA build where one is.
-#   - llama-cpp-python compiles from source (~10 min on 2 cores); the wheel is built once
-#     into $LORAPLEX_WHEEL_CACHE (default ~/.cache/loraplex/wheels) and reused.
+#   - llama-cpp-python compiles from source (~10 min on 2 cores) with loraplex's llama.cpp
+#     patch applied (patches/llama.cpp/: per-sequence LoRA); the wheel is built once into
+#     $LORAPLEX_WHEEL_CACHE (default ~/.cache/loraplex/wheels), keyed by the patch's hash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,17 +37,29 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
   "${PIP[@]}" "${index[@]}" "torch==$TORCH_VERSION"
 fi
 
-mkdir -p "$WHEELS"
-if ! ls "$WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
-  step "building llama-cpp-python $LLAMA_VERSION from source (about 10 minutes, once)"
+PATCH=patches/llama.cpp/per-sequence-lora.patch
+LLAMA_WHEELS="$WHEELS/llama-cpp-python-$LLAMA_VERSION-$(sha256sum "$PATCH" | cut -c1-16)"
+if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
+  step "building llama-cpp-python $LLAMA_VERSION with $PATCH (about 10 minutes, once)"
+  src=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: \
+    "llama-cpp-python==$LLAMA_VERSION" -d "$src"
+  tar xzf "$src"/llama_cpp_python-"$LLAMA_VERSION".tar.gz -C "$src"
+  patch -p1 --quiet -d "$src/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" < "$PATCH"
   cmake_args=${CMAKE_ARGS:-}
   has_gpu && cmake_args="${cmake_args} -DGGML_CUDA=on"
   CMAKE_ARGS="$cmake_args" .venv/bin/python -m pip wheel -q --no-deps \
-    "llama-cpp-python==$LLAMA_VERSION" -w "$WHEELS"
+    "$src/llama_cpp_python-$LLAMA_VERSION" -w "$LLAMA_WHEELS"
+  rm -rf "$src"
+fi
+if ! .venv/bin/python -c 'import llama_cpp.llama_cpp as l; l._lib.llama_lora_pool_init' \
+    >/dev/null 2>&1; then
+  step "installing the patched llama-cpp-python"
+  "${PIP[@]}" --force-reinstall --no-deps "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
 fi
 
 step "installing loraplex and its dependencies"
-"${PIP[@]}" --find-links "$WHEELS" -e ".[gguf,bench,dev]"
+"${PIP[@]}" --find-links "$LLAMA_WHEELS" -e ".[gguf,bench,dev]"
 
 if ! has_gpu && .venv/bin/python -m pip list 2>/dev/null | grep -q '^nvidia-'; then
   echo "warning: CUDA packages were installed on a machine without a GPU" >&2

@@ -24,19 +24,31 @@ def oracle_greedy(
     model: Path, prompt_ids: list[int], lora: Path | None = None, scale: float = 1.0
 ) -> list[int]:
     """Greedy tokens from the high-level Llama with the adapter loaded as its lora_path."""
+    return oracle_greedy_logprobs(model, prompt_ids, lora, scale)[0]
+
+
+def oracle_greedy_logprobs(
+    model: Path, prompt_ids: list[int], lora: Path | None = None, scale: float = 1.0
+) -> tuple[list[int], list[float]]:
+    """Greedy tokens from the high-level Llama with the adapter loaded as its lora_path (the
+    only way that API loads one), and the log-probability of each."""
     llm = plain_llama(
         str(model),
         n_ctx=ORACLE_CTX,
         n_threads=2,
-        logits_all=True,  # llama-cpp-python keeps no scores otherwise
+        logits_all=True,
         lora_path=None if lora is None else str(lora),
         lora_scale=scale,
         verbose=False,
     )
     llm.eval(prompt_ids)
     tokens: list[int] = []
+    logprobs: list[float] = []
     for _ in range(N_TOKENS):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        scores = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        tokens.append(int(np.argmax(scores)))
+        shifted = scores - scores.max()
+        logprobs.append(float(shifted[tokens[-1]] - np.log(np.exp(shifted).sum())))
         llm.eval([tokens[-1]])
     llm.close()
-    return tokens
+    return tokens, logprobs

@@ -15,10 +15,12 @@ import queue
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from loraplex.adapters.errors import AdapterNotFound
+from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
+from loraplex.server.engine import gguf_lora_slots
 from loraplex.server.engine.api import (
     NOT_FINITE_LOGITS,
     AdapterRef,
@@ -28,11 +30,13 @@ from loraplex.server.engine.api import (
     TokenEvent,
 )
 from loraplex.server.engine.gguf_adapters import AdapterFileResolver, GGUFAdapterPool
+from loraplex.server.engine.gguf_lora_slots import LoraSlots, PoolError
 from loraplex.server.engine.gguf_runtime import (
     AdapterSet,
     LlamaRuntime,
     RuntimeConfig,
     TokenSlot,
+    llama_library,
 )
 from loraplex.server.engine.gguf_sampling import TokenSampler
 from loraplex.server.engine.gguf_text import TextStream
@@ -56,7 +60,8 @@ class _Sequence:
     pending: list[int]  # tokens to feed on the next run: the prompt, then each new token
     pos: int = 0  # KV position of pending[0]
     generated: int = 0
-    adapters: AdapterSet = field(default=())
+    adapters: AdapterSet = field(default=())  # the context's set for it (stock llama.cpp path)
+    lora_slot: int = 0  # its per-sequence adapter slot (patched llama.cpp); 0: the base
 
     @property
     def group(self) -> GroupKey:
@@ -81,16 +86,39 @@ class GGUFEngine:
         config: RuntimeConfig | None = None,
         adapter_files: AdapterFileResolver = _no_adapters,
         max_idle_adapters: int = 16,
+        max_lora_rank: int = 64,
+        per_sequence_lora: bool = True,
     ) -> None:
+        """`per_sequence_lora=False` keeps stock llama.cpp's one adapter set per decode call
+        even where the patched library could mix them (benchmarks compare the two)."""
         self._runtime = LlamaRuntime(Path(model_path), config or RuntimeConfig())
         self.max_context = self._runtime.n_ctx_per_seq
         self.adapters = GGUFAdapterPool(
-            self._runtime.model, adapter_files, self._runtime.detach, max_idle_adapters
+            self._runtime.model, adapter_files, self._before_free, max_idle_adapters
         )
+        self.lora_slots = self._slot_table(max_lora_rank) if per_sequence_lora else None
         self._free_slots = list(range(self._runtime.config.n_seq_max))
         self._sequences: dict[str, _Sequence] = {}
         self._to_retire: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.last_step = StepStats()
+
+    def _slot_table(self, max_lora_rank: int) -> LoraSlots | None:
+        """Per-sequence adapters when llama.cpp has the patch; else one decode per adapter."""
+        api = gguf_lora_slots.bind(llama_library())
+        if api is None:
+            log.warning(
+                "this llama.cpp build lacks per-sequence LoRA (a stock llama-cpp-python): "
+                "each step runs one decode call per adapter; scripts/setup.sh builds the "
+                "patched one"
+            )
+            return None
+        slots = self._runtime.config.n_seq_max + 1  # one per running sequence, and the base
+        return LoraSlots(api, self._runtime.ctx, slots, max_lora_rank)
+
+    def _before_free(self, handle: Any) -> None:
+        self._runtime.detach(handle)
+        if self.lora_slots is not None:
+            self.lora_slots.forget(handle)
 
     # ---- Engine -------------------------------------------------------------------------
 
@@ -122,6 +150,9 @@ class GGUFEngine:
             return
         self._runtime.forget(seq.slot)
         self._free_slots.append(seq.slot)
+        if self.lora_slots is not None and seq.lora_slot:
+            self.lora_slots.assign(seq.slot, 0, 0.0)
+            self.lora_slots.release(seq.lora_slot)
         if seq.request.adapter is not None:
             self.adapters.release(seq.request.adapter)
 
@@ -139,6 +170,8 @@ class GGUFEngine:
         started = [self._start(request) for request in plan.prefill]
         runnable = started + [self._running(seq_id) for seq_id in plan.decode]
         self.last_step = StepStats()
+        if self.lora_slots is not None:
+            return self._run_per_sequence(runnable)
         events: list[TokenEvent] = []
         for group in self._ordered_groups(runnable):
             events.extend(self._run_group(group))
@@ -184,10 +217,18 @@ class GGUFEngine:
             text=TextStream(request.sampling.stop),
             pending=list(request.prompt_ids),
         )
-        if request.adapter is not None:
-            handle = self.adapters.acquire(request.adapter)
-            seq.adapters = ((handle, request.adapter.scale),)
         self._sequences[request.seq_id] = seq
+        ref = request.adapter
+        if ref is None:
+            return seq
+        handle = self.adapters.acquire(ref)
+        seq.adapters = ((handle, ref.scale),)
+        if self.lora_slots is not None:
+            try:
+                seq.lora_slot = self.lora_slots.hold((ref.adapter_id, ref.version), handle)
+            except PoolError as err:
+                self.release(seq.seq_id)
+                raise InvalidAdapter(ref.adapter_id, f"it fits no adapter slot: {err}") from None
         return seq
 
     def _running(self, seq_id: str) -> _Sequence:
@@ -195,6 +236,34 @@ class GGUFEngine:
         if seq is None:
             raise InvalidRequest("decode", f"sequence {seq_id!r} is not running")
         return seq
+
+    def _run_per_sequence(self, runnable: list[_Sequence]) -> list[TokenEvent]:
+        """Each prompt alone on llama.cpp's own adapter path, then every sequence's next token
+        in one decode call, each through its own adapter slot.
+
+        Prompts take the stock path because llama.cpp multiplies a prompt's rows by an
+        adapter with another kernel (llamafile's sgemm) than the slots' ggml_mul_mat_id, and
+        the difference grows large enough to change tokens; single tokens agree exactly."""
+        assert self.lora_slots is not None
+        prompts = [seq for seq in runnable if len(seq.pending) > 1]
+        decodes = [seq for seq in runnable if len(seq.pending) == 1]
+        events = []
+        for seq in prompts:
+            rows = self._decode_batch([seq], seq.adapters)
+            ref = seq.request.adapter
+            if ref is not None:  # from its first new token on, through its slot
+                self.lora_slots.assign(seq.slot, seq.lora_slot, ref.scale)
+            events.append(self._advance(seq, rows[0]))
+        if decodes:
+            rows = self._decode_batch(decodes, ())
+            events += [self._advance(seq, row) for seq, row in zip(decodes, rows, strict=True)]
+        return events
+
+    def _decode_batch(self, batch: list[_Sequence], adapters: AdapterSet) -> list[np.ndarray]:
+        if self._runtime.set_adapters(adapters):
+            self.last_step.adapter_switches += 1
+        self.last_step.decode_calls += 1
+        return self._runtime.decode([slot for seq in batch for slot in self._slots(seq)])
 
     def _ordered_groups(self, runnable: Iterable[_Sequence]) -> list[list[_Sequence]]:
         """Sequences grouped by adapter set; the set already on the context goes first."""
@@ -209,14 +278,11 @@ class GGUFEngine:
 
         Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
         shaped by its batch mates, which moves the logits more than batching single tokens."""
-        if self._runtime.set_adapters(group[0].adapters):
-            self.last_step.adapter_switches += 1
         prefills = [[seq] for seq in group if len(seq.pending) > 1]
         decodes = [seq for seq in group if len(seq.pending) == 1]
         events = []
         for batch in [*prefills, decodes] if decodes else prefills:
-            rows = self._runtime.decode([slot for seq in batch for slot in self._slots(seq)])
-            self.last_step.decode_calls += 1
+            rows = self._decode_batch(batch, group[0].adapters)
             events += [self._advance(seq, row) for seq, row in zip(batch, rows, strict=True)]
         return events
 

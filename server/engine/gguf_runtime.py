@@ -81,6 +81,11 @@ def quiet_llama_logs() -> None:
     llama.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
 
 
+def llama_library() -> Any:
+    """The loaded llama.cpp shared library, for functions llama-cpp-python does not bind."""
+    return llama._lib
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 

@@ -114,7 +114,7 @@ def build_gguf_backend(
     stat = model_path.stat()
     identity = model_sha256 or f"{model_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     files = PreparedAdapterFiles(model_path, identity, cache_dir)
-    engine = GGUFEngine(model_path, runtime, adapter_files=files)
+    engine = GGUFEngine(model_path, runtime, adapter_files=files, max_lora_rank=adapters.max_rank)
     base, modules_by_tensor = gguf_base_spec(model_path, adapters.max_rank)
     store = AdapterStore(
         adapters.roots,
