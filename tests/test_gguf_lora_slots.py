@@ -55,7 +55,7 @@ def test_no_pool_until_the_first_adapter() -> None:
 
 
 def test_one_slot_per_adapter_version_shared_by_its_sequences() -> None:
-    slots, pool = table()
+    slots, _ = table()
     first = slots.hold("a", ("a", 8))
     assert slots.hold("a", ("a", 8)) == first
     assert slots.hold("b", ("b", 8)) != first
