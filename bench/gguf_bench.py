@@ -57,7 +57,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         targets = ALL_LINEAR if args.lora_targets == "all-linear" else TARGETS
         loras = [
             write_random_lora(
-                base.path, Path(scratch) / f"l{i}.gguf", i, args.lora_rank, targets=targets
+                base.path,
+                Path(scratch) / f"l{i}.gguf",
+                i,
+                args.lora_rank,
+                std=args.lora_std,
+                targets=targets,
             )
             for i in range(STREAMS)
         ]
@@ -81,6 +86,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lora-rank", type=int, default=16)
+    parser.add_argument(
+        "--lora-std",
+        type=float,
+        default=0.02,
+        help="the random adapters' weight spread; larger ones turn the text to noise, and "
+        "streams that stop early at EOS would make the cases run unequal work",
+    )
     parser.add_argument(
         "--lora-targets",
         choices=["all-linear", "q-v"],
