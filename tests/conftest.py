@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from peft_adapters import ADAPTER_CONFIGS, save_adapter
-from tiny import save_tiny_checkpoint
+import torch
+from peft_adapters import ADAPTER_CONFIGS, linear_spec, save_adapter
+from tiny import build_model, build_tokenizer, save_tiny_checkpoint
 from transformers import AutoModelForCausalLM
 
+from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server import models
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.models import ModelSource
@@ -27,6 +29,18 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(params=TINY_FAMILIES)
 def tiny_checkpoint(request: pytest.FixtureRequest, tiny_checkpoints: dict[str, Path]) -> Path:
     return tiny_checkpoints[request.param]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> torch.nn.Module:
+    """A tiny random Llama built in memory, for tests that write adapters for it."""
+    return build_model("llama", build_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_spec(tiny_llama: torch.nn.Module) -> BaseSpec:
+    """What an adapter store validates tiny_llama's adapters against."""
+    return linear_spec(tiny_llama)
 
 
 @pytest.fixture

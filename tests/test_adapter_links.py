@@ -14,8 +14,7 @@ import grpc
 import pytest
 import torch
 from peft import LoraConfig
-from peft_adapters import linear_spec, save_adapter
-from tiny import build_model, build_tokenizer
+from peft_adapters import save_adapter
 
 from loraplex.adapters.errors import InvalidAdapter
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, read_adapter
@@ -25,19 +24,9 @@ from loraplex.server.status import status_for
 
 
 @pytest.fixture(scope="module")
-def tiny_base() -> torch.nn.Module:
-    return build_model("llama", build_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_base: torch.nn.Module) -> BaseSpec:
-    return linear_spec(tiny_base)
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def adapter(tiny_llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("adapter") / "lora"
-    return save_adapter(tiny_base, LoraConfig(r=4, target_modules=["q_proj"]), out, seed=0)
+    return save_adapter(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]), out, seed=0)
 
 
 @dataclass
@@ -48,12 +37,12 @@ class Tree:
     other_root: Path
     outside: Path
 
-    def store(self, spec: BaseSpec, reads: list[Path]) -> AdapterStore:
+    def store(self, tiny_llama_spec: BaseSpec, reads: list[Path]) -> AdapterStore:
         def spying_read(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
             reads.append(path)
             return read_adapter(adapter_id, path, base)
 
-        return AdapterStore([self.root, self.other_root], base=spec, read=spying_read)
+        return AdapterStore([self.root, self.other_root], base=tiny_llama_spec, read=spying_read)
 
 
 @pytest.fixture
@@ -76,10 +65,10 @@ def listed(store: AdapterStore) -> dict[str, tuple[str, int]]:
     return {a.adapter_id: (a.peft_type, a.rank) for a in store.list()}
 
 
-def test_a_folder_linking_outside_is_refused_unread(tree: Tree, spec: BaseSpec) -> None:
+def test_a_folder_linking_outside_is_refused_unread(tree: Tree, tiny_llama_spec: BaseSpec) -> None:
     os.symlink(tree.outside / "real", tree.root / "x")
     reads: list[Path] = []
-    store = tree.store(spec, reads)
+    store = tree.store(tiny_llama_spec, reads)
     refused_everywhere(store, "x", "the adapter folder links outside its adapter root")
     assert reads == [] and listed(store).get("x", ("", 0)) == ("", 0)
 
@@ -89,7 +78,7 @@ LINKED_FILES = [(CONFIG_FILE,), (WEIGHTS_FILE,), (CONFIG_FILE, WEIGHTS_FILE)]
 
 @pytest.mark.parametrize("linked", LINKED_FILES, ids="+".join)
 def test_files_linking_outside_are_refused_unread(
-    tree: Tree, spec: BaseSpec, linked: tuple[str, ...]
+    tree: Tree, tiny_llama_spec: BaseSpec, linked: tuple[str, ...]
 ) -> None:
     """A real folder inside the root whose files are links: the old store read them."""
     for name, target in (("x", tree.outside), ("y", tree.other_root), ("inside", tree.root)):
@@ -101,7 +90,7 @@ def test_files_linking_outside_are_refused_unread(
             else:
                 shutil.copy(tree.root / "real" / file, folder / file)
     reads: list[Path] = []
-    store = tree.store(spec, reads)
+    store = tree.store(tiny_llama_spec, reads)
     for adapter_id in ("x", "y"):  # outside any root, and in another root
         refused_everywhere(store, adapter_id, f"{linked[0]} links outside its adapter root")
         assert listed(store)[adapter_id] == ("", 0)  # listing shows it, reads nothing
@@ -110,31 +99,33 @@ def test_files_linking_outside_are_refused_unread(
     assert reads == [(tree.root / "inside").resolve()]
 
 
-def test_a_dangling_file_link_outside_is_refused_not_missing(tree: Tree, spec: BaseSpec) -> None:
+def test_a_dangling_file_link_outside_is_refused_not_missing(
+    tree: Tree, tiny_llama_spec: BaseSpec
+) -> None:
     """Was NOT_FOUND: the config link's target did not exist, so no adapter seemed to be there."""
     (tree.root / "x").mkdir()
     shutil.copy(tree.root / "real" / WEIGHTS_FILE, tree.root / "x" / WEIGHTS_FILE)
     os.symlink(tree.outside / "gone" / CONFIG_FILE, tree.root / "x" / CONFIG_FILE)
-    refused_everywhere(tree.store(spec, []), "x", f"{CONFIG_FILE} links outside")
+    refused_everywhere(tree.store(tiny_llama_spec, []), "x", f"{CONFIG_FILE} links outside")
 
 
 def test_a_parent_folder_linking_outside_is_neither_listed_nor_loaded(
-    tree: Tree, spec: BaseSpec
+    tree: Tree, tiny_llama_spec: BaseSpec
 ) -> None:
     """Listing must not walk outside the root: it would reveal (and stat) what lies there."""
     os.symlink(tree.outside, tree.root / "team")
     reads: list[Path] = []
-    store = tree.store(spec, reads)
+    store = tree.store(tiny_llama_spec, reads)
     assert set(listed(store)) == {"real"}
     refused_everywhere(store, "team/real", "the adapter folder links outside its adapter root")
     assert reads == []
 
 
-def test_a_link_to_another_roots_adapter_is_refused(tree: Tree, spec: BaseSpec) -> None:
+def test_a_link_to_another_roots_adapter_is_refused(tree: Tree, tiny_llama_spec: BaseSpec) -> None:
     os.symlink(tree.other_root / "real", tree.root / "x")
     os.symlink(tree.root / "real", tree.root / "same-root")
     reads: list[Path] = []
-    store = tree.store(spec, reads)
+    store = tree.store(tiny_llama_spec, reads)
     refused_everywhere(store, "x", "the adapter folder links outside its adapter root")
     assert reads == []
     assert store.load("same-root").path == str((tree.root / "real").resolve())
@@ -153,9 +144,9 @@ LOOPS: dict[str, Callable[[Path], None]] = {"folder": folder_loop, "file": file_
 
 
 @pytest.mark.parametrize("where", LOOPS)
-def test_link_loops_are_invalid_adapters(tree: Tree, spec: BaseSpec, where: str) -> None:
+def test_link_loops_are_invalid_adapters(tree: Tree, tiny_llama_spec: BaseSpec, where: str) -> None:
     """Was an untyped RuntimeError (INTERNAL) for a looping folder."""
     LOOPS[where](tree.root)
-    store = tree.store(spec, [])
+    store = tree.store(tiny_llama_spec, [])
     refused_everywhere(store, "x", "cannot be resolved")
     assert set(listed(store)) <= {"real", "x"}

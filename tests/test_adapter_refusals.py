@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, VeraConfig
-from peft_adapters import linear_spec, save_adapter
+from peft_adapters import save_adapter
 from safetensors.torch import load_file, save_file
-from tiny import build_model, build_tokenizer
 
 from loraplex.adapters.errors import InvalidAdapter
 from loraplex.adapters.peft_config import INERT_FIELDS, MATH_FIELDS, READ_FIELDS
@@ -23,20 +22,10 @@ from loraplex.adapters.weights import MAX_DELTA_GAIN, LoraWeights, delta_gain
 
 
 @pytest.fixture(scope="module")
-def model() -> torch.nn.Module:
-    return build_model("llama", build_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def base(model: torch.nn.Module) -> BaseSpec:
-    return linear_spec(model)
-
-
-@pytest.fixture(scope="module")
-def saved(model: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def saved(tiny_llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("refusals")
-    save_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "lora", 1)
-    save_adapter(model, VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), root / "vera", 2)
+    save_adapter(tiny_llama, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), root / "lora", 1)
+    save_adapter(tiny_llama, VeraConfig(r=8, target_modules=["q_proj", "v_proj"]), root / "vera", 2)
     return root
 
 
@@ -69,9 +58,9 @@ def test_every_field_peft_writes_is_read_known_inert_or_refused_when_set() -> No
         assert fields <= known, sorted(fields - known)
 
 
-def test_a_config_saved_by_peft_with_defaults_loads(saved: Path, base: BaseSpec) -> None:
-    assert isinstance(read_adapter("plain", saved / "lora", base), LoraWeights)
-    read_adapter("plain-vera", saved / "vera", base)
+def test_a_config_saved_by_peft_with_defaults_loads(saved: Path, tiny_llama_spec: BaseSpec) -> None:
+    assert isinstance(read_adapter("plain", saved / "lora", tiny_llama_spec), LoraWeights)
+    read_adapter("plain-vera", saved / "vera", tiny_llama_spec)
 
 
 @pytest.mark.parametrize(
@@ -89,44 +78,44 @@ def test_a_config_saved_by_peft_with_defaults_loads(saved: Path, base: BaseSpec)
     ],
 )
 def test_fields_that_change_the_math_are_refused_naming_the_field(
-    saved: Path, base: BaseSpec, tmp_path: Path, field: str, value: Any
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path, field: str, value: Any
 ) -> None:
     if value == {}:
         value = {"enabled": True}
     case = copy_of(saved, "lora", tmp_path)
     edit_config(case, **{field: value})
     with pytest.raises(InvalidAdapter, match=field):
-        read_adapter("variant", case, base)
+        read_adapter("variant", case, tiny_llama_spec)
 
 
 @pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
 def test_initializations_that_rewrote_the_base_are_refused(
-    saved: Path, base: BaseSpec, tmp_path: Path, init: str
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path, init: str
 ) -> None:
     case = copy_of(saved, "lora", tmp_path)
     edit_config(case, init_lora_weights=init)
     with pytest.raises(InvalidAdapter, match=r"init_lora_weights.*convert"):
-        read_adapter("pissa", case, base)
+        read_adapter("pissa", case, tiny_llama_spec)
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal", "mica"])
 def test_initializations_that_leave_the_base_alone_load(
-    saved: Path, base: BaseSpec, tmp_path: Path, init: object
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path, init: object
 ) -> None:
     case = copy_of(saved, "lora", tmp_path)
     edit_config(case, init_lora_weights=init)
-    read_adapter("init", case, base)
+    read_adapter("init", case, tiny_llama_spec)
 
 
 def test_an_unknown_field_is_refused_when_set_and_ignored_when_unset(
-    saved: Path, base: BaseSpec, tmp_path: Path
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path
 ) -> None:
     case = copy_of(saved, "lora", tmp_path)
     edit_config(case, use_future_variant=None, future_config={}, future_flag=False)
-    read_adapter("future-defaults", case, base)
+    read_adapter("future-defaults", case, tiny_llama_spec)
     edit_config(case, use_future_variant=True)
     with pytest.raises(InvalidAdapter, match="unknown config field 'use_future_variant'"):
-        read_adapter("future", case, base)
+        read_adapter("future", case, tiny_llama_spec)
 
 
 # ---- tensors ------------------------------------------------------------------------------
@@ -134,30 +123,32 @@ def test_an_unknown_field_is_refused_when_set_and_ignored_when_unset(
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
 def test_unsupported_dtypes_are_refused_naming_the_dtype(
-    saved: Path, base: BaseSpec, tmp_path: Path, dtype: torch.dtype
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path, dtype: torch.dtype
 ) -> None:
     case = copy_of(saved, "lora", tmp_path)
     edit_tensors(case, lambda name, t: t.to(dtype) if "lora_B" in name else t)
     safetensors_name = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
     with pytest.raises(InvalidAdapter, match=safetensors_name.get(dtype, "I8")):
-        read_adapter("fp8", case, base)
+        read_adapter("fp8", case, tiny_llama_spec)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_float_dtypes_load(saved: Path, base: BaseSpec, tmp_path: Path, dtype: torch.dtype) -> None:
+def test_float_dtypes_load(
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path, dtype: torch.dtype
+) -> None:
     case = copy_of(saved, "lora", tmp_path)
     edit_tensors(case, lambda name, t: t.to(dtype))
-    read_adapter("half", case, base)
+    read_adapter("half", case, tiny_llama_spec)
 
 
 @pytest.mark.parametrize("target", ["embed_tokens", "lm_head"])
 def test_embedding_and_head_targets_are_refused_as_targets(
-    model: torch.nn.Module, base: BaseSpec, tmp_path: Path, target: str
+    tiny_llama: torch.nn.Module, tiny_llama_spec: BaseSpec, tmp_path: Path, target: str
 ) -> None:
     config = LoraConfig(r=4, target_modules=["q_proj", target])
-    save_adapter(model, config, tmp_path / target, seed=3)
+    save_adapter(tiny_llama, config, tmp_path / target, seed=3)
     with pytest.raises(InvalidAdapter, match=rf"adapts {target}.*not supported") as refused:
-        read_adapter("embed", tmp_path / target, base)
+        read_adapter("embed", tmp_path / target, tiny_llama_spec)
     assert "limit" not in str(refused.value)
 
 
@@ -178,21 +169,21 @@ def scaled_by(factor: float) -> Any:
     ],
 )
 def test_adapters_whose_delta_would_overflow_are_refused(
-    saved: Path, base: BaseSpec, tmp_path: Path, kind: str, tensors: Any, config: dict
+    saved: Path, tiny_llama_spec: BaseSpec, tmp_path: Path, kind: str, tensors: Any, config: dict
 ) -> None:
     case = copy_of(saved, kind, tmp_path)
     if tensors is not None:
         edit_tensors(case, tensors)
     edit_config(case, **config)
     with pytest.raises(InvalidAdapter, match="overflow") as refused:
-        read_adapter("huge", case, base)
+        read_adapter("huge", case, tiny_llama_spec)
     assert "proj" in str(refused.value)  # names the module
 
 
-def test_the_gain_bound_holds_for_real_inputs(saved: Path, base: BaseSpec) -> None:
+def test_the_gain_bound_holds_for_real_inputs(saved: Path, tiny_llama_spec: BaseSpec) -> None:
     """The bound is an upper bound of |ΔW x|∞ / |x|∞, and well under the limit for a
     trained-sized adapter."""
-    weights = read_adapter("plain", saved / "lora", base)
+    weights = read_adapter("plain", saved / "lora", tiny_llama_spec)
     _, gain = delta_gain(weights)
     assert gain < MAX_DELTA_GAIN / 1e12
     for module in weights.modules.values():

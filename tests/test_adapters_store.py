@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
-from peft_adapters import linear_spec, save_adapter
+from peft_adapters import save_adapter
 from tiny import build_model, build_tokenizer
 
 from loraplex.adapters.errors import (
@@ -30,26 +30,16 @@ from loraplex.server.cpu_turns import CpuTurns
 
 
 @pytest.fixture(scope="module")
-def tiny_base() -> torch.nn.Module:
-    return build_model("llama", build_tokenizer())
-
-
-@pytest.fixture(scope="module")
-def spec(tiny_base: torch.nn.Module) -> BaseSpec:
-    return linear_spec(tiny_base)
-
-
-@pytest.fixture(scope="module")
-def root(tiny_base: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def root(tiny_llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("root")
     for i in range(4):
-        save_adapter(tiny_base, LoraConfig(r=4, target_modules=["q_proj"]), root / f"a{i}", seed=i)
-    save_adapter(tiny_base, LoraConfig(r=32, target_modules=["q_proj"]), root / "too-big", seed=9)
+        save_adapter(tiny_llama, LoraConfig(r=4, target_modules=["q_proj"]), root / f"a{i}", seed=i)
+    save_adapter(tiny_llama, LoraConfig(r=32, target_modules=["q_proj"]), root / "too-big", seed=9)
     return root
 
 
-def store_over(root: Path, spec: BaseSpec, **limits: int) -> AdapterStore:
-    return AdapterStore([root], base=spec, **limits)
+def store_over(root: Path, tiny_llama_spec: BaseSpec, **limits: int) -> AdapterStore:
+    return AdapterStore([root], base=tiny_llama_spec, **limits)
 
 
 def copy_adapter(src: Path, dst: Path) -> Path:
@@ -62,47 +52,55 @@ def copy_adapter(src: Path, dst: Path) -> Path:
 @pytest.mark.parametrize(
     "bad_id", ["../a0", "/etc", "a0/../../x", "", "a\\b", "./a0", ".a0", "x/.git"]
 )
-def test_ids_that_escape_the_root_are_refused(root: Path, spec: BaseSpec, bad_id: str) -> None:
+def test_ids_that_escape_the_root_are_refused(
+    root: Path, tiny_llama_spec: BaseSpec, bad_id: str
+) -> None:
     with pytest.raises(InvalidAdapter) as err:
-        store_over(root, spec).load(bad_id)
+        store_over(root, tiny_llama_spec).load(bad_id)
     assert err.value.adapter_id == bad_id
 
 
-def test_symlink_leading_outside_is_refused(root: Path, spec: BaseSpec, tmp_path: Path) -> None:
+def test_symlink_leading_outside_is_refused(
+    root: Path, tiny_llama_spec: BaseSpec, tmp_path: Path
+) -> None:
     outside = copy_adapter(root / "a0", tmp_path / "outside")
     inner = tmp_path / "root"
     inner.mkdir()
     os.symlink(outside, inner / "sneaky")
     with pytest.raises(InvalidAdapter, match="outside"):
-        store_over(inner, spec).load("sneaky")
+        store_over(inner, tiny_llama_spec).load("sneaky")
 
 
-def test_unknown_id_is_not_found(root: Path, spec: BaseSpec) -> None:
+def test_unknown_id_is_not_found(root: Path, tiny_llama_spec: BaseSpec) -> None:
     with pytest.raises(AdapterNotFound):
-        store_over(root, spec).acquire("nope")
+        store_over(root, tiny_llama_spec).acquire("nope")
 
 
-def test_pickle_only_adapter_is_refused(root: Path, spec: BaseSpec, tmp_path: Path) -> None:
+def test_pickle_only_adapter_is_refused(
+    root: Path, tiny_llama_spec: BaseSpec, tmp_path: Path
+) -> None:
     bad = copy_adapter(root / "a0", tmp_path / "pickled")
     (bad / "adapter_model.safetensors").rename(bad / "adapter_model.bin")
     with pytest.raises(InvalidAdapter, match="pickled weights are never loaded"):
-        read_adapter("pickled", bad, spec)
+        read_adapter("pickled", bad, tiny_llama_spec)
 
 
-def test_corrupt_and_missing_files_are_refused(root: Path, spec: BaseSpec, tmp_path: Path) -> None:
+def test_corrupt_and_missing_files_are_refused(
+    root: Path, tiny_llama_spec: BaseSpec, tmp_path: Path
+) -> None:
     bad = copy_adapter(root / "a0", tmp_path / "corrupt")
     data = (bad / "adapter_model.safetensors").read_bytes()
     (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(InvalidAdapter, match="corrupt"):
-        read_adapter("corrupt", bad, spec)
+        read_adapter("corrupt", bad, tiny_llama_spec)
     (bad / "adapter_config.json").unlink()
     with pytest.raises(InvalidAdapter, match=r"adapter_config\.json is missing"):
-        read_adapter("corrupt", bad, spec)
+        read_adapter("corrupt", bad, tiny_llama_spec)
 
 
-def test_rank_over_limit_is_refused(root: Path, spec: BaseSpec) -> None:
+def test_rank_over_limit_is_refused(root: Path, tiny_llama_spec: BaseSpec) -> None:
     with pytest.raises(InvalidAdapter, match="over the limit") as err:
-        store_over(root, spec).load("too-big")
+        store_over(root, tiny_llama_spec).load("too-big")
     assert err.value.adapter_id == "too-big"
 
 
@@ -123,7 +121,7 @@ def test_wrong_architecture_and_type_are_refused(root: Path, tmp_path: Path) -> 
     del other
 
 
-def test_vera_projection_regenerated_like_peft(tiny_base: torch.nn.Module) -> None:
+def test_vera_projection_regenerated_like_peft(tiny_llama: torch.nn.Module) -> None:
     model = get_peft_model(
         build_model("llama", build_tokenizer()),
         VeraConfig(r=8, target_modules=["q_proj", "down_proj"], projection_prng_key=7),
@@ -134,8 +132,8 @@ def test_vera_projection_regenerated_like_peft(tiny_base: torch.nn.Module) -> No
     assert torch.equal(mine.a, peft_a) and torch.equal(mine.b, peft_b)
 
 
-def test_lru_eviction_skips_pinned_and_in_use(root: Path, spec: BaseSpec) -> None:
-    store = store_over(root, spec, max_resident=2, residency_wait_s=0)
+def test_lru_eviction_skips_pinned_and_in_use(root: Path, tiny_llama_spec: BaseSpec) -> None:
+    store = store_over(root, tiny_llama_spec, max_resident=2, residency_wait_s=0)
     store.pin("a0")
     held = store.acquire("a1")
     with pytest.raises(AdapterCapacityExceeded):
@@ -149,8 +147,10 @@ def test_lru_eviction_skips_pinned_and_in_use(root: Path, spec: BaseSpec) -> Non
     assert {i.adapter_id for i in store.list() if i.resident} == {"a2", "a3"}
 
 
-def test_a_full_store_makes_acquire_wait_for_a_release(root: Path, spec: BaseSpec) -> None:
-    store = AdapterStore([root], base=spec, max_resident=1, residency_wait_s=30)
+def test_a_full_store_makes_acquire_wait_for_a_release(
+    root: Path, tiny_llama_spec: BaseSpec
+) -> None:
+    store = AdapterStore([root], base=tiny_llama_spec, max_resident=1, residency_wait_s=30)
     held = store.acquire("a0")
     got: list[AdapterRef] = []
     waiter = threading.Thread(target=lambda: got.append(store.acquire("a1")))
@@ -163,8 +163,8 @@ def test_a_full_store_makes_acquire_wait_for_a_release(root: Path, spec: BaseSpe
     assert [i.adapter_id for i in store.list() if i.resident] == ["a1"]
 
 
-def test_waiting_for_room_has_limits(root: Path, spec: BaseSpec) -> None:
-    store = AdapterStore([root], base=spec, max_resident=1, residency_wait_s=0.3)
+def test_waiting_for_room_has_limits(root: Path, tiny_llama_spec: BaseSpec) -> None:
+    store = AdapterStore([root], base=tiny_llama_spec, max_resident=1, residency_wait_s=0.3)
     held = store.acquire("a0")
     with pytest.raises(AdapterCapacityExceeded, match="in use"):
         store.acquire("a1")  # after 0.3 s
@@ -177,17 +177,19 @@ def test_waiting_for_room_has_limits(root: Path, spec: BaseSpec) -> None:
         store.acquire("a1")  # nothing in use to wait for: refused at once
 
 
-def test_byte_limit_evicts(root: Path, spec: BaseSpec) -> None:
-    one = store_over(root, spec).load("a0").nbytes
-    store = store_over(root, spec, max_resident_bytes=one * 2)
+def test_byte_limit_evicts(root: Path, tiny_llama_spec: BaseSpec) -> None:
+    one = store_over(root, tiny_llama_spec).load("a0").nbytes
+    store = store_over(root, tiny_llama_spec, max_resident_bytes=one * 2)
     for name in ("a0", "a1", "a2"):
         store.load(name)
     assert store.resident_bytes() <= one * 2
 
 
-def test_newer_version_keeps_the_held_one(root: Path, spec: BaseSpec, tmp_path: Path) -> None:
+def test_newer_version_keeps_the_held_one(
+    root: Path, tiny_llama_spec: BaseSpec, tmp_path: Path
+) -> None:
     copy_adapter(root / "a0", tmp_path / "x")
-    store = store_over(tmp_path, spec, max_resident=1)
+    store = store_over(tmp_path, tiny_llama_spec, max_resident=1)
     ref = store.acquire("x")
     old = store.get(ref)
     copy_adapter(root / "a1", tmp_path / "new")
@@ -204,14 +206,14 @@ def test_newer_version_keeps_the_held_one(root: Path, spec: BaseSpec, tmp_path: 
         store.get(ref)
 
 
-def test_unload_times_out_while_in_use(root: Path, spec: BaseSpec) -> None:
-    store = store_over(root, spec)
+def test_unload_times_out_while_in_use(root: Path, tiny_llama_spec: BaseSpec) -> None:
+    store = store_over(root, tiny_llama_spec)
     store.acquire("a0")
     with pytest.raises(AdapterInUse):
         store.unload("a0", wait=True, timeout=0.05)
 
 
-def test_reading_an_adapter_runs_as_side_work(root: Path, spec: BaseSpec) -> None:
+def test_reading_an_adapter_runs_as_side_work(root: Path, tiny_llama_spec: BaseSpec) -> None:
     """Lazy and explicit loads read inside `side_work`, where the server takes turns with
     the engine's steps (loraplex.server.cpu_turns)."""
     inside: list[bool] = []
@@ -230,17 +232,19 @@ def test_reading_an_adapter_runs_as_side_work(root: Path, spec: BaseSpec) -> Non
         inside.append(active)
         return read_adapter(adapter_id, path, base)
 
-    store = AdapterStore([root], base=spec, read=read, side_work=side_work)
+    store = AdapterStore([root], base=tiny_llama_spec, read=read, side_work=side_work)
     store.acquire("a0")
     store.load("a1")
     assert inside == [True, True]
 
 
-def test_loads_that_wait_for_a_step_all_run_before_the_next(root: Path, spec: BaseSpec) -> None:
+def test_loads_that_wait_for_a_step_all_run_before_the_next(
+    root: Path, tiny_llama_spec: BaseSpec
+) -> None:
     """Lazy loads queued behind a step share the turn after it: a burst of cold adapters
     costs one pause, not one step each."""
     turns = CpuTurns()
-    store = AdapterStore([root], base=spec, side_work=turns.side_work)
+    store = AdapterStore([root], base=tiny_llama_spec, side_work=turns.side_work)
     names = ["a0", "a1", "a2"]
     with turns.step():
         threads = [threading.Thread(target=store.acquire, args=(n,)) for n in names]
