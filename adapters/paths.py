@@ -16,6 +16,7 @@ MARKERS = (CONFIG_FILE, GGUF_LORA_FILE)  # a PEFT adapter directory, or a ready 
 READ_FILES = (CONFIG_FILE, WEIGHTS_FILE, GGUF_LORA_FILE)  # every file the readers open
 # Another root is outside too: the roots are separate trees, and an id names one of them.
 STAY_INSIDE = "links must stay inside the root that holds them"
+LINK_ERRORS = (OSError, RuntimeError)  # RuntimeError: a link loop, before Python 3.13
 
 
 def check_adapter_id(adapter_id: str) -> PurePosixPath:
@@ -66,7 +67,7 @@ def _real_path(adapter_id: str, path: Path, what: str) -> Path:
     """`path` with every link followed; a loop is the adapter's fault, not the server's."""
     try:
         return path.resolve()
-    except (OSError, RuntimeError) as err:  # RuntimeError: a link loop, before Python 3.13
+    except LINK_ERRORS as err:
         raise InvalidAdapter(adapter_id, f"{what} cannot be resolved: {err}") from None
 
 
@@ -120,5 +121,5 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
 def _stays_inside(path: Path, real_root: Path) -> bool:
     try:
         return path.resolve().is_relative_to(real_root)
-    except (OSError, RuntimeError):
+    except LINK_ERRORS:
         return False

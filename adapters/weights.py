@@ -111,8 +111,8 @@ def tensors_nbytes(weights: AdapterWeights) -> int:
 
 
 def _inf_norm(matrix: torch.Tensor) -> float:
-    """The largest row sum of absolute values, in float64 so the check cannot overflow."""
-    return float(matrix.double().abs().sum(-1).max())
+    """The largest row sum of absolute values, summed in float64 so the check cannot overflow."""
+    return float(matrix.abs().sum(-1, dtype=torch.float64).max())
 
 
 def delta_gain(weights: AdapterWeights) -> tuple[str, float]:

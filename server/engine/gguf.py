@@ -170,11 +170,11 @@ class GGUFEngine:
         started = [self._start(request) for request in plan.prefill]
         runnable = started + [self._running(seq_id) for seq_id in plan.decode]
         self.last_step = StepStats()
-        if self.lora_slots is not None:
-            return self._run_per_sequence(runnable)
+        if self.lora_slots is not None:  # every token brings its own adapter
+            return self._run(runnable, ())
         events: list[TokenEvent] = []
         for group in self._ordered_groups(runnable):
-            events.extend(self._run_group(group))
+            events.extend(self._run(group, group[0].adapters))
         return events
 
     # ---- admission checks ---------------------------------------------------------------
@@ -237,25 +237,27 @@ class GGUFEngine:
             raise InvalidRequest("decode", f"sequence {seq_id!r} is not running")
         return seq
 
-    def _run_per_sequence(self, runnable: list[_Sequence]) -> list[TokenEvent]:
-        """Each prompt alone on llama.cpp's own adapter path, then every sequence's next token
-        in one decode call, each through its own adapter slot.
+    def _run(self, seqs: list[_Sequence], decode_adapters: AdapterSet) -> list[TokenEvent]:
+        """Each prompt alone with its own adapter set, then every sequence's single new token
+        in one decode call with `decode_adapters`.
 
-        Prompts take the stock path because llama.cpp multiplies a prompt's rows by an
-        adapter with another kernel (llamafile's sgemm) than the slots' ggml_mul_mat_id, and
-        the difference grows large enough to change tokens; single tokens agree exactly."""
-        assert self.lora_slots is not None
-        prompts = [seq for seq in runnable if len(seq.pending) > 1]
-        decodes = [seq for seq in runnable if len(seq.pending) == 1]
+        Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
+        shaped by its batch mates, which moves the logits more than batching single tokens.
+        With per-sequence slots they also take llama.cpp's own adapter path: it multiplies a
+        prompt's rows by an adapter with another kernel (llamafile's sgemm) than the slots'
+        ggml_mul_mat_id, and the difference grows large enough to change tokens; single
+        tokens agree exactly."""
+        prompts = [seq for seq in seqs if len(seq.pending) > 1]
+        decodes = [seq for seq in seqs if len(seq.pending) == 1]
         events = []
         for seq in prompts:
             rows = self._decode_batch([seq], seq.adapters)
             ref = seq.request.adapter
-            if ref is not None:  # from its first new token on, through its slot
+            if self.lora_slots is not None and ref is not None:  # its slot from now on
                 self.lora_slots.assign(seq.slot, seq.lora_slot, ref.scale)
             events.append(self._advance(seq, rows[0]))
         if decodes:
-            rows = self._decode_batch(decodes, ())
+            rows = self._decode_batch(decodes, decode_adapters)
             events += [self._advance(seq, row) for seq, row in zip(decodes, rows, strict=True)]
         return events
 
@@ -272,19 +274,6 @@ class GGUFEngine:
             groups.setdefault(seq.group, []).append(seq)
         current = self._runtime.current_adapters
         return sorted(groups.values(), key=lambda group: group[0].adapters != current)
-
-    def _run_group(self, group: list[_Sequence]) -> list[TokenEvent]:
-        """One decode call for the group's single new tokens, one per prompt being prefilled.
-
-        Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
-        shaped by its batch mates, which moves the logits more than batching single tokens."""
-        prefills = [[seq] for seq in group if len(seq.pending) > 1]
-        decodes = [seq for seq in group if len(seq.pending) == 1]
-        events = []
-        for batch in [*prefills, decodes] if decodes else prefills:
-            rows = self._decode_batch(batch, group[0].adapters)
-            events += [self._advance(seq, row) for seq, row in zip(batch, rows, strict=True)]
-        return events
 
     @staticmethod
     def _slots(seq: _Sequence) -> list[TokenSlot]:
