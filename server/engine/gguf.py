@@ -1,11 +1,11 @@
 """The GGUF backend: a llama.cpp base with GGUF-LoRA adapters behind the Engine contract.
 
-Sequences share one context, each in its own KV sequence slot. llama.cpp applies one adapter
-set to a whole decode call, so each step groups the plan's sequences by (adapter version,
-scale) and runs one decode call per group. Every sequence in the plan still gets exactly one
-token per step, whatever its adapter, so groups are served equally; the price is that a step
-with G groups costs G decode calls. The group whose adapter set is already on the context runs
-first, which saves one adapter switch per step.
+Sequences share one context, each in its own KV sequence slot. With loraplex's llama.cpp
+patch every sequence names its own adapter slot, so a step runs each prompt alone and then
+one decode call for every running sequence, whatever their adapters. Without the patch
+llama.cpp applies one adapter set to a whole decode call, so a step groups its sequences by
+(adapter version, scale) and runs one decode call per group, the group whose adapter set is
+already on the context first (one switch fewer).
 """
 
 from __future__ import annotations
@@ -149,12 +149,30 @@ class GGUFEngine:
         if seq is None:
             return
         self._runtime.forget(seq.slot)
-        self._free_slots.append(seq.slot)
         if self.lora_slots is not None and seq.lora_slot:
             self.lora_slots.assign(seq.slot, 0, 0.0)
             self.lora_slots.release(seq.lora_slot)
         if seq.request.adapter is not None:
             self.adapters.release(seq.request.adapter)
+        self._free_slots.append(self._fill_gap(seq.slot))
+
+    def _fill_gap(self, slot: int) -> int:
+        """Move the running sequence in the highest slot into the freed `slot`; returns the slot
+        that is free now.
+
+        llama.cpp runs one decode over sequences 3, 5 and 6 of a per-sequence KV cache as two
+        ubatches ({3}, {5, 6}: each must hold consecutive sequence ids), and each ubatch reads
+        every weight again. Keeping running sequences in slots 0..n-1 keeps a step in one."""
+        last = max(self._sequences.values(), key=lambda s: s.slot, default=None)
+        if last is None or last.slot < slot:
+            return slot
+        self._runtime.move(last.slot, slot)
+        if self.lora_slots is not None and last.lora_slot:
+            scale = 0.0 if last.request.adapter is None else last.request.adapter.scale
+            self.lora_slots.assign(slot, last.lora_slot, scale)
+            self.lora_slots.assign(last.slot, 0, 0.0)
+        slot, last.slot = last.slot, slot
+        return slot
 
     def retire_later(self, adapter_id: str) -> None:
         """Any thread: free the adapter's llama.cpp handles at the next step (a handle still
@@ -211,7 +229,7 @@ class GGUFEngine:
     def _start(self, request: SequenceRequest) -> _Sequence:
         seq = _Sequence(
             seq_id=request.seq_id,
-            slot=self._free_slots.pop(0),
+            slot=self._take_free_slot(),
             request=request,
             sampler=TokenSampler(request.sampling, request.prompt_ids, self._runtime.vocab_size),
             text=TextStream(request.sampling.stop),
@@ -222,14 +240,21 @@ class GGUFEngine:
         if ref is None:
             return seq
         handle = self.adapters.acquire(ref)
-        seq.adapters = ((handle, ref.scale),)
-        if self.lora_slots is not None:
-            try:
-                seq.lora_slot = self.lora_slots.hold((ref.adapter_id, ref.version), handle)
-            except PoolError as err:
-                self.release(seq.seq_id)
-                raise InvalidAdapter(ref.adapter_id, f"it fits no adapter slot: {err}") from None
+        if self.lora_slots is None:
+            seq.adapters = ((handle, ref.scale),)
+            return seq
+        try:
+            seq.lora_slot = self.lora_slots.hold((ref.adapter_id, ref.version), handle)
+        except PoolError as err:
+            self.release(seq.seq_id)
+            raise InvalidAdapter(ref.adapter_id, f"it fits no adapter slot: {err}") from None
+        self.lora_slots.assign(seq.slot, seq.lora_slot, ref.scale)
         return seq
+
+    def _take_free_slot(self) -> int:
+        slot = min(self._free_slots)  # right after the running ones (see _fill_gap)
+        self._free_slots.remove(slot)
+        return slot
 
     def _running(self, seq_id: str) -> _Sequence:
         seq = self._sequences.get(seq_id)
@@ -243,18 +268,14 @@ class GGUFEngine:
 
         Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
         shaped by its batch mates, which moves the logits more than batching single tokens.
-        With per-sequence slots they also take llama.cpp's own adapter path: it multiplies a
-        prompt's rows by an adapter with another kernel (llamafile's sgemm) than the slots'
-        ggml_mul_mat_id, and the difference grows large enough to change tokens; single
-        tokens agree exactly."""
+        Alone on its adapter slot, a prompt also takes the stock adapter path's kernels (the
+        patch multiplies by the slot's own matrices), so it rounds as a stock run does."""
         prompts = [seq for seq in seqs if len(seq.pending) > 1]
-        decodes = [seq for seq in seqs if len(seq.pending) == 1]
+        # ascending sequence ids: llama.cpp cuts a ubatch where they are not consecutive
+        decodes = sorted((seq for seq in seqs if len(seq.pending) == 1), key=lambda s: s.slot)
         events = []
         for seq in prompts:
             rows = self._decode_batch([seq], seq.adapters)
-            ref = seq.request.adapter
-            if self.lora_slots is not None and ref is not None:  # its slot from now on
-                self.lora_slots.assign(seq.slot, seq.lora_slot, ref.scale)
             events.append(self._advance(seq, rows[0]))
         if decodes:
             rows = self._decode_batch(decodes, decode_adapters)

@@ -59,6 +59,12 @@ def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         quiet_llama_logs()
+        # ggml's tiled K-quant matmul takes over from 8 rows, and its sums round otherwise
+        # than the one-row kernel: a row's logits would depend on how many rows share its
+        # step, and adapters that amplify small differences part from their solo run within
+        # a few tokens. Off, every row is computed as alone, at no cost measured at 8 rows.
+        # Read once per process (GGML_CPU_TILED_MM=1 keeps it on).
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         llama.llama_backend_init()
         _backend_ready = True
 
@@ -227,6 +233,12 @@ class LlamaRuntime:
     def forget(self, seq: int) -> None:
         """Drop every KV cell of sequence slot `seq`."""
         llama.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def move(self, source: int, target: int) -> None:
+        """Move sequence slot `source`'s KV cells to the empty slot `target` (llama.cpp copies
+        the stream's buffer at the next decode)."""
+        llama.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+        self.forget(source)
 
     def close(self) -> None:
         if self.ctx is not None:

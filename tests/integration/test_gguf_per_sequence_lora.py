@@ -65,18 +65,32 @@ def run_together(
     requests = [SequenceRequest(s, engine.encode(p), params, a) for s, p, a in cases]
     events: dict[str, list[TokenEvent]] = {r.seq_id: [] for r in requests}
     plan = StepPlan(prefill=requests)
-    after_prompts = False
     while plan.prefill or plan.decode:
         for event in engine.step(plan):
             events[event.seq_id].append(event)
+        # every prompt and every decode picks its adapter slot; the context's set never changes
+        assert engine.last_step.adapter_switches == 0
         if not plan.prefill:  # a decode step: every sequence in one call, whatever its adapter
             assert engine.last_step.decode_calls == 1
-            # Prompts run on llama.cpp's own adapter path; the decode after them takes the
-            # context's adapter set off once, and no decode step switches after that.
-            assert engine.last_step.adapter_switches <= (1 if after_prompts else 0)
-        after_prompts = bool(plan.prefill)
         plan = StepPlan(decode=engine.running())
     return events
+
+
+def assert_rows_equal_stock_alone(
+    together: dict[str, list[TokenEvent]],
+    cases: list[tuple[str, str, AdapterRef | None]],
+    engine: GGUFEngine,
+    model: Path,
+    lora_files: dict[str, Path],
+) -> None:
+    for seq_id, prompt, ref in cases:
+        lora = None if ref is None else lora_files[ref.adapter_id]
+        scale = 1.0 if ref is None else ref.scale
+        tokens, logprobs = oracle_greedy_logprobs(model, engine.encode(prompt), lora, scale)
+        ours = together[seq_id]
+        assert_equal_until_a_near_tie(
+            [e.token_id for e in ours], [e.logprob for e in ours], tokens, logprobs, DRIFT
+        )
 
 
 def test_each_row_of_a_mixed_batch_equals_stock_llama_cpp_alone(
@@ -91,18 +105,27 @@ def test_each_row_of_a_mixed_batch_equals_stock_llama_cpp_alone(
         ("base-2", PROMPTS[0], None),
     ]
     together = run_together(engine, cases)
-    for seq_id, prompt, ref in cases:
-        lora = None if ref is None else lora_files[ref.adapter_id]
-        scale = 1.0 if ref is None else ref.scale
-        tokens, logprobs = oracle_greedy_logprobs(
-            real_model.path, engine.encode(prompt), lora, scale
-        )
-        ours = together[seq_id]
-        assert_equal_until_a_near_tie(
-            [e.token_id for e in ours], [e.logprob for e in ours], tokens, logprobs, DRIFT
-        )
+    assert_rows_equal_stock_alone(together, cases, engine, real_model.path, lora_files)
     assert engine.lora_slots is not None and engine.lora_slots.rank == 32
     assert set(engine.resources().values()) == {0}
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (1.0, 0.5)], ids=["unit-scales", "two-scales"])
+def test_a_batch_that_one_adapter_owns_equals_stock_llama_cpp_alone(
+    engine: GGUFEngine,
+    real_model: ModelSource,
+    lora_files: dict[str, Path],
+    scales: tuple[float, float],
+) -> None:
+    """One adapter for every row takes the slot's plain matrices, with or without a scale
+    node; the base rows alone afterwards take no pool node at all."""
+    cases: list[tuple[str, str, AdapterRef | None]] = [
+        (f"r8qv-{i}", prompt, AdapterRef("r8qv", 1, scale))
+        for i, (prompt, scale) in enumerate(zip(PROMPTS, scales, strict=False))
+    ]
+    cases.append(("base-alone", PROMPTS[2], None))
+    together = run_together(engine, cases[:2]) | run_together(engine, cases[2:])
+    assert_rows_equal_stock_alone(together, cases, engine, real_model.path, lora_files)
 
 
 def test_adapters_really_change_rows_and_leave_base_rows_alone(engine: GGUFEngine) -> None:
@@ -135,3 +158,41 @@ def test_a_stock_build_falls_back_to_one_decode_per_adapter(
         assert engine.last_step.decode_calls == len(ADAPTERS)
     finally:
         engine.close()
+
+
+def test_sequences_move_down_into_freed_slots_and_carry_on_unchanged(engine: GGUFEngine) -> None:
+    """Ending sequences in the middle moves the last ones down (a KV copy in llama.cpp), so
+    running sequences keep slots 0..n-1 and a decode stays one ubatch; the moved ones must
+    continue exactly as if nothing had happened."""
+    cases: list[tuple[str, str, AdapterRef | None]] = [
+        ("a", PROMPTS[0], AdapterRef("r4", 1)),
+        ("b", PROMPTS[1], None),
+        ("c", PROMPTS[2], AdapterRef("r8qv", 1)),
+        ("d", PROMPTS[3], AdapterRef("r4", 1, 0.5)),
+        ("e", PROMPTS[0], None),
+    ]
+    undisturbed = run_together(engine, cases)
+    params = SamplingParams(max_new_tokens=N_TOKENS, logprobs=True)
+    requests = [SequenceRequest(s, engine.encode(p), params, a) for s, p, a in cases]
+    events: dict[str, list[TokenEvent]] = {r.seq_id: [] for r in requests}
+    plan = StepPlan(prefill=requests)
+    for step in range(N_TOKENS):
+        for event in engine.step(plan):
+            events[event.seq_id].append(event)
+        release = {2: ["b"], 4: ["a", "d"]}.get(step, [])
+        running = [s for s in engine.running() if s not in release]
+        plan = StepPlan(decode=running, release=release)
+        slots = sorted(engine._sequences[s].slot for s in engine.running())
+        assert slots == list(range(len(slots)))
+    for seq_id in ("c", "e"):  # c moves into b's slot, e into a's
+        ours, alone = events[seq_id], undisturbed[seq_id]
+        assert_equal_until_a_near_tie(
+            [e.token_id for e in ours],
+            [e.logprob for e in ours],
+            [e.token_id for e in alone],
+            [e.logprob for e in alone],
+            DRIFT,
+        )
+    for seq_id in engine.running():
+        engine.release(seq_id)
+    assert set(engine.resources().values()) == {0}
