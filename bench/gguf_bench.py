@@ -85,6 +85,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quants", default="q4_k_m,q5_k_m")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per stream")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of every case, interleaved; medians"
+    )
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument(
         "--lora-std",
@@ -106,17 +109,31 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _run_quant(path: Path, loras: list[Path], args: argparse.Namespace) -> dict[str, dict]:
-    results: dict[str, dict] = {}
-    for case in CASES:
-        if case == "ours_1_repacked" and _cpu_has_amx():
-            results[case] = {"skipped": "llama.cpp 0.3.36 crashes on repacked weights with AMX"}
-            continue
-        command = [sys.executable, "-m", "loraplex.bench.gguf_bench", "--case", case]
-        command += ["--path", str(path), "--loras", ",".join(map(str, loras))]
-        command += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
-        results[case] = json.loads(done.stdout.strip().splitlines()[-1])
-    return results
+    """Every case once per round, rounds interleaved (this machine's speed drifts within
+    minutes); each case reports its round of median throughput."""
+    rounds: dict[str, list[dict]] = {case: [] for case in CASES}
+    for _ in range(args.rounds):
+        for case in CASES:
+            if case == "ours_1_repacked" and _cpu_has_amx():
+                continue
+            rounds[case].append(_run_case(case, path, loras, args))
+    skipped = {"skipped": "llama.cpp 0.3.36 crashes on repacked weights with AMX"}
+    return {case: _median_round(runs) if runs else skipped for case, runs in rounds.items()}
+
+
+def _run_case(case: str, path: Path, loras: list[Path], args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-m", "loraplex.bench.gguf_bench", "--case", case]
+    command += ["--path", str(path), "--loras", ",".join(map(str, loras))]
+    command += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    result: dict = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _median_round(runs: list[dict]) -> dict:
+    key = "tokens_per_s" if "tokens_per_s" in runs[0] else "switch_ms"
+    ordered = sorted(runs, key=lambda r: float(r[key]))
+    return {**ordered[len(ordered) // 2], "rounds": [round(float(r[key]), 2) for r in runs]}
 
 
 def _cpu_has_amx() -> bool:
