@@ -275,9 +275,10 @@ def _warm_up(engine: GGUFEngine, requests: list[SequenceRequest]) -> None:
     """Load each adapter and run one token on it before the clock starts, as in a warm server
     (the per-sequence path writes an adapter into its slot once, at its first request)."""
     adapters = {r.adapter for r in requests if r.adapter is not None}
+    prompt = requests[0].prompt_ids[:2]
     warm = [
-        SequenceRequest(f"warm{i}", r.prompt_ids[:2], SamplingParams(max_new_tokens=1), ref)
-        for i, (ref, r) in enumerate(zip(adapters, requests, strict=False))
+        SequenceRequest(f"warm{i}", prompt, SamplingParams(max_new_tokens=1), ref)
+        for i, ref in enumerate(adapters)
     ]
     for r in requests + warm:
         engine.check(r)
