@@ -59,12 +59,6 @@ def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         quiet_llama_logs()
-        # ggml's tiled K-quant matmul takes over from 8 rows, and its sums round otherwise
-        # than the one-row kernel: a row's logits would depend on how many rows share its
-        # step, and adapters that amplify small differences part from their solo run within
-        # a few tokens. Off, every row is computed as alone, at no cost measured at 8 rows.
-        # Read once per process (GGML_CPU_TILED_MM=1 keeps it on).
-        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
         llama.llama_backend_init()
         _backend_ready = True
 
