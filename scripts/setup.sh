@@ -38,7 +38,10 @@ if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
 fi
 
 PATCH=patches/llama.cpp/per-sequence-lora.patch
-LLAMA_WHEELS="$WHEELS/llama-cpp-python-$LLAMA_VERSION-$(sha256sum "$PATCH" | cut -c1-16)"
+PATCH_HASH=$(sha256sum "$PATCH" | cut -c1-16)
+LLAMA_WHEELS="$WHEELS/llama-cpp-python-$LLAMA_VERSION-$PATCH_HASH"
+# Which patch the installed llama-cpp-python was built with: a changed patch reinstalls.
+INSTALLED_PATCH=.venv/llama-cpp-patch-hash
 if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1; then
   step "building llama-cpp-python $LLAMA_VERSION with $PATCH (about 10 minutes, once)"
   src=$(mktemp -d)
@@ -52,10 +55,10 @@ if ! ls "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl >/dev/null 2>&1;
     "$src/llama_cpp_python-$LLAMA_VERSION" -w "$LLAMA_WHEELS"
   rm -rf "$src"
 fi
-if ! .venv/bin/python -c 'import llama_cpp.llama_cpp as l; l._lib.llama_lora_pool_init' \
-    >/dev/null 2>&1; then
+if [ "$(cat "$INSTALLED_PATCH" 2>/dev/null)" != "$PATCH_HASH" ]; then
   step "installing the patched llama-cpp-python"
   "${PIP[@]}" --force-reinstall --no-deps "$LLAMA_WHEELS"/llama_cpp_python-"$LLAMA_VERSION"-*.whl
+  echo "$PATCH_HASH" > "$INSTALLED_PATCH"
 fi
 
 step "installing loraplex and its dependencies"
