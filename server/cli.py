@@ -42,6 +42,7 @@ BENCH_SUITES = {
     "gguf": "the GGUF backend against raw llama-cpp-python (Q4_K_M, Q5_K_M)",
     "load": "a seeded multi-adapter workload against a live server, swept; JSON, table, plots",
     "readme": "the README's load figures: saturation sweep, then 70% load against baselines",
+    "peers": "loraplex against vLLM's CPU build and llama-server, same load (when installed)",
     "soak": "a long mixed run with adapter churn: failures, RSS growth and leaks (20 min)",
     "turns": "decode steps while adapters load: overlapping against taking turns on the CPU",
 }
