@@ -76,10 +76,11 @@ class ServeConfig(ModelConfig):
         description="batched: per-row adapter deltas; merged: W+s·BA while one adapter owns "
         "the batch; auto: the engine decides",
     )
-    output_head: Literal["full", "int8"] = Field(
-        default="full",
-        description="full: the model's own output projection; int8: about 3.5x faster on the "
-        "CPU for large vocabularies (greedy tokens may differ on near ties)",
+    output_head: Literal["auto", "full", "int8"] = Field(
+        default="auto",
+        description="full: the model's own output projection, exact; int8: about 3.5x faster "
+        "on the CPU for large vocabularies, and greedy tokens may then differ from full on near "
+        "ties; auto: int8 where it times faster than full at start (hf backend)",
     )
     nf4_kernel: Literal["auto", "fused", "dequantize"] = Field(
         default="auto",
@@ -134,14 +135,14 @@ class ServeConfig(ModelConfig):
     max_prompt_chars: int = Field(
         default=1 << 20, ge=1, description="longest prompt accepted, checked before tokenizing"
     )
-    max_batch_sequences: int = Field(default=8, ge=1, description="sequences per engine step")
+    max_batch_sequences: int = Field(default=16, ge=1, description="sequences per engine step")
     max_batch_tokens: int = Field(
         default=2048,
         ge=1,
         description="prompt tokens per prefill step, less one per running sequence",
     )
     max_adapters_per_step: int = Field(
-        default=4, ge=1, description="distinct adapters per engine step"
+        default=8, ge=1, description="distinct adapters per engine step"
     )
     max_queue: int = Field(default=64, ge=0, description="requests waiting for admission")
     max_skips: int = Field(

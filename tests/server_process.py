@@ -29,6 +29,9 @@ class ServerProcess:
         self._log = log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("LORAPLEX_CONFIG", None)
+        # Served tokens are compared with exact in-process oracles; the default output head
+        # (auto) may time int8 faster on this machine (a flag in `args` still wins).
+        env.setdefault("LORAPLEX_OUTPUT_HEAD", "full")
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_until_serving()
 

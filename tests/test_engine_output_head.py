@@ -13,7 +13,12 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
-from loraplex.server.engine.output_head import OutputHeadError, quantize_output_head
+from loraplex.server.engine.output_head import (
+    OutputHeadError,
+    SplitInt8Head,
+    int8_head_pays,
+    quantize_output_head,
+)
 
 MIN_COSINE = 0.999  # per-row logits; int8 per-channel weights, per-call activation scale
 
@@ -80,3 +85,33 @@ def test_int8_head_calibration_leaves_a_merging_nf4_base_layout_alone(
     assert codes["int8"].keys() == codes["full"].keys()
     for name, data in codes["full"].items():
         assert torch.equal(codes["int8"][name], data), name
+
+
+@pytest.mark.parametrize("pays", [True, False])
+def test_auto_head_installs_int8_exactly_when_it_times_faster(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, pays: bool
+) -> None:
+    from loraplex.server.engine import hf_model
+
+    asked: list[int] = []
+
+    def timed(model: nn.Module, rows: int) -> bool:
+        asked.append(rows)
+        return pays
+
+    monkeypatch.setattr(hf_model, "int8_head_pays", timed)
+    config = EngineConfig(
+        checkpoint=tiny_checkpoint, quantization="fp32", output_head="auto", max_batch_size=12
+    )
+    engine = HFEngine.from_config(config, AdapterStore([]))
+    assert asked == [12]  # timed at a full batch
+    assert isinstance(engine.base.model.lm_head, SplitInt8Head) is pays
+
+
+def test_int8_head_timing_runs_on_the_real_head_and_not_elsewhere(tiny_checkpoint: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+    weight = model.lm_head.weight.clone()
+    assert isinstance(int8_head_pays(model, 16), bool)
+    assert torch.equal(model.lm_head.weight, weight)  # timing leaves the head as it was
+    model.lm_head = nn.Identity()
+    assert int8_head_pays(model, 16) is False

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 Quantization = Literal["nf4", "int8", "bf16", "fp32"]
 AdapterMode = Literal["batched", "merged", "auto"]
-OutputHead = Literal["full", "int8"]
+OutputHead = Literal["auto", "full", "int8"]
 Nf4Kernel = Literal["auto", "fused", "dequantize"]
 
 
@@ -32,7 +32,8 @@ class EngineConfig(BaseModel):
     output_head: OutputHead = Field(
         default="full",
         description="full: the model's own lm_head; int8: fbgemm dynamic int8 (CPU only), "
-        "~3.5x faster vocabulary projection, greedy tokens may differ on near ties",
+        "~3.5x faster vocabulary projection, greedy tokens may differ on near ties; auto: int8 "
+        "where it times faster than full at max_batch_size rows at start",
     )
     nf4_kernel: Nf4Kernel = Field(
         default="auto",

@@ -17,9 +17,10 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.cpu_matmul import faster_output_head
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.nf4 import use_fused_kernel
-from loraplex.server.engine.output_head import quantize_output_head
+from loraplex.server.engine.output_head import int8_head_pays, quantize_output_head
 from loraplex.server.engine.routing import RoutingContext
 
+log = logging.getLogger(__name__)
 LINEAR_TYPES = ("Linear", "Linear4bit", "Linear8bitLt")
 # Ordinary prose whose forward shows which hidden channels run large (output_head=int8).
 OUTPUT_HEAD_CALIBRATION = (
@@ -96,7 +97,7 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
         for layer in layers.values():
             if use_fused_kernel(layer.base_layer):
                 layer.base_forward = layer.base_layer
-    if config.output_head == "int8":
+    if wants_int8_head(config, model):
         # After wrapping: a merging base's calibration forward then runs through the engine's
         # own 4-bit forward (nf4.py), so bitsandbytes' does not repack its weights in place.
         calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
@@ -107,6 +108,15 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     model_type = str(getattr(model.config, "model_type", "unknown"))
     spec = BaseSpec(model_type=model_type, linear_shapes=shapes, max_rank=config.max_lora_rank)
     return LoadedBase(model, tokenizer, layers, spec, dtype)
+
+
+def wants_int8_head(config: EngineConfig, model: nn.Module) -> bool:
+    """int8 when asked; with auto, where it is faster than the full head at a full batch."""
+    if config.output_head == "auto":
+        pays = int8_head_pays(model, config.max_batch_size)
+        log.info("output head: %s (output_head=auto, timed at start)", "int8" if pays else "full")
+        return pays
+    return config.output_head == "int8"
 
 
 def wants_fused_kernel(config: EngineConfig) -> bool:
