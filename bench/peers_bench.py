@@ -13,9 +13,10 @@ three loads. Ratios are taken round by round and reported as medians.
 Servers: loraplex with its defaults (hf backend, then `--backend gguf`), vLLM (bf16, same
 weights as the hf backend's checkpoint) and llama-server (the same GGUF file as the gguf
 backend, every adapter loaded, each request naming its adapter at scale 1 and the others at
-0). A peer that is not installed is skipped with a message saying how to install it. Peers
-speak OpenAI-compatible HTTP, loraplex gRPC; both stream, so time to first token is measured
-by the client in the same way.
+0; `--no-repack`: this llama.cpp crashes on repacked AMX weights, and loraplex's GGUF backend
+does not repack either). A peer that is not installed is skipped with a message saying how
+to install it. Peers speak OpenAI-compatible HTTP, loraplex gRPC; both stream, so time to
+first token is measured by the client in the same way.
 
 The peers start inside a loopback-only network namespace (`unshare -n`, then `lo` up): none
 of them can listen beyond this machine.
@@ -269,7 +270,8 @@ def _peer_command(
         command = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server",
                    "--model", str(files.checkpoint), "--served-model-name", "base",
                    "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
-                   "--max-model-len", "1024", "--enable-lora", "--max-loras", str(NUM_ADAPTERS),
+                   "--max-model-len", "1024", "--gpu-memory-utilization", "0.3",
+                   "--enable-lora", "--max-loras", str(NUM_ADAPTERS),
                    "--max-lora-rank", str(RANK), "--lora-modules", *modules]  # fmt: skip
         cores = os.cpu_count() or 1
         env = {**os.environ, "VLLM_HOST_IP": "127.0.0.1", "VLLM_NO_USAGE_STATS": "1",
@@ -278,7 +280,8 @@ def _peer_command(
     slots = args.clients
     command = [str(args.llama_server), "-m", str(files.gguf), "--host", "127.0.0.1",
                "--port", str(port), "-t", str(args.threads), "-np", str(slots),
-               "-c", str(slots * 1024), "--lora", ",".join(map(str, files.gguf_loras))]  # fmt: skip
+               "-c", str(slots * 1024), "--no-repack",
+               "--lora", ",".join(map(str, files.gguf_loras))]  # fmt: skip
     index = {a: i for i, a in enumerate(files.adapter_ids)}
 
     def lora_fields(adapter: str) -> dict[str, Any]:
