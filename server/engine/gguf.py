@@ -263,24 +263,33 @@ class GGUFEngine:
         return seq
 
     def _run(self, seqs: list[_Sequence], decode_adapters: AdapterSet) -> list[TokenEvent]:
-        """Each prompt alone with its own adapter set, then every sequence's single new token
-        in one decode call with `decode_adapters`.
+        """The prompts that share an adapter slot in one decode call per slot, then every
+        sequence's single new token in one decode call with `decode_adapters`.
 
-        Prompts run alone because llama.cpp splits a multi-sequence prefill into ubatches
-        shaped by its batch mates, which moves the logits more than batching single tokens.
-        Alone on its adapter slot, a prompt also takes the stock adapter path's kernels (the
-        patch multiplies by the slot's own matrices), so it rounds as a stock run does."""
-        prompts = [seq for seq in seqs if len(seq.pending) > 1]
-        # ascending sequence ids: llama.cpp cuts a ubatch where they are not consecutive
-        decodes = sorted((seq for seq in seqs if len(seq.pending) == 1), key=lambda s: s.slot)
+        Prompts on different slots do not share a call: the patch multiplies a mixed prefill
+        through mul_mat_id, whose rounding then moved served rows away from their solo runs.
+        Prompts on one slot take that slot's own matrices through ggml_mul_mat, the stock
+        adapter path's kernels, so they round as a stock run does."""
+        prompts: dict[int, list[_Sequence]] = {}
+        decodes = []
+        for seq in seqs:
+            if len(seq.pending) > 1:
+                prompts.setdefault(seq.lora_slot, []).append(seq)
+            else:
+                decodes.append(seq)
         events = []
-        for seq in prompts:
-            rows = self._decode_batch([seq], seq.adapters)
-            events.append(self._advance(seq, rows[0]))
-        if decodes:
-            rows = self._decode_batch(decodes, decode_adapters)
-            events += [self._advance(seq, row) for seq, row in zip(decodes, rows, strict=True)]
-        return events
+        for group in prompts.values():
+            events += self._run_batch(group, group[0].adapters)
+        return events + self._run_batch(decodes, decode_adapters)
+
+    def _run_batch(self, batch: list[_Sequence], adapters: AdapterSet) -> list[TokenEvent]:
+        if not batch:
+            return []
+        # sorted now, as a sequence that ended earlier in the step moved another into its slot:
+        # llama.cpp cuts a ubatch where the sequence ids are not consecutive
+        batch.sort(key=lambda seq: seq.slot)
+        rows = self._decode_batch(batch, adapters)  # views, valid until the next decode
+        return [self._advance(seq, row) for seq, row in zip(batch, rows, strict=True)]
 
     def _decode_batch(self, batch: list[_Sequence], adapters: AdapterSet) -> list[np.ndarray]:
         if self._runtime.set_adapters(adapters):
