@@ -17,6 +17,7 @@ from loraplex.server.engine.output_head import (
     OutputHeadError,
     SplitInt8Head,
     int8_head_pays,
+    int8_head_possible,
     quantize_output_head,
 )
 
@@ -93,10 +94,10 @@ def test_auto_head_installs_int8_exactly_when_it_times_faster(
 ) -> None:
     from loraplex.server.engine import hf_model
 
-    asked: list[int] = []
+    asked: list[tuple[type, type, int]] = []
 
-    def timed(model: nn.Module, rows: int) -> bool:
-        asked.append(rows)
+    def timed(full: nn.Module, int8: nn.Module, rows: int) -> bool:
+        asked.append((type(full), type(int8), rows))
         return pays
 
     monkeypatch.setattr(hf_model, "int8_head_pays", timed)
@@ -104,14 +105,16 @@ def test_auto_head_installs_int8_exactly_when_it_times_faster(
         checkpoint=tiny_checkpoint, quantization="fp32", output_head="auto", max_batch_size=12
     )
     engine = HFEngine.from_config(config, AdapterStore([]))
-    assert asked == [12]  # timed at a full batch
+    assert asked == [(nn.Linear, SplitInt8Head, 12)]  # the two heads, at a full batch
     assert isinstance(engine.base.model.lm_head, SplitInt8Head) is pays
 
 
-def test_int8_head_timing_runs_on_the_real_head_and_not_elsewhere(tiny_checkpoint: Path) -> None:
+def test_int8_head_timing_leaves_the_heads_as_they_were(tiny_checkpoint: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
-    weight = model.lm_head.weight.clone()
-    assert isinstance(int8_head_pays(model, 16), bool)
-    assert torch.equal(model.lm_head.weight, weight)  # timing leaves the head as it was
+    assert int8_head_possible(model)
+    full, weight = model.lm_head, model.lm_head.weight.clone()
+    int8 = SplitInt8Head(weight, torch.arange(2))
+    assert isinstance(int8_head_pays(full, int8, 16), bool)
+    assert model.lm_head is full and torch.equal(full.weight, weight)
     model.lm_head = nn.Identity()
-    assert int8_head_pays(model, 16) is False
+    assert not int8_head_possible(model)

@@ -17,7 +17,11 @@ from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.cpu_matmul import faster_output_head
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.nf4 import use_fused_kernel
-from loraplex.server.engine.output_head import int8_head_pays, quantize_output_head
+from loraplex.server.engine.output_head import (
+    int8_head_pays,
+    int8_head_possible,
+    quantize_output_head,
+)
 from loraplex.server.engine.routing import RoutingContext
 
 log = logging.getLogger(__name__)
@@ -97,26 +101,35 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
         for layer in layers.values():
             if use_fused_kernel(layer.base_layer):
                 layer.base_forward = layer.base_layer
-    if wants_int8_head(config, model):
-        # After wrapping: a merging base's calibration forward then runs through the engine's
-        # own 4-bit forward (nf4.py), so bitsandbytes' does not repack its weights in place.
-        calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
-        quantize_output_head(model, calibration)
-    else:
-        faster_output_head(model)
+    install_output_head(config, model, tokenizer)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
     spec = BaseSpec(model_type=model_type, linear_shapes=shapes, max_rank=config.max_lora_rank)
     return LoadedBase(model, tokenizer, layers, spec, dtype)
 
 
-def wants_int8_head(config: EngineConfig, model: nn.Module) -> bool:
-    """int8 when asked; with auto, where it is faster than the full head at a full batch."""
-    if config.output_head == "auto":
-        pays = int8_head_pays(model, config.max_batch_size)
-        log.info("output head: %s (output_head=auto, timed at start)", "int8" if pays else "full")
-        return pays
-    return config.output_head == "int8"
+def install_output_head(
+    config: EngineConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """The int8 head when asked; with auto, where it times faster than the full head at a
+    full batch; otherwise the full head, weight-first where that is faster.
+
+    After wrapping the linears: a merging base's calibration forward then runs through the
+    engine's own 4-bit forward (nf4.py), so bitsandbytes' does not repack its weights in place.
+    """
+    full = model.lm_head
+    auto = config.output_head == "auto"
+    if config.output_head == "int8" or (auto and int8_head_possible(model)):
+        calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
+        quantize_output_head(model, calibration)
+        if not auto:
+            return
+        if int8_head_pays(full, model.lm_head, config.max_batch_size):
+            log.info("output head: int8 (output_head=auto: faster than full here)")
+            return
+        model.lm_head = full
+    log.info("output head: full")
+    faster_output_head(model)
 
 
 def wants_fused_kernel(config: EngineConfig) -> bool:
