@@ -117,14 +117,15 @@ def install_output_head(
     After wrapping the linears: a merging base's calibration forward then runs through the
     engine's own 4-bit forward (nf4.py), so bitsandbytes' does not repack its weights in place.
     """
-    full = model.lm_head
+    full = model.get_submodule("lm_head")
     auto = config.output_head == "auto"
     if config.output_head == "int8" or (auto and int8_head_possible(model)):
         calibration = tokenizer(OUTPUT_HEAD_CALIBRATION, return_tensors="pt").input_ids
         quantize_output_head(model, calibration)
         if not auto:
             return
-        if int8_head_pays(full, model.lm_head, config.max_batch_size):
+        assert isinstance(full, nn.Linear)  # int8_head_possible
+        if int8_head_pays(full, model.get_submodule("lm_head"), config.max_batch_size):
             log.info("output head: int8 (output_head=auto: faster than full here)")
             return
         model.lm_head = full
