@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.bench import load_bench
-from loraplex.bench.runner import RequestRecord, RunResult, send
+from loraplex.bench.runner import RequestRecord, RunResult, closed_loop, send
 from loraplex.bench.workload import AdapterSpec, Trace, TraceRequest, WorkloadSpec, generate
 from loraplex.clients import AsyncClient
 
@@ -216,21 +216,14 @@ async def _warm_up(sender_factory: Callable[[], Any], adapter_ids: list[str]) ->
 
 
 def _run(sender_factory: Callable[[], Any], trace: Trace) -> dict[str, Any]:
-    async def closed_loop() -> RunResult:
-        todo = list(reversed(trace.requests))
-        records: list[RequestRecord] = []
+    async def timed() -> RunResult:
         async with sender_factory() as sender:
-
-            async def client() -> None:
-                while todo:
-                    records.append(await sender(todo.pop()))
-
             cpu, start = time.process_time(), time.perf_counter()
-            await asyncio.gather(*(client() for _ in range(trace.spec.concurrency)))
+            records = await closed_loop(lambda request, _sent: sender(request), trace)
             wall = time.perf_counter() - start
         return RunResult(sorted(records, key=lambda r: r.index), wall, time.process_time() - cpu)
 
-    summary = asyncio.run(closed_loop()).summary()
+    summary = asyncio.run(timed()).summary()
     ok = summary["statuses"].get("OK", 0)
     summary["mean_completion_tokens"] = summary["completion_tokens"] / ok if ok else 0.0
     return summary

@@ -93,7 +93,7 @@ async def _run(
             return record
 
         if trace.spec.arrival == "closed":
-            return await _closed_loop(one, trace)
+            return await closed_loop(one, trace)
         return await _open_loop(one, trace, start)
 
 
@@ -106,7 +106,9 @@ async def _open_loop(one: Any, trace: Trace, start: float) -> list[RequestRecord
     return list(await asyncio.gather(*tasks))
 
 
-async def _closed_loop(one: Any, trace: Trace) -> list[RequestRecord]:
+async def closed_loop(one: Any, trace: Trace) -> list[RequestRecord]:
+    """Keep `trace.spec.concurrency` clients busy: each sends `one(request, sent_at)` as soon
+    as its last request ended, until the trace is used up."""
     todo = list(reversed(trace.requests))
     records: list[RequestRecord] = []
 

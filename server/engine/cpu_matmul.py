@@ -42,12 +42,12 @@ def weight_first_pays() -> bool:
     flipped: list[float] = []
     with torch.inference_mode():
         for _ in range(CALIBRATION_REPEATS):  # alternated, so drift in speed hits both
-            usual.append(_seconds(lambda: F.linear(x, weight)))
-            flipped.append(_seconds(lambda: weight_first(x, weight)))
+            usual.append(seconds_to_run(lambda: F.linear(x, weight)))
+            flipped.append(seconds_to_run(lambda: weight_first(x, weight)))
     return statistics.median(flipped) * REQUIRED_GAIN < statistics.median(usual)
 
 
-def _seconds(run: Callable[[], object]) -> float:
+def seconds_to_run(run: Callable[[], object]) -> float:
     started = time.perf_counter()
     run()
     return time.perf_counter() - started

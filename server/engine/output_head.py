@@ -13,15 +13,13 @@ llama.cpp's Q4_K_M files quantize the same matrix (to Q6_K).
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from loraplex.server.engine.cpu_matmul import weight_first
+from loraplex.server.engine.cpu_matmul import seconds_to_run, weight_first, weight_first_pays
 
 OUTLIER_FRACTION = 0.05
 # Rows whose largest values are within this ratio share one quantization range (see _apart).
@@ -38,24 +36,19 @@ class OutputHeadError(ValueError):
 def int8_head_pays(full: nn.Linear, int8: nn.Module, rows: int) -> bool:
     """Whether `int8` computes `rows` rows of logits faster than `full` here (output_head=auto),
     timed on the whole weight: the int8 head wins by reading a quarter of the bytes, which a
-    slice small enough for the caches would not show."""
+    slice small enough for the caches would not show. The full head is timed in the
+    orientation it would run in (cpu_matmul.faster_output_head)."""
     weight = full.weight.detach()
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
     x = x.to(weight.dtype)
-    runs: dict[str, list[float]] = {"linear": [], "weight_first": [], "int8": []}
+    product = weight_first if weight_first_pays() else F.linear
+    full_runs: list[float] = []
+    int8_runs: list[float] = []
     with torch.inference_mode():
-        for _ in range(CALIBRATION_REPEATS):  # alternated, so drift in speed hits all three
-            runs["linear"].append(_seconds(lambda: F.linear(x, weight)))
-            runs["weight_first"].append(_seconds(lambda: weight_first(x, weight)))
-            runs["int8"].append(_seconds(lambda: int8(x)))
-    fastest = {name: min(times) for name, times in runs.items()}  # the least disturbed run
-    return fastest["int8"] * REQUIRED_GAIN < min(fastest["linear"], fastest["weight_first"])
-
-
-def _seconds(run: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
+        for _ in range(CALIBRATION_REPEATS):  # alternated, so drift in speed hits both
+            full_runs.append(seconds_to_run(lambda: product(x, weight)))
+            int8_runs.append(seconds_to_run(lambda: int8(x)))
+    return min(int8_runs) * REQUIRED_GAIN < min(full_runs)  # the least disturbed runs
 
 
 def int8_head_possible(model: nn.Module) -> bool:
