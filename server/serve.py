@@ -84,9 +84,9 @@ class ServeConfig(ModelConfig):
     )
     nf4_kernel: Literal["auto", "fused", "dequantize"] = Field(
         default="auto",
-        description="4-bit matmul on CPUs with AVX512-BF16: fused (faster decode of small "
-        "batches), dequantize (faster prefill, and decode from 16 rows), auto: dequantize when "
-        "--max-batch-sequences is 16 or more",
+        description="4-bit matmul on CPUs with AVX512-BF16: fused (faster decode, slower "
+        "prefill), dequantize (faster prefill, slower decode), auto: both (fused for decode, "
+        "dequantize for prompts), keeping a second copy of the 4-bit weights",
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     decode_threads: int | None = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -16,7 +17,7 @@ from loraplex.server.device import pick_device
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
-from loraplex.server.engine.nf4 import CachedScalesNf4
+from loraplex.server.engine.nf4 import CachedScalesNf4, TwoLayoutNf4, repacked
 from loraplex.server.errors import InvalidRequest
 
 
@@ -46,38 +47,71 @@ def test_cached_scales_forward_equals_bitsandbytes_and_follows_weight_swaps() ->
         torch.testing.assert_close(CachedScalesNf4(layer, weight_first=True)(x), layer(x))
 
 
+def cpu_has_fused_4bit_kernel(device: torch.device) -> bool:
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return device.type == "cpu" and "avx512_bf16" in cpu_flags
+
+
+def test_two_layout_forward_is_the_fused_kernel_for_decode_and_dequantizes_prompts() -> None:
+    device = pick_device()
+    if not cpu_has_fused_4bit_kernel(device):
+        pytest.skip("bitsandbytes has no fused 4-bit kernel for this device")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 128, generator=generator)
+    layer = quantized_linear(weight, device)
+    repacked_by_bnb = copy.deepcopy(layer).eval()  # bitsandbytes repacks in eval mode only
+    two = TwoLayoutNf4(layer)
+    decode = torch.randn(5, 1, 128, generator=generator)  # a decode step: one token per row
+    prompt = torch.randn(1, 6, 128, generator=generator)  # a prompt
+    with torch.inference_mode():
+        assert torch.equal(two(decode), repacked_by_bnb(decode))  # bnb repacks on its first call
+        assert repacked(repacked_by_bnb.weight) and not repacked(layer.weight)
+        dequantized = two(prompt)
+        # The same weights (both sides round the block scales to bf16); the fused kernel
+        # rounds the input to bf16 too, this layer's dequantizing forward does not.
+        fused = repacked_by_bnb(prompt)
+        bound = 1e-2 * float(fused.abs().max())
+        torch.testing.assert_close(dequantized, fused, rtol=0, atol=bound)
+        scales = CachedScalesNf4(layer, bf16_scales=True)(prompt)
+        assert torch.equal(dequantized, scales)
+        assert not torch.equal(dequantized, CachedScalesNf4(layer)(prompt))
+        layer.weight = quantized_linear(-weight, device).weight  # a merge swaps the weight
+        negated = CachedScalesNf4(layer, bf16_scales=True)(decode)
+        assert torch.equal(two(decode), negated)
+
+
 def test_nf4_base_takes_bitsandbytes_fused_kernel_only_where_it_pays(
     tiny_checkpoints: dict[str, Path],
 ) -> None:
-    """Where bitsandbytes has a fused CPU kernel (AVX512-BF16), a base that never merges and
-    serves small batches repacks its weights for it at load; a base for batches of 16 rows or
-    more, or one that merges, keeps the plain layout (dequantize, then multiply)."""
+    """Where bitsandbytes has a fused CPU kernel (AVX512-BF16), a base that never merges keeps
+    a repacked copy for it beside the plain layout (auto), or repacks in place (fused); a base
+    that merges, or one told to dequantize, keeps the plain layout alone."""
     checkpoint = tiny_checkpoints["gemma3"]
     device = pick_device()
-    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fused = device.type == "cpu" and "avx512_bf16" in cpu_flags
+    fused = cpu_has_fused_4bit_kernel(device)
     cases = [
-        ("batched", "auto", 8, fused),
-        ("auto", "auto", 15, fused),
-        ("batched", "auto", 16, False),
-        ("batched", "fused", 64, fused),
-        ("batched", "dequantize", 8, False),
-        ("merged", "fused", 8, False),
+        ("batched", "auto", 16, TwoLayoutNf4 if fused else CachedScalesNf4),
+        ("auto", "auto", 64, TwoLayoutNf4 if fused else CachedScalesNf4),
+        ("batched", "fused", 64, "bitsandbytes" if fused else CachedScalesNf4),
+        ("batched", "dequantize", 8, CachedScalesNf4),
+        ("merged", "fused", 8, CachedScalesNf4),
+        ("merged", "auto", 8, CachedScalesNf4),
     ]
-    for mode, kernel, batch, expect in cases:
+    for mode, kernel, batch, forward in cases:
         config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode=mode,
                               nf4_kernel=kernel, max_batch_size=batch)  # fmt: skip
         engine = HFEngine.from_config(config, AdapterStore([]))
         layers = engine.base.layers.values()
-        repacked = [getattr(lay.base_layer.weight.quant_state, "packing_format_for_cpu", False)
-                    for lay in layers]  # fmt: skip
+        in_place = [repacked(lay.base_layer.weight) for lay in layers]
         case = (mode, kernel, batch)
-        assert repacked == [expect] * len(repacked), case
-        assert all((lay.base_forward is lay.base_layer) == expect for lay in layers), case
-        if expect:  # merged mode over that base's weights is refused, not failed on first merge
+        assert in_place == [forward == "bitsandbytes"] * len(in_place), case
+        if forward == "bitsandbytes":
+            assert all(lay.base_forward is lay.base_layer for lay in layers), case
             merging = config.model_copy(update={"adapter_mode": "merged"})
-            with pytest.raises(InvalidRequest, match="plain layout"):
+            with pytest.raises(InvalidRequest, match="plain layout"):  # refused, not failed later
                 HFEngine(engine.base, engine.store, merging, engine.routing, device)
+        else:
+            assert all(type(lay.base_forward) is forward for lay in layers), case
 
 
 def packed_state(weight: torch.nn.Parameter) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import AUTO_MERGE_AFTER_FORWARDS, HFEngine
-from loraplex.server.engine.hf_model import quantization_kwargs, wants_fused_kernel
+from loraplex.server.engine.hf_model import quantization_kwargs, uses_fused_kernel
 
 NEW_TOKENS = 12
 # nf4 adds base-kernel rounding differences: up to 1.4e-3 where bitsandbytes takes its
@@ -70,7 +70,7 @@ def test_mixed_batch_matches_peft_per_request(
     assert any(grouped) and not all(grouped), grouped
 
     device_kwargs = quantization_kwargs(engine.config, engine.device)
-    fused = wants_fused_kernel(engine.config)  # the reference runs the engine's 4-bit kernel
+    fused = uses_fused_kernel(engine.config)  # the reference runs the engine's 4-bit kernel
     references = {}
     for seq_id, prompt, adapter in plan + late:
         adapter_dir = root / adapter if adapter else None

@@ -38,8 +38,8 @@ class EngineConfig(BaseModel):
     nf4_kernel: Nf4Kernel = Field(
         default="auto",
         description="4-bit matmul on CPUs with AVX512-BF16: fused (bitsandbytes' kernel, "
-        "faster decode for small batches), dequantize (dequantize, then a bf16 matmul: faster "
-        "prefill, and decode from 16 rows up), auto: dequantize when max_batch_size >= 16",
+        "faster decode), dequantize (dequantize, then a bf16 matmul: faster prefill), auto: "
+        "both layouts kept, fused for decode, dequantize for prompts (nf4.TwoLayoutNf4)",
     )
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads; default: torch's choice"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,9 +16,9 @@ from loraplex.adapters.peft_format import BaseSpec
 from loraplex.server.device import compute_dtype, matmul_dtype
 from loraplex.server.engine import packed_attention
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.cpu_matmul import faster_output_head
+from loraplex.server.engine.cpu_matmul import faster_output_head, weight_first_pays
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
-from loraplex.server.engine.nf4 import use_fused_kernel
+from loraplex.server.engine.nf4 import TwoLayoutNf4, has_fused_kernel, use_fused_kernel
 from loraplex.server.engine.output_head import (
     int8_head_pays,
     int8_head_possible,
@@ -42,8 +44,6 @@ class LoadedBase:
     spec: BaseSpec
     dtype: torch.dtype  # activations / adapter stacks
 
-
-FUSED_KERNEL_BELOW_BATCH = 16  # see wants_fused_kernel
 
 # bitsandbytes (>= 0.50) logs this through `logging` on every int8 matmul whose input is not
 # fp16, so Python's once-per-location warning filter never sees it: one record per layer per
@@ -97,10 +97,9 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
-    if wants_fused_kernel(config):
+    if uses_fused_kernel(config):
         for layer in layers.values():
-            if use_fused_kernel(layer.base_layer):
-                layer.base_forward = layer.base_layer
+            layer.base_forward = nf4_forward(config, layer.base_layer, layer.base_forward)
     install_output_head(config, model, tokenizer)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
@@ -133,18 +132,22 @@ def install_output_head(
     faster_output_head(model)
 
 
-def wants_fused_kernel(config: EngineConfig) -> bool:
-    """Whether 4-bit weights should be repacked for bitsandbytes' fused CPU kernel.
+def uses_fused_kernel(config: EngineConfig) -> bool:
+    """Whether 4-bit layers take bitsandbytes' fused CPU kernel (where the CPU has one): for
+    every forward (fused), or for forwards of a few rows, beside the plain layout (auto:
+    nf4.TwoLayoutNf4). A base that merges keeps the plain layout alone: bitsandbytes cannot
+    merge into a repacked weight."""
+    return config.adapter_mode != "merged" and config.nf4_kernel != "dequantize"
 
-    Measured on Gemma 3 270M (NF4, bf16 matmuls, 2 threads, whole engine steps): the fused
-    kernel decodes 1.2-1.7x faster at 1-8 rows, 1.05x at 16 and 0.94x at 32, but it multiplies
-    row by row, so a 64-token prefill takes 1.3-1.45x longer. `auto` therefore dequantizes
-    once batches may reach FUSED_KERNEL_BELOW_BATCH rows, where prefills arrive often. A base
-    that merges keeps the plain layout: bitsandbytes cannot merge into a repacked weight.
-    """
-    if config.adapter_mode == "merged" or config.nf4_kernel == "dequantize":
-        return False
-    return config.nf4_kernel == "fused" or config.max_batch_size < FUSED_KERNEL_BELOW_BATCH
+
+def nf4_forward(config: EngineConfig, layer: nn.Module, plain: Callable[..., Any]) -> Any:
+    """The 4-bit layer's forward under `uses_fused_kernel(config)`; `plain` where the CPU has
+    no fused kernel (or the layer is not 4-bit)."""
+    if not has_fused_kernel(layer):
+        return plain
+    if config.nf4_kernel == "fused":
+        return layer if use_fused_kernel(layer) else plain
+    return TwoLayoutNf4(layer, weight_first_pays())
 
 
 def wrap_linears(

@@ -17,7 +17,7 @@ from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import (
     OUTPUT_HEAD_CALIBRATION,
     quantization_kwargs,
-    wants_fused_kernel,
+    uses_fused_kernel,
 )
 from loraplex.server.engine.output_head import quantize_output_head
 
@@ -54,7 +54,7 @@ def test_real_nf4_mixed_batch_matches_peft(
     results = run(engine, {0: requests})
     assert all(grouped), grouped
     kwargs = quantization_kwargs(config, engine.device)
-    fused = wants_fused_kernel(config)  # the reference runs the engine's 4-bit kernel
+    fused = uses_fused_kernel(config)  # the reference runs the engine's 4-bit kernel
     references = {}
     for name in names:
         model = load_reference(real_checkpoint, tmp_path / name if name else None, fused, **kwargs)
