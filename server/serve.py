@@ -84,9 +84,9 @@ class ServeConfig(ModelConfig):
     )
     nf4_kernel: Literal["auto", "fused", "dequantize"] = Field(
         default="auto",
-        description="4-bit matmul on CPUs with AVX512-BF16: fused (faster decode, slower "
-        "prefill), dequantize (faster prefill, slower decode), auto: both (fused for decode, "
-        "dequantize for prompts), keeping a second copy of the 4-bit weights",
+        description="4-bit matmul on CPUs with AVX512-BF16: auto (dequantize for prompts, "
+        "loraplex's NF4 kernel for decode steps, built at first use), dequantize (for both), "
+        "fused (bitsandbytes' repacked row-by-row kernel: slower prefill)",
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     decode_threads: int | None = Field(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -17,7 +16,12 @@ from loraplex.server.device import pick_device
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs
-from loraplex.server.engine.nf4 import CachedScalesNf4, TwoLayoutNf4, repacked
+from loraplex.server.engine.nf4 import (
+    CachedScalesNf4,
+    DecodeKernelNf4,
+    _decoded_absmax,
+    repacked,
+)
 from loraplex.server.errors import InvalidRequest
 
 
@@ -52,50 +56,65 @@ def cpu_has_fused_4bit_kernel(device: torch.device) -> bool:
     return device.type == "cpu" and "avx512_bf16" in cpu_flags
 
 
-def test_two_layout_forward_is_the_fused_kernel_for_decode_and_dequantizes_prompts() -> None:
-    device = pick_device()
-    if not cpu_has_fused_4bit_kernel(device):
-        pytest.skip("bitsandbytes has no fused 4-bit kernel for this device")
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 128, generator=generator)
-    layer = quantized_linear(weight, device)
-    repacked_by_bnb = copy.deepcopy(layer).eval()  # bitsandbytes repacks in eval mode only
-    two = TwoLayoutNf4(layer)
-    decode = torch.randn(5, 1, 128, generator=generator)  # a decode step: one token per row
-    prompt = torch.randn(1, 6, 128, generator=generator)  # a prompt
+def nf4_layer(out_features: int, in_features: int, seed: int) -> torch.nn.Module:
+    """A bias-free bf16-compute NF4 layer, as the engine's bases have."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False,
+                              compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True)  # fmt: skip
+    weight = torch.randn(out_features, in_features, generator=generator)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)  # fmt: skip
+    return layer.to("cpu").eval()
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(96, 128), (2048, 640), (100, 2048)])
+def test_decode_kernel_multiplies_by_the_weights_that_prompts_dequantize(
+    out_features: int, in_features: int
+) -> None:
+    """The kernel against bitsandbytes' own dequantization times an fp32 matmul: the same
+    bf16 weights, so only the order of the fp32 sums (and the output's rounding) differs."""
+    if not cpu_has_fused_4bit_kernel(torch.device("cpu")):
+        pytest.skip("the NF4 decode kernel needs AVX512-BF16")
+    layer = nf4_layer(out_features, in_features, seed=out_features)
+    kernel, dequantizing = DecodeKernelNf4(layer), CachedScalesNf4(layer)
+    generator = torch.Generator().manual_seed(1)
     with torch.inference_mode():
-        assert torch.equal(two(decode), repacked_by_bnb(decode))  # bnb repacks on its first call
-        assert repacked(repacked_by_bnb.weight) and not repacked(layer.weight)
-        dequantized = two(prompt)
-        # The same weights (both sides round the block scales to bf16); the fused kernel
-        # rounds the input to bf16 too, this layer's dequantizing forward does not.
-        fused = repacked_by_bnb(prompt)
-        bound = 1e-2 * float(fused.abs().max())
-        torch.testing.assert_close(dequantized, fused, rtol=0, atol=bound)
-        scales = CachedScalesNf4(layer, bf16_scales=True)(prompt)
-        assert torch.equal(dequantized, scales)
-        assert not torch.equal(dequantized, CachedScalesNf4(layer)(prompt))
-        layer.weight = quantized_linear(-weight, device).weight  # a merge swaps the weight
-        negated = CachedScalesNf4(layer, bf16_scales=True)(decode)
-        assert torch.equal(two(decode), negated)
+        identity = torch.eye(in_features)[:, None, :]  # decode rows: one token each
+        dense = torch.cat([kernel(identity[i : i + 32]) for i in range(0, in_features, 32)])
+        state = layer.weight.quant_state
+        expected = torch.ops.bitsandbytes.dequantize_4bit.default(
+            layer.weight.data, _decoded_absmax(state), state.blocksize, "nf4", state.shape,
+            torch.bfloat16,
+        )  # fmt: skip
+        assert torch.equal(dense[:, 0].T, expected)  # each weight exactly, row by row
+        for rows in (1, 3, 16, 33):
+            x = torch.randn(rows, 1, in_features, generator=generator)
+            exact = (x.to(torch.bfloat16).float() @ expected.float().T)[:, 0]
+            got = kernel(x)[:, 0]
+            assert got.dtype == x.dtype
+            bound = 2e-5 * in_features**0.5 * float(exact.abs().max()) + 1e-6
+            ulp = exact.abs() * 2**-8  # the bf16 output's rounding
+            assert bool(((got - exact).abs() <= ulp + bound).all()), rows
+        prompt = torch.randn(1, 5, in_features, generator=generator)
+        assert torch.equal(kernel(prompt), dequantizing(prompt))  # prompts dequantize
 
 
-def test_nf4_base_takes_bitsandbytes_fused_kernel_only_where_it_pays(
+def test_nf4_base_takes_the_decode_kernel_or_the_fused_one_as_configured(
     tiny_checkpoints: dict[str, Path],
 ) -> None:
-    """Where bitsandbytes has a fused CPU kernel (AVX512-BF16), a base that never merges keeps
-    a repacked copy for it beside the plain layout (auto), or repacks in place (fused); a base
-    that merges, or one told to dequantize, keeps the plain layout alone."""
+    """auto: loraplex's decode kernel on the plain layout (merging stays possible); fused:
+    bitsandbytes repacks in place, except for a base that merges; dequantize: plain."""
     checkpoint = tiny_checkpoints["gemma3"]
     device = pick_device()
     fused = cpu_has_fused_4bit_kernel(device)
+    decode = DecodeKernelNf4 if fused else CachedScalesNf4
     cases = [
-        ("batched", "auto", 16, TwoLayoutNf4 if fused else CachedScalesNf4),
-        ("auto", "auto", 64, TwoLayoutNf4 if fused else CachedScalesNf4),
+        ("batched", "auto", 16, decode),
+        ("merged", "auto", 8, decode),
         ("batched", "fused", 64, "bitsandbytes" if fused else CachedScalesNf4),
         ("batched", "dequantize", 8, CachedScalesNf4),
         ("merged", "fused", 8, CachedScalesNf4),
-        ("merged", "auto", 8, CachedScalesNf4),
     ]
     for mode, kernel, batch, forward in cases:
         config = EngineConfig(checkpoint=checkpoint, quantization="nf4", adapter_mode=mode,

@@ -37,9 +37,9 @@ class EngineConfig(BaseModel):
     )
     nf4_kernel: Nf4Kernel = Field(
         default="auto",
-        description="4-bit matmul on CPUs with AVX512-BF16: fused (bitsandbytes' kernel, "
-        "faster decode), dequantize (dequantize, then a bf16 matmul: faster prefill), auto: "
-        "both layouts kept, fused for decode, dequantize for prompts (nf4.TwoLayoutNf4)",
+        description="4-bit matmul on CPUs with AVX512-BF16: auto (prompts dequantize, then a "
+        "bf16 matmul; decode steps run loraplex's NF4 kernel: nf4.DecodeKernelNf4), "
+        "dequantize (for both), fused (bitsandbytes' repacked kernel, slower prefill)",
     )
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads; default: torch's choice"

@@ -18,7 +18,12 @@ from loraplex.server.engine import packed_attention
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.cpu_matmul import faster_output_head, weight_first_pays
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
-from loraplex.server.engine.nf4 import TwoLayoutNf4, has_fused_kernel, use_fused_kernel
+from loraplex.server.engine.nf4 import (
+    DecodeKernelNf4,
+    decode_kernel_fits,
+    has_fused_kernel,
+    use_fused_kernel,
+)
 from loraplex.server.engine.output_head import (
     int8_head_pays,
     int8_head_possible,
@@ -97,9 +102,8 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
-    if uses_fused_kernel(config):
-        for layer in layers.values():
-            layer.base_forward = nf4_forward(config, layer.base_layer, layer.base_forward)
+    for layer in layers.values():
+        layer.base_forward = nf4_forward(config, layer.base_layer, layer.base_forward)
     install_output_head(config, model, tokenizer)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
@@ -133,21 +137,20 @@ def install_output_head(
 
 
 def uses_fused_kernel(config: EngineConfig) -> bool:
-    """Whether 4-bit layers take bitsandbytes' fused CPU kernel (where the CPU has one): for
-    every forward (fused), or for forwards of a few rows, beside the plain layout (auto:
-    nf4.TwoLayoutNf4). A base that merges keeps the plain layout alone: bitsandbytes cannot
-    merge into a repacked weight."""
-    return config.adapter_mode != "merged" and config.nf4_kernel != "dequantize"
+    """Whether 4-bit layers repack for bitsandbytes' fused CPU kernel (where the CPU has one).
+    A base that merges keeps the plain layout: bitsandbytes cannot merge into a repacked
+    weight."""
+    return config.adapter_mode != "merged" and config.nf4_kernel == "fused"
 
 
 def nf4_forward(config: EngineConfig, layer: nn.Module, plain: Callable[..., Any]) -> Any:
-    """The 4-bit layer's forward under `uses_fused_kernel(config)`; `plain` where the CPU has
-    no fused kernel (or the layer is not 4-bit)."""
-    if not has_fused_kernel(layer):
-        return plain
-    if config.nf4_kernel == "fused":
-        return layer if use_fused_kernel(layer) else plain
-    return TwoLayoutNf4(layer, weight_first_pays())
+    """The 4-bit layer's forward: bitsandbytes' own, repacked (fused); dequantizing prompts and
+    loraplex's NF4 kernel for decode steps (auto, where it runs); else `plain`."""
+    if uses_fused_kernel(config):
+        return layer if has_fused_kernel(layer) and use_fused_kernel(layer) else plain
+    if config.nf4_kernel == "auto" and decode_kernel_fits(layer):
+        return DecodeKernelNf4(layer, weight_first_pays())
+    return plain
 
 
 def wrap_linears(

@@ -1,12 +1,12 @@
-"""The CPU forwards of a bitsandbytes 4-bit linear: its fused kernel where the CPU has one,
-dequantize-and-multiply minus one op per call, or both, chosen per call by its row count.
+"""The CPU forwards of a bitsandbytes 4-bit linear: dequantize-and-multiply minus one op per
+call for prompts, and for decode steps loraplex's NF4 kernel where the CPU runs it.
 
-On CPUs with AVX512-BF16, bitsandbytes' `Linear4bit.forward` repacks the weight in place (bf16
-scales, a tiled layout) on its first call and then runs a fused kernel that multiplies row by
-row: fast for a few decode rows, slow for prefill. Which forward a base uses is the engine's
-choice (`nf4_forward` in hf_model.py); by default it keeps both layouts and picks per call
-(`TwoLayoutNf4`). bitsandbytes cannot merge into a repacked weight, so a base that merges
-keeps the plain layout alone.
+By default (`nf4_forward` in hf_model.py) a 4-bit layer takes `DecodeKernelNf4`: decode
+forwards run nf4_kernel.py's kernel on the plain layout, prompts dequantize. On CPUs with
+AVX512-BF16, bitsandbytes' `Linear4bit.forward` can instead repack the weight in place (bf16
+scales, a tiled layout) for its own fused kernel, which multiplies row by row: fast for a
+few decode rows, slow for prefill (`--nf4-kernel fused`). bitsandbytes cannot merge into a
+repacked weight; the plain layout merges.
 
 Otherwise bitsandbytes computes a 4-bit matmul by dequantizing the whole weight and calling
 `linear`. With double quantization it first decodes the 8-bit block scales (absmax), on every
@@ -19,29 +19,22 @@ the real model (16 rows, 1 thread), the scale decoding was ~3% of a decode step.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from loraplex.server.engine import nf4_kernel
 from loraplex.server.engine.cpu_matmul import weight_first, weight_first_pays
 
 
 class CachedScalesNf4:
-    """Calls like the wrapped `Linear4bit`; follows weight swaps (merges) by identity.
+    """Calls like the wrapped `Linear4bit`; follows weight swaps (merges) by identity."""
 
-    `bf16_scales`: round the block scales to bf16 first, as the fused kernel's layout stores
-    them, so that this forward and `TwoLayoutNf4`'s fused one compute with the same weights.
-    """
-
-    def __init__(
-        self, layer: nn.Module, weight_first: bool = False, bf16_scales: bool = False
-    ) -> None:
+    def __init__(self, layer: nn.Module, weight_first: bool = False) -> None:
         self.layer = layer
         self.weight_first = weight_first  # multiply as (W·xᵀ)ᵀ: cpu_matmul.py
-        self.bf16_scales = bf16_scales
         self._weight: object = None
         self._absmax: torch.Tensor | None = None
 
@@ -51,14 +44,10 @@ class CachedScalesNf4:
         state = weight.quant_state
         if repacked(weight):
             return layer(x)  # repacked for another CPU kernel: leave it to bitsandbytes
-        if self._weight is not weight:
-            absmax = _decoded_absmax(state)
-            if self.bf16_scales:
-                absmax = absmax.to(torch.bfloat16).float()
-            self._absmax, self._weight = absmax, weight
+        absmax = self._scales(weight)
         compute = layer.compute_dtype or x.dtype
         dense = torch.ops.bitsandbytes.dequantize_4bit.default(
-            weight.data, self._absmax, state.blocksize, state.quant_type, state.shape, compute
+            weight.data, absmax, state.blocksize, state.quant_type, state.shape, compute
         )
         if self.weight_first:
             y = weight_first(x.to(compute), dense)
@@ -66,51 +55,58 @@ class CachedScalesNf4:
         bias = None if layer.bias is None else layer.bias.to(compute)
         return F.linear(x.to(compute), dense, bias).to(x.dtype)
 
+    def _scales(self, weight: Any) -> torch.Tensor:
+        """The weight's fp32 block scales, decoded once per weight."""
+        if self._weight is not weight or self._absmax is None:
+            self._absmax, self._weight = _decoded_absmax(weight.quant_state), weight
+        return self._absmax
 
-class TwoLayoutNf4:
-    """Calls like the wrapped `Linear4bit`, with two layouts of its 4-bit weight: bitsandbytes'
-    fused kernel on a repacked copy for decode forwards (one token per row), and
-    dequantize-then-multiply on the plain layout for prompts.
 
-    The fused kernel multiplies row by row, fast for decode rows and slow for a prompt; the
-    dequantizing forward pays a whole-weight dequantization per call, which a prompt repays
-    and a decode step does not. Whole decode steps of Gemma 3 270M (int8 head, 2 threads),
-    fused against dequantizing: 73 / 91 ms at 16 rows, 128 / 150 ms at 32, 207 / 198 ms at 64;
-    a 64-token prompt takes 1.3-1.45x longer fused. The choice follows the forward's kind, not
-    its size, so a sequence's outputs do not depend on the batch it runs in. The copy costs
-    as much memory again as the 4-bit weights (about 55 MiB for Gemma 3 270M). Both forwards
-    use the same bf16-rounded block scales. A swapped weight (a merge) has no repacked copy,
-    so it takes the dequantizing forward.
+class DecodeKernelNf4(CachedScalesNf4):
+    """CachedScalesNf4 whose decode forwards (one token per row) run loraplex's NF4 kernel
+    (nf4_kernel.py) on the same plain-layout weight; prompts still dequantize.
+
+    Both compute with the same bf16 weights, so only the order of the sums differs. The
+    kernel reads the 4-bit weight once per call. A 2048 x 640 layer at 16 rows (2 threads,
+    interleaved medians, two runs): 346 / 385 us, bitsandbytes' fused kernel (which decodes
+    the weight again for every row) 375 / 383 us, dequantizing 571 us; whole 16-row decode
+    steps of Gemma 3 270M ran as fast as with the fused kernel, without its repacked copy
+    of the weights. The choice follows the forward's kind, not its size, so a row's outputs
+    do not depend on the batch it runs in.
     """
-
-    def __init__(self, layer: nn.Module, weight_first: bool = False) -> None:
-        self.layer = layer
-        self.dequantized = CachedScalesNf4(layer, weight_first, bf16_scales=True)
-        self._weight = layer.weight
-        self.packed, self.packed_state = _repacked_copy(layer.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         layer: Any = self.layer
-        decoding = x.dim() == 3 and x.shape[1] == 1  # [rows, tokens, features]
-        if not decoding or layer.weight is not self._weight:
-            return self.dequantized(x)
-        import bitsandbytes as bnb  # only present where quantized bases are used
-
-        compute = layer.compute_dtype or x.dtype  # as Linear4bit.forward: equal outputs
-        y = bnb.functional.gemv_4bit(x.to(compute), self.packed, state=self.packed_state)
+        weight = layer.weight
+        if x.dim() != 3 or x.shape[1] != 1 or repacked(weight):  # [rows, tokens, features]
+            return super().__call__(x)
+        state = weight.quant_state
+        compute = layer.compute_dtype or torch.bfloat16
+        flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+        y = nf4_kernel.nf4_gemm(
+            flat, weight.data.reshape(-1), self._scales(weight), self._code(state),
+            int(state.shape[0]), int(state.blocksize),
+        ).to(compute)  # fmt: skip
         if layer.bias is not None:
-            y += layer.bias.to(compute)
-        return y.to(x.dtype)
+            y = y + layer.bias.to(compute)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def _code(self, state: Any) -> torch.Tensor:
+        code = getattr(self, "_code_table", None)
+        if code is None or code.device != state.code.device:
+            code = self._code_table = state.code.float().contiguous()
+        return code
 
 
-def _repacked_copy(weight: Any) -> tuple[torch.Tensor, Any]:
-    """The weight and its quantization state in the fused kernel's layout, leaving `weight`
-    as it is (the conversion bitsandbytes' `Linear4bit.forward` applies in place)."""
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu
-
-    state = copy.deepcopy(weight.quant_state)
-    packed, state = _convert_weight_packed_for_cpu(weight.data, state)
-    return packed, state
+def decode_kernel_fits(layer: nn.Module) -> bool:
+    """A CPU 4-bit NF4 layer whose shape the NF4 decode kernel takes, on a CPU that runs it."""
+    bnb_layer: Any = layer
+    if type(layer).__name__ != "Linear4bit" or bnb_layer.weight.device.type != "cpu":
+        return False
+    state = bnb_layer.weight.quant_state
+    if state.quant_type != "nf4" or not nf4_kernel.fits(int(state.shape[1]), state.blocksize):
+        return False
+    return nf4_kernel.available()
 
 
 def _decoded_absmax(state: Any) -> torch.Tensor:
