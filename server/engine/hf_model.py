@@ -17,6 +17,7 @@ from loraplex.server.device import compute_dtype, matmul_dtype
 from loraplex.server.engine import packed_attention
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.cpu_matmul import faster_output_head, weight_first_pays
+from loraplex.server.engine.fused_norm import fuse_gemma_norms
 from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.nf4 import (
     DecodeKernelNf4,
@@ -104,6 +105,7 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
     for layer in layers.values():
         layer.base_forward = nf4_forward(config, layer.base_layer, layer.base_forward)
+    fuse_gemma_norms(model)
     install_output_head(config, model, tokenizer)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
