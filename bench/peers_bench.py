@@ -74,7 +74,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add = parser.add_argument
     add("--model", default="gemma3-270m", help="model spec (its GGUF file and checkpoint)")
     add("--servers", default=",".join(SERVERS), help=f"comma-separated, of: {', '.join(SERVERS)}")
-    add("--loads", default=",".join(LOADS), help=f"comma-separated, of: {', '.join(LOADS)}")
+    add("--loads", type=_loads, default=LOADS, help=f"comma-separated, of: {', '.join(LOADS)}")
     add("--rounds", type=int, default=2, help="rounds of every server and load, interleaved")
     add("--clients", type=int, default=16, help="closed-loop clients")
     add("--requests", type=int, default=48, help="requests per load and round")
@@ -92,6 +92,16 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=ROOT / "bench/results/peers")
     add("--no-netns", action="store_true", help="do not isolate the servers' network")
     return parser.parse_args(argv)  # fmt: skip
+
+
+def _loads(text: str) -> tuple[str, ...]:
+    """The named loads, in LOADS order; an unknown name is a usage error."""
+    names = set(text.split(","))
+    if not names <= set(LOADS):
+        raise argparse.ArgumentTypeError(
+            f"unknown load(s): {', '.join(sorted(names - set(LOADS)))}"
+        )
+    return tuple(load for load in LOADS if load in names)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -206,8 +216,7 @@ def _round(
         print(f"round {index + 1}: {name}", file=sys.stderr)
         with _server(name, args, files) as sender:
             asyncio.run(_warm_up(sender, files.adapter_ids))
-            wanted = [load for load in LOADS if load in args.loads.split(",")]
-            results[name] = {load: _run(sender, loads[load]) for load in wanted}
+            results[name] = {load: _run(sender, loads[load]) for load in args.loads}
     return results
 
 

@@ -22,7 +22,6 @@ from loraplex.server.engine.multi_linear import MultiAdapterLinear
 from loraplex.server.engine.nf4 import (
     DecodeKernelNf4,
     decode_kernel_fits,
-    has_fused_kernel,
     use_fused_kernel,
 )
 from loraplex.server.engine.output_head import (
@@ -149,7 +148,7 @@ def nf4_forward(config: EngineConfig, layer: nn.Module, plain: Callable[..., Any
     """The 4-bit layer's forward: bitsandbytes' own, repacked (fused); dequantizing prompts and
     loraplex's NF4 kernel for decode steps (auto, where it runs); else `plain`."""
     if uses_fused_kernel(config):
-        return layer if has_fused_kernel(layer) and use_fused_kernel(layer) else plain
+        return layer if use_fused_kernel(layer) else plain
     if config.nf4_kernel == "auto" and decode_kernel_fits(layer):
         return DecodeKernelNf4(layer, weight_first_pays())
     return plain

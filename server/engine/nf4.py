@@ -84,18 +84,12 @@ class DecodeKernelNf4(CachedScalesNf4):
         compute = layer.compute_dtype or torch.bfloat16
         flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
         y = nf4_kernel.nf4_gemm(
-            flat, weight.data.reshape(-1), self._scales(weight), self._code(state),
+            flat, weight.data.reshape(-1), self._scales(weight), state.code,
             int(state.shape[0]), int(state.blocksize),
         ).to(compute)  # fmt: skip
         if layer.bias is not None:
             y = y + layer.bias.to(compute)
         return y.view(*x.shape[:-1], -1).to(x.dtype)
-
-    def _code(self, state: Any) -> torch.Tensor:
-        code = getattr(self, "_code_table", None)
-        if code is None or code.device != state.code.device:
-            code = self._code_table = state.code.float().contiguous()
-        return code
 
 
 def decode_kernel_fits(layer: nn.Module) -> bool:
@@ -118,20 +112,14 @@ def _decoded_absmax(state: Any) -> torch.Tensor:
     return absmax.float()
 
 
-def has_fused_kernel(layer: nn.Module) -> bool:
-    """bitsandbytes has a fused CPU kernel for this 4-bit layer (AVX512-BF16 CPUs)."""
-    bnb_layer: Any = layer
-    fused = getattr(bnb_layer, "support_avx512bf16_for_cpu", False)
-    return type(layer).__name__ == "Linear4bit" and fused and bnb_layer.weight.device.type == "cpu"
-
-
 def use_fused_kernel(layer: nn.Module) -> bool:
     """Let bitsandbytes repack a CPU 4-bit weight for its fused kernel now, rather than on the
     first request; True when it did (AVX512-BF16 CPUs), and `layer` is then its own fastest
     forward."""
-    if not has_fused_kernel(layer):
-        return False
     bnb_layer: Any = layer
+    fused = getattr(bnb_layer, "support_avx512bf16_for_cpu", False)
+    if type(layer).__name__ != "Linear4bit" or not fused or bnb_layer.weight.device.type != "cpu":
+        return False
     dtype = bnb_layer.compute_dtype or torch.bfloat16  # the fused kernel computes in bf16
     with torch.no_grad():
         layer(torch.zeros(1, int(bnb_layer.weight.quant_state.shape[1]), dtype=dtype))
