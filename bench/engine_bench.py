@@ -94,9 +94,9 @@ def set_resident(engine: HFEngine, names: list[str], count: int) -> None:
 def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
     """Each run's rate in each of `rounds` rounds that take the runs in turn.
 
-    This machine's speed drifts by ±20% within minutes; one pass of each run in sequence
-    turned that drift into the ratios (the same engine run measured 47.7 and then 37.1
-    tok/s). Runs in one round are minutes apart at most, so ratios are taken within a round
+    A shared machine's speed drifts within minutes; one pass of each run in sequence turned
+    that drift into the ratios (docs/measurements.md). Runs in one round are minutes apart
+    at most, so ratios are taken within a round
     (`paired`).
     """
     rates: dict[str, list[float]] = {name: [] for name in runs}

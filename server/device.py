@@ -33,7 +33,8 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def matmul_dtype(device: torch.device) -> torch.dtype:
     """What a quantized base's weights are dequantized to and multiplied in: bf16 wherever the
     device multiplies it natively, which on the CPU means AVX512-BF16 or AMX (there a bf16
-    matmul runs ~4x faster than fp32). Activations between layers stay in compute_dtype."""
+    matmul runs several times faster than fp32). Activations between layers stay in
+    compute_dtype."""
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return compute_dtype(device)

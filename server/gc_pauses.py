@@ -2,11 +2,12 @@
 
 The collector's oldest generation walks every tracked object the process holds. Importing
 torch, transformers and PEFT alone makes about 445,000; a server with the real model loaded
-holds 500,000, and so does a benchmark client that wrote its adapters with PEFT. On 2 CPU
-cores one full collection took 0.23-0.31 s in either process. It comes whenever enough
+holds 500,000, and so does a benchmark client that wrote its adapters with PEFT, so one
+full collection is long enough to show in a request's latency. It comes whenever enough
 objects have survived since the last one, so it lands on a random request's first token.
-`gc.freeze()` moves the objects alive at that point out of the collector's sight: a full
-collection then took under 1 ms. Objects made later are collected as before.
+`gc.freeze()` moves the objects alive at that point out of the collector's sight, and a full
+collection then walks only what was made later (figures: docs/measurements.md). Objects
+made later are collected as before.
 """
 
 from __future__ import annotations

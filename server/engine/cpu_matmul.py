@@ -1,10 +1,10 @@
 """A few rows times a large weight on the CPU, in the faster of two orientations.
 
 A linear layer computes x·Wᵀ. BLAS can compute the same product as (W·xᵀ)ᵀ, and which of
-the two runs faster depends on the BLAS library and the CPU. With torch's MKL on an AMD EPYC
-(AVX2, 2 threads), W·xᵀ ran Gemma 3's 262,144 × 640 output head 1.6-3.4× faster at 4-64 rows
-(16 rows: 150 against 249 ms) and the decoder's linears 1.1-1.9× faster; at one row the two
-tie. So the process times both once, on a head-sized weight, and keeps the faster.
+the two runs faster depends on the BLAS library and the CPU: on some CPUs weight-first wins
+clearly for a few rows times a large weight (the output head, the decoder's linears), on
+others the two tie. So the process times both once, on a head-sized weight, and keeps the
+faster (figures: docs/measurements.md).
 """
 
 from __future__ import annotations

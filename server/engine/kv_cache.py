@@ -6,8 +6,8 @@ freely and still see exactly their own causal (and, per layer type, sliding) win
 
 Storage has spare rows and columns, grown by doubling, so a step that adds or drops a row
 copies only the rows that join or move, not the whole cache. Grown storage is left
-uninitialized: zero-filling it touched every page at once, and on 2 CPU cores growing the
-real model's cache from 8 to 16 rows of 368 columns stalled its step 0.235 s. So every cell a
+uninitialized: zero-filling it touches every page at once, which stalls the step that grows
+the cache (figures: docs/measurements.md). So every cell a
 forward reads (live rows, columns up to the end of its own tokens) is written first: by a
 forward, by a copy of live cells, or by zeros where a joining row has no tokens. Masked-out
 cells must still be finite, because a NaN times a zero attention weight is NaN.

@@ -13,8 +13,8 @@ Otherwise bitsandbytes computes a 4-bit matmul by dequantizing the whole weight 
 call. Those scales are constant while the weight is, so they are decoded once here and kept
 (one fp32 per 64 weights: about 10 MiB for Gemma 3 270M). Everything else is bitsandbytes' own
 kernel, so outputs are bit-identical to `Linear4bit.forward`, unless the multiply runs
-weight-first where that is faster (cpu_matmul.py), which changes only rounding. Profiled on
-the real model (16 rows, 1 thread), the scale decoding was ~3% of a decode step.
+weight-first where that is faster (cpu_matmul.py), which changes only rounding. Decoding the
+scales on every call was a visible share of a decode step (docs/measurements.md).
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ class DecodeKernelNf4(CachedScalesNf4):
     (nf4_kernel.py) on the same plain-layout weight; prompts still dequantize.
 
     Both compute with the same bf16 weights, so only the order of the sums differs. The
-    kernel reads the 4-bit weight once per call. A 2048 x 640 layer at 16 rows (2 threads,
-    interleaved medians, two runs): 346 / 385 us, bitsandbytes' fused kernel (which decodes
-    the weight again for every row) 375 / 383 us, dequantizing 571 us; whole 16-row decode
-    steps of Gemma 3 270M ran as fast as with the fused kernel, without its repacked copy
-    of the weights. The choice follows the forward's kind, not its size, so a row's outputs
+    kernel reads the 4-bit weight once per call, where dequantizing writes and reads a whole
+    bf16 copy of it and bitsandbytes' fused kernel decodes the weight again for every row:
+    decode steps run at least as fast as with the fused kernel, without its repacked copy of
+    the weights (figures: docs/measurements.md). The choice follows the forward's kind, not
+    its size, so a row's outputs
     do not depend on the batch it runs in.
     """
 

@@ -1,13 +1,14 @@
-"""An int8 output projection for CPU serving: the vocabulary-sized matmul, 3.5x faster, and
-the measurement that decides whether it pays on this machine (output_head=auto).
+"""An int8 output projection for CPU serving: the vocabulary-sized matmul reading a quarter
+of the bytes, and the measurement that decides whether it pays on this machine
+(output_head=auto).
 
 bitsandbytes leaves `lm_head` in full precision. For Gemma 3 (262,144 tokens × 640) that is a
-671 MB fp32 matrix read on every decode step, about half of a 16-row step on this machine's
-CPU. fbgemm's dynamic int8 linear reads a quarter of the bytes, but it quantizes the whole
+671 MB fp32 matrix read on every decode step, a large share of a CPU decode step. fbgemm's
+dynamic int8 linear reads a quarter of the bytes, but it quantizes the whole
 input with one scale, and a few hidden channels run 10x larger than the rest (Gemma 3 270M:
 peaks near 70, median 6): on real text the top token then changed at 20% of positions. As
 in LLM.int8(), those outlier channels stay in fp32: the 5% of input channels with the
-largest values over one calibration forward. 16 rows, one thread: 227 ms full, about 55 ms split.
+largest values over one calibration forward (timings: docs/measurements.md).
 llama.cpp's Q4_K_M files quantize the same matrix (to Q6_K).
 """
 
@@ -136,7 +137,7 @@ def _apart(peak: torch.Tensor) -> bool:
     and zero point, from its minimum and maximum, so a row far larger than the rest (an
     overflowing request) would round the others to nothing, and one NaN spoils them all.
     Rows of ordinary, comparable size share the range as before: rescaling each row costs a
-    pass over the [rows, vocabulary] logits (4-8 ms of a 16-row step here)."""
+    pass over the [rows, vocabulary] logits, a cost worth skipping on most steps."""
     if not bool(torch.isfinite(peak).all()):
         return True
     return len(peak) > 1 and float(peak.max()) > SHARED_RANGE_RATIO * float(peak.min())

@@ -14,11 +14,9 @@ import torch
 
 # A forward groups its rows by adapter (`Groups`) when it has at least GROUPED_MIN_ROWS rows
 # and the padded grid has at most GROUPED_CELLS_PER_ROW cells per row; otherwise it gathers
-# each row's adapter weights. `loraplex bench lora` (Gemma 3 270M shapes, rank 16, fp32
-# stacks, 2 threads, AVX2), grouped against gathered: decode of 16 rows over 8 adapters 35
-# against 41 ms, 16 over 16 37 against 44, 32 over 8 39 against 58, 12 over 8 30 against
-# 33, 8 over 8 30 against 33; 4 over 4 18 against 17 and 2 over 2 20 against 18; prefill
-# of 8 rows x 20 tokens over 4 adapters 49 against 53, 3 rows x 90 tokens 81 against 72.
+# each row's adapter weights. Grouping reads each adapter's stacks once, in place; with few
+# rows per adapter its padding and copies cost more than gathering per row. The thresholds
+# come from `loraplex bench lora` on the model's shapes (figures: docs/measurements.md).
 GROUPED_MIN_ROWS = 8
 GROUPED_CELLS_PER_ROW = 1.5
 
