@@ -1,8 +1,10 @@
 """The adapter store: adapter roots, lazy loading, versions, pins and LRU residency limits.
 
-Thread-safe: the gRPC threads call list/load/unload/pin/acquire/release while the engine thread
-calls `get`. A version handed out by `acquire` stays alive until its last `release`, whatever
-loads, unloads or evictions happen meanwhile.
+Loads (`load`, `acquire`, `pin`) and `detach` run on one thread, the server's loop, between
+engine steps; they never wait: when every resident adapter is pinned or in use they raise
+AdapterCapacityExceeded and the scheduler retries them after a release. `list`, `get`,
+`release` and `wait_unused` may be called from any thread. A version handed out by `acquire`
+stays alive until its last `release`, whatever loads, unloads or evictions happen meanwhile.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from loraplex.adapters.errors import (
     AdapterCapacityExceeded,
@@ -31,13 +32,9 @@ from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, r
 from loraplex.adapters.types import AdapterInfo, AdapterRef, StoreEvents
 from loraplex.adapters.weights import AdapterWeights, LoadedAdapter, tensors_nbytes
 
-RESIDENCY_WAIT_S = 30.0
-T = TypeVar("T")
-
 Key = tuple[str, int]  # (adapter id, version)
 AdapterReader = Callable[[str, Path, BaseSpec], AdapterWeights]  # (id, directory, base)
 Fingerprint = tuple[tuple[str, float, int], ...]
-SideWork = Callable[[], contextlib.AbstractContextManager[object]]
 
 
 class _Unheard:
@@ -89,20 +86,14 @@ class AdapterStore:
         base: BaseSpec | None = None,
         prepare: Callable[[LoadedAdapter], None] | None = None,
         on_drop: Callable[[str], None] | None = None,
-        residency_wait_s: float = RESIDENCY_WAIT_S,
         read: AdapterReader = read_adapter,
-        side_work: SideWork = contextlib.nullcontext,
     ) -> None:
         """`prepare` runs on each new version before it is installed (for example, converting
         it for another backend); an error it raises refuses the load. `on_drop` hears of each
         id that is unloaded or evicted (versions in use still live until their release).
-        `acquire` waits up to `residency_wait_s` for room when every resident adapter is in
-        use. `read` parses and validates one adapter directory against the base. Loads
-        (reading and preparing) run inside `side_work()`, which may wait for a turn on the
-        CPU (loraplex.server.cpu_turns); settable later, as the server does. Waiting for room
-        happens outside it, since room comes from sequences that need steps to finish.
-        `events` hears of each load (with the seconds its reading and preparing took) and
-        each eviction; settable later too."""
+        `read` parses and validates one adapter directory against the base. `events` hears
+        of each load (with the seconds its reading and preparing took) and each eviction;
+        the server sets it to its metrics."""
         if max_resident < 1 or max_resident_bytes < 1:
             raise ValueError("residency limits must be positive")
         self.roots = [Path(root) for root in roots]
@@ -111,13 +102,9 @@ class AdapterStore:
         self._base = base
         self._read = read
         self._prepare = prepare
-        self.side_work = side_work
         self.events: StoreEvents = _Unheard()
         self._on_drop = on_drop or (lambda _adapter_id: None)
-        self.residency_wait_s = residency_wait_s
-        self._releases = 0  # counts versions that stopped being in use, for waiting acquires
         self._lock = threading.Condition(threading.RLock())
-        self._load_lock = threading.Lock()  # one disk load at a time; dedupes lazy loads
         self._current: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
         self._fingerprints: dict[Key, Fingerprint] = {}
         self._held: dict[Key, _Held] = {}
@@ -140,21 +127,22 @@ class AdapterStore:
         return [infos[k] for k in sorted(infos)]
 
     def load(self, adapter_id: str) -> AdapterInfo:
-        """Load the files' current version (a no-op when unchanged); waits for room as
-        `acquire` does."""
-
-        def load_exclusively() -> LoadedAdapter:
-            with self.side_work(), self._load_lock:
-                return self._load_locked(adapter_id, reuse_unchanged=True)
-
-        adapter = self._with_room(load_exclusively)
+        """Load the files' current version (a no-op when unchanged)."""
+        adapter = self._load(adapter_id, reuse_unchanged=True)
         with self._lock:
             return self._info(adapter)
 
     def unload(
         self, adapter_id: str, wait: bool = True, timeout: float | None = None, force: bool = False
     ) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """`detach`, then (with `wait`) `wait_unused`: for callers that own no loop."""
+        self.detach(adapter_id, force=force, if_unused=not wait)
+        if wait:
+            self.wait_unused(adapter_id, timeout)
+
+    def detach(self, adapter_id: str, force: bool = False, if_unused: bool = False) -> None:
+        """Make the adapter unknown to new requests; running sequences keep their version.
+        With `if_unused`, raise AdapterInUse instead while any sequence uses it."""
         with self._lock:
             known = adapter_id in self._current or self._in_use(adapter_id) > 0
             if not known:
@@ -162,20 +150,21 @@ class AdapterStore:
             # A pin is an operator's promise that the adapter stays; only force overrides it.
             if adapter_id in self._pinned and not force:
                 raise AdapterPinned(adapter_id)
-            if self._in_use(adapter_id) and not wait:
+            if self._in_use(adapter_id) and if_unused:
                 raise AdapterInUse(adapter_id, f"{self._in_use(adapter_id)} sequences use it")
             self._current.pop(adapter_id, None)
             self._pinned.discard(adapter_id)
             self._on_drop(adapter_id)
-            while self._in_use(adapter_id):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise AdapterInUse(adapter_id, "still in use when the unload timed out")
-                self._lock.wait(left)
+
+    def wait_unused(self, adapter_id: str, timeout: float | None = None) -> None:
+        """Wait until no sequence uses any version of the adapter; AdapterInUse on timeout."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: not self._in_use(adapter_id), timeout):
+                raise AdapterInUse(adapter_id, "still in use when the unload timed out")
 
     def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo:
-        if pinned:
-            self._ensure_loaded(adapter_id)
+        if pinned and adapter_id not in self._current:
+            self._load(adapter_id, reuse_unchanged=False)
         with self._lock:
             adapter = self._current.get(adapter_id)
             if adapter is None:
@@ -187,40 +176,22 @@ class AdapterStore:
             return self._info(adapter)
 
     def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
-        """Hold the current version, loading it first if needed. When there is no room because
-        every resident adapter is in use, wait for a release (backpressure) rather than fail,
-        up to residency_wait_s; then AdapterCapacityExceeded."""
-        while True:
-            with self._lock:
-                adapter = self._current.get(adapter_id)
-                if adapter is not None:
-                    self._current.move_to_end(adapter_id)
-                    key = (adapter_id, adapter.version)
-                    self._held.setdefault(key, _Held(adapter)).count += 1
-                    return AdapterRef(adapter_id, adapter.version, scale)
-            self._with_room(lambda: self._ensure_loaded(adapter_id))
-
-    def _with_room(self, load: Callable[[], T]) -> T:
-        """Run `load`, retrying after each release while it finds every resident adapter in
-        use, until residency_wait_s has passed."""
-        deadline = time.monotonic() + self.residency_wait_s
-        while True:
-            with self._lock:
-                releases = self._releases
-            try:
-                return load()
-            except AdapterCapacityExceeded:
-                if not self._wait_for_release(releases, deadline):
-                    raise
-
-    def _wait_for_release(self, seen: int, deadline: float) -> bool:
-        """True once some version was released after `seen`; False at the deadline, or at
-        once when nothing is in use (pinned adapters alone fill the room: waiting is futile)."""
+        """Hold the current version, loading it first if needed; AdapterCapacityExceeded at
+        once when every resident adapter is pinned or in use."""
         with self._lock:
-            if not self._held:
-                return False
-            timeout = max(0.0, deadline - time.monotonic())
-            return self._lock.wait_for(lambda: self._releases != seen, timeout=timeout)
+            adapter = self._current.get(adapter_id)
+        if adapter is None:
+            adapter = self._load(adapter_id, reuse_unchanged=False)
+        with self._lock:
+            self._current.move_to_end(adapter_id)
+            key = (adapter_id, adapter.version)
+            self._held.setdefault(key, _Held(adapter)).count += 1
+            return AdapterRef(adapter_id, adapter.version, scale)
+
+    def any_in_use(self) -> bool:
+        """Whether any sequence holds a version: only then can a release make room."""
+        with self._lock:
+            return bool(self._held)
 
     def release(self, ref: AdapterRef) -> None:
         with self._lock:
@@ -231,7 +202,6 @@ class AdapterStore:
             held.count -= 1
             if held.count <= 0:
                 del self._held[key]
-                self._releases += 1
                 self._lock.notify_all()
 
     # ---- engine side --------------------------------------------------------------------
@@ -252,16 +222,7 @@ class AdapterStore:
 
     # ---- internals ----------------------------------------------------------------------
 
-    def _ensure_loaded(self, adapter_id: str) -> None:
-        # The turn comes before the lock, so loads that waited for one step all run before
-        # the next, one after another, instead of one load per step.
-        with self.side_work(), self._load_lock:
-            with self._lock:
-                if adapter_id in self._current:
-                    return
-            self._load_locked(adapter_id, reuse_unchanged=False)
-
-    def _load_locked(self, adapter_id: str, reuse_unchanged: bool) -> LoadedAdapter:
+    def _load(self, adapter_id: str, reuse_unchanged: bool) -> LoadedAdapter:
         with _unreadable_files(adapter_id):
             return self._read_and_install(adapter_id, reuse_unchanged)
 
@@ -279,16 +240,22 @@ class AdapterStore:
             return current
         if base is None:
             raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
+        self._check_count_room(adapter_id)
         started = time.perf_counter()
         weights = self._read(adapter_id, path, base)
-        with self._lock:  # only loads bump versions, and they are serialized by _load_lock
+        with self._lock:  # only loads bump versions, and they run on one thread
             version = self._last_version.get(adapter_id, 0) + 1
         adapter = LoadedAdapter(adapter_id, version, str(path), weights, tensors_nbytes(weights))
         if self._prepare is not None:
             self._prepare(adapter)
         with self._lock:
-            self._current.pop(adapter_id, None)
-            self._make_room(adapter)
+            replaced = self._current.pop(adapter_id, None)
+            try:
+                self._make_room(adapter)
+            except AdapterCapacityExceeded:
+                if replaced is not None:
+                    self._current[adapter_id] = replaced
+                raise
             self._last_version[adapter_id] = version
             self._current[adapter_id] = adapter
             self._fingerprints[(adapter_id, version)] = fingerprint
@@ -303,25 +270,36 @@ class AdapterStore:
             return over_count or self._bytes_locked() + incoming.nbytes > self.max_resident_bytes
 
         while too_full():
-            victim = next(
-                (
-                    a
-                    for a in self._current.values()
-                    if a.adapter_id not in self._pinned
-                    and (a.adapter_id, a.version) not in self._held
-                ),
-                None,
-            )
+            victim = self._idle_victim(incoming.adapter_id)
             if victim is None:
-                raise AdapterCapacityExceeded(
-                    incoming.adapter_id,
-                    f"residency limits ({self.max_resident} adapters, "
-                    f"{self.max_resident_bytes} bytes) reached and every resident adapter "
-                    "is pinned or in use",
-                )
+                raise self._no_room(incoming.adapter_id)
             del self._current[victim.adapter_id]
             self._on_drop(victim.adapter_id)
             self.events.adapter_evicted(victim.adapter_id)
+
+    def _check_count_room(self, adapter_id: str) -> None:
+        """Refuse before reading when the count limit alone leaves no room, so that a load
+        the scheduler retries after each release costs no disk read while it waits."""
+        with self._lock:
+            others = len(self._current) - (adapter_id in self._current)
+            if others + 1 > self.max_resident and self._idle_victim(adapter_id) is None:
+                raise self._no_room(adapter_id)
+
+    def _idle_victim(self, incoming_id: str) -> LoadedAdapter | None:
+        """The least recently used adapter that is neither pinned nor in use."""
+        for adapter in self._current.values():
+            aid = adapter.adapter_id
+            idle = (aid, adapter.version) not in self._held
+            if idle and aid not in self._pinned and aid != incoming_id:
+                return adapter
+        return None
+
+    def _no_room(self, adapter_id: str) -> AdapterCapacityExceeded:
+        return AdapterCapacityExceeded(
+            adapter_id,
+            f"residency limits ({self.max_resident} adapters, {self.max_resident_bytes} "
+            "bytes) reached and every resident adapter is pinned or in use",
+        )
 
     def _bytes_locked(self) -> int:
         alive = {(a.adapter_id, a.version): a for a in self._current.values()}

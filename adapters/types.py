@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,3 @@ class StoreEvents(Protocol):
     def adapter_loaded(self, adapter_id: str, seconds: float) -> None: ...
 
     def adapter_evicted(self, adapter_id: str) -> None: ...
-
-
-@runtime_checkable
-class ReportsEvents(Protocol):
-    """An AdapterAdmin that tells `events` what it does (AdapterStore)."""
-
-    events: StoreEvents

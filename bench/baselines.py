@@ -78,6 +78,12 @@ class PeftStaticEngine:
         rows = self._batch.rows if self._batch else []
         return [r.seq_id for r in self._waiting] + [r.request.seq_id for r in rows if not r.done]
 
+    def resources(self) -> dict[str, int]:
+        return {"sequences": len(self.running())}
+
+    def close(self) -> None:
+        self._waiting, self._batch = [], None
+
     def release(self, seq_id: str) -> None:
         self._waiting = [r for r in self._waiting if r.seq_id != seq_id]
         for row in self._batch.rows if self._batch else []:

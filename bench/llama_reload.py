@@ -65,6 +65,13 @@ class LlamaReloadEngine:
         current = [self._current.request.seq_id] if self._current else []
         return current + [r.seq_id for r in self._waiting]
 
+    def resources(self) -> dict[str, int]:
+        return {"sequences": len(self.running())}
+
+    def close(self) -> None:
+        self._waiting, self._current = [], None
+        self._llama.close()
+
     def release(self, seq_id: str) -> None:
         self._waiting = [r for r in self._waiting if r.seq_id != seq_id]
         if self._current and self._current.request.seq_id == seq_id:

@@ -44,7 +44,6 @@ BENCH_SUITES = {
     "readme": "the README's load figures: saturation sweep, then 70% load against baselines",
     "peers": "loraplex against vLLM's CPU build and llama-server, same load (when installed)",
     "soak": "a long mixed run with adapter churn: failures, RSS growth and leaks (20 min)",
-    "turns": "decode steps while adapters load: overlapping against taking turns on the CPU",
 }
 
 

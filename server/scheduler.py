@@ -1,38 +1,39 @@
-"""The scheduler decides which sequences run each step; the engine executes the step.
+"""The loop that owns the engine: it takes requests and adapter commands from its inbox,
+decides which sequences run each step, runs the step and hands each request its events.
 
-Pure Python, no torch. gRPC handler threads call `submit` and read their `RequestHandle`;
-one loop thread calls `step` while there is work. Each round runs
-1. a decode step: it ends cancelled and expired requests (the engine frees their slots in
-   this same step) and advances every running sequence by one token;
-2. up to `prefill_steps_per_round` prefill steps, each planned when the step before it ends:
-   it admits waiting requests from the fair `AdmissionQueue` within the sequence, token and
+Pure Python, no torch. Request threads (gRPC, HTTP) only call `submit` or `call`, which put
+work on the inbox and never wait for the engine, and read their `RequestHandle`'s outbox.
+One loop thread does everything else, so adapter loads and engine steps never overlap.
+Each round
+1. takes the inbox: a new request acquires its adapter (loading it if needed) and queues
+   for admission; a request whose adapter finds no room (every resident adapter in use)
+   waits as scheduler state and is retried after adapters are released, until
+   `adapter_room_wait_s` runs out; commands (adapter loads, pins, unloads) run in order;
+2. runs a decode step: it ends cancelled and expired requests (the engine frees their slots
+   in this same step) and advances every running sequence by one token;
+3. runs up to `prefill_steps_per_round` prefill steps, taking the inbox before each: each
+   admits waiting requests from the fair `AdmissionQueue` within the sequence, token and
    distinct-adapter budgets and gives each its first token. The round ends early when a
    prefill step would admit nothing.
-Each step's `TokenEvent`s go to their requests as soon as it ends. So a request that arrives
-during a decode step is prefilled right after it, and one that arrives during a prefill
-step is prefilled next unless the round has run its prefill steps; the running sequences
-wait for at most that many prefill steps between tokens. `loraplex bench load` (Gemma 3
-270M, 2 CPU cores, 256 adapters, Poisson arrivals at 1.389 req/s, 64 requests, one hour):
-decode and prefill in one step, TTFT p50 0.260 s and p99 0.743 s; one prefill step per
-round, 0.193 / 0.453 s and 0.220 / 0.479 s; two, 0.203 / 0.364 s and 0.213 / 0.451 s. TPOT
-p50 was 0.093, 0.099-0.103 and 0.106-0.111 s.
+Each step's `TokenEvent`s go to their requests as soon as it ends, so the running sequences
+wait for at most `prefill_steps_per_round` prefill steps between tokens.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import count
-from typing import Protocol
+from typing import Protocol, TypeVar
 
+from loraplex.adapters.errors import AdapterCapacityExceeded
 from loraplex.server.admission import AdmissionQueue, StepBudget
-from loraplex.server.cpu_turns import CpuTurns
 from loraplex.server.engine.api import (
     AdapterAdmin,
     AdapterRef,
@@ -43,11 +44,18 @@ from loraplex.server.engine.api import (
     StepPlan,
     TokenEvent,
 )
-from loraplex.server.errors import DeadlineExceeded, Draining, EngineFailure, LoraplexError
+from loraplex.server.errors import (
+    DeadlineExceeded,
+    Draining,
+    EngineFailure,
+    LoraplexError,
+    Overloaded,
+)
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
-IDLE_POLL_S = 1.0  # an idle loop wakes on every submit and cancel; this is a safety net
+T = TypeVar("T")
+IDLE_POLL_S = 1.0  # an idle loop wakes on every submit, call and cancel; this is a safety net
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class SchedulerLimits:
     max_queue: int = 64
     max_skips: int = 8  # steps a skipped request waits before it blocks the queue behind it
     prefill_steps_per_round: int = 2  # between two decode steps, at most
+    adapter_room_wait_s: float = 30.0  # how long a load waits for adapters to be released
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ class RequestHandle:
     adapter_version: int = 0  # kept after the adapter reference is released
     finish_reason: FinishReason | None = None
     completion_tokens: int = 0
-    error: LoraplexError | None = None
+    error: Exception | None = None
     _cancelled: bool = False
     _outbox: queue.SimpleQueue[object] = field(default_factory=queue.SimpleQueue)
     _wake: Callable[[], None] = lambda: None
@@ -143,6 +152,23 @@ class RequestHandle:
             raise self.error
 
 
+@dataclass(eq=False)
+class _Command:
+    """Work a request thread asks the loop to run between steps, answered through `future`."""
+
+    work: Callable[[], object]
+    future: Future[object] = field(default_factory=Future)
+
+
+@dataclass(eq=False)
+class _AwaitingRoom:
+    """A request or command whose adapter found no room; retried after releases."""
+
+    item: RequestHandle | _Command
+    give_up: float
+    error: AdapterCapacityExceeded
+
+
 class Scheduler:
     def __init__(
         self,
@@ -151,22 +177,22 @@ class Scheduler:
         limits: SchedulerLimits,
         observer: SchedulerObserver | None = None,
         clock: Clock = time.monotonic,
-        turns: CpuTurns | None = None,
     ) -> None:
-        """`turns`, when given, makes each engine step take turns with adapter loads."""
         self.engine = engine
-        self.turns = turns
         self.adapters = adapters
         self.limits = limits
         self.observer = observer
         self.clock = clock
         self.steps = 0
+        self._inbox: list[RequestHandle | _Command] = []
+        self._awaiting: list[_AwaitingRoom] = []
         self._waiting: AdmissionQueue[RequestHandle] = AdmissionQueue(
             limits.max_queue, limits.max_skips
         )
         self._running: dict[str, RequestHandle] = {}
         self._lock = threading.Condition()
         self._ids = count()
+        self._room_changed = False  # an adapter was released or a command ran since a retry
         self._admitting = True
         self._stopping = False
         self._loop_exited = threading.Event()  # set while no loop runs
@@ -175,78 +201,146 @@ class Scheduler:
     # ---- called from request threads -------------------------------------------------
 
     def submit(self, submission: Submission) -> RequestHandle:
-        """Queue a request; raises Overloaded, Draining or an adapter error at once."""
-        self._check_admission()
-        # An adapter load takes a CPU turn before a step; the request is queued within that
-        # turn, so the step after it admits the request instead of planning without it.
-        with self.turns.keep_side_turn() if self.turns else contextlib.nullcontext():
-            return self._queue(submission)
-
-    def _queue(self, submission: Submission) -> RequestHandle:
-        ref = self._acquire(submission)
-        handle = RequestHandle(
-            seq_id=f"seq-{next(self._ids)}",
-            submission=submission,
-            adapter=ref,
-            timings=Timings(submitted=self.clock()),
-            adapter_version=ref.version if ref else 0,
-            _wake=self._notify,
-        )
+        """Queue a request for the loop; raises Overloaded or Draining at once. Its adapter
+        errors come out of `events()`."""
         with self._lock:
-            try:
-                self._check_admission()
-                self._waiting.push(handle)
-            except LoraplexError:
-                self._release_adapter(handle)
-                raise
+            self._check_admission()
+            if self._backlog() >= self.limits.max_queue:
+                raise Overloaded(
+                    f"the admission queue is full ({self.limits.max_queue} requests waiting); "
+                    "retry later"
+                )
+            handle = RequestHandle(
+                seq_id=f"seq-{next(self._ids)}",
+                submission=submission,
+                adapter=None,
+                timings=Timings(submitted=self.clock()),
+                _wake=self._notify,
+            )
+            self._inbox.append(handle)
             self._lock.notify_all()
         return handle
+
+    def call(self, work: Callable[[], T]) -> T:
+        """Run `work` on the loop between steps and return its result or raise its error.
+        Work that finds no adapter room is retried after releases, as requests are."""
+        command = _Command(work)
+        with self._lock:
+            if self._stopping:
+                raise Draining("the server is shutting down")
+            self._inbox.append(command)
+            self._lock.notify_all()
+        return command.future.result()  # type: ignore[return-value]
 
     def counts(self) -> tuple[int, int]:
         """(running, waiting) right now."""
         with self._lock:
-            return len(self._running), len(self._waiting)
+            return len(self._running), self._backlog()
 
     def running_requests(self) -> list[RequestHandle]:
         with self._lock:
             return list(self._running.values())
 
+    def _backlog(self) -> int:
+        handles = sum(isinstance(item, RequestHandle) for item in self._inbox)
+        awaiting = sum(isinstance(a.item, RequestHandle) for a in self._awaiting)
+        return handles + awaiting + len(self._waiting)
+
     def _check_admission(self) -> None:
         if not self._admitting:
             raise Draining("the server is shutting down and admits no new requests")
-
-    def _acquire(self, submission: Submission) -> AdapterRef | None:
-        if not submission.adapter_id:
-            return None
-        if self.adapters is None:
-            raise LoraplexError("this server has no adapter store")
-        return self.adapters.acquire(submission.adapter_id, submission.adapter_scale)
 
     def _notify(self) -> None:
         with self._lock:
             self._lock.notify_all()
 
+    # ---- the inbox ---------------------------------------------------------------------
+
+    def _take_inbox(self) -> bool:
+        """Admit new requests and run commands, in arrival order, then retry what waits for
+        adapter room if some may have been made; False when there was nothing to take."""
+        with self._lock:
+            arrived, self._inbox = self._inbox, []
+        for item in arrived:
+            self._take(item, give_up=self.clock() + self.limits.adapter_room_wait_s)
+        if self._room_changed and self._awaiting:
+            self._room_changed = False
+            retried, self._awaiting = self._awaiting, []
+            for awaiting in retried:
+                self._take(awaiting.item, awaiting.give_up)
+        return bool(arrived)
+
+    def _take(self, item: RequestHandle | _Command, give_up: float) -> None:
+        try:
+            if isinstance(item, _Command):
+                self._run_command(item)
+            else:
+                self._admit(item)
+        except AdapterCapacityExceeded as err:
+            futile = self.adapters is None or not self.adapters.any_in_use()
+            if futile or self.clock() >= give_up:
+                self._refuse(item, err)
+            else:
+                with self._lock:
+                    self._awaiting.append(_AwaitingRoom(item, give_up, err))
+        except Exception as err:  # the request or command fails alone; the loop goes on
+            self._refuse(item, err)
+
+    def _run_command(self, command: _Command) -> None:
+        self._room_changed = True  # an unload or unpin may have made room
+        command.future.set_result(command.work())
+
+    def _admit(self, handle: RequestHandle) -> None:
+        if handle.cancelled:
+            self._refuse(handle, None)
+            return
+        if handle.submission.adapter_id:
+            handle.adapter = self._acquire(handle.submission)
+            handle.adapter_version = handle.adapter.version
+        with self._lock:
+            try:
+                self._waiting.push(handle)
+            except LoraplexError:
+                self._release_adapter(handle)
+                raise
+
+    def _acquire(self, submission: Submission) -> AdapterRef:
+        if self.adapters is None:
+            raise LoraplexError("this server has no adapter store")
+        return self.adapters.acquire(submission.adapter_id, submission.adapter_scale)
+
+    def _refuse(self, item: RequestHandle | _Command, error: Exception | None) -> None:
+        """End a request that never queued, or fail a command; no metrics record."""
+        if isinstance(item, _Command):
+            item.future.set_exception(error or Draining("the server is shutting down"))
+            return
+        if error is None:
+            item.finish_reason = FinishReason.CANCELLED
+        item.error = error
+        item.timings.finished = self.clock()
+        item._outbox.put(_END)
+
     # ---- the loop --------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Run one round: a decode step, then prefill steps while they admit a request (up
-        to `prefill_steps_per_round`); False when there was nothing to do."""
-        worked = self._step(self._plan_decode)
+        """Run one round: take the inbox, a decode step, then prefill steps while they admit
+        a request (up to `prefill_steps_per_round`); False when there was nothing to do."""
+        worked = self._take_inbox()
+        worked = self._step(self._plan_decode) or worked
         for _ in range(self.limits.prefill_steps_per_round):
+            self._take_inbox()  # a request that arrived during the last step joins this one
             if not self._step(self._plan_prefill):
                 break
             worked = True
         return worked
 
     def _step(self, plan_step: Callable[[], StepPlan]) -> bool:
-        # Planned within the turn, so a request whose adapter load went first joins this step.
-        with self.turns.step() if self.turns else contextlib.nullcontext():
-            with self._lock:
-                plan = plan_step()
-            if not (plan.prefill or plan.decode or plan.release):
-                return False
-            started = self.clock()
-            events = self._run_engine(plan)
+        with self._lock:
+            plan = plan_step()
+        if not (plan.prefill or plan.decode or plan.release):
+            return False
+        started = self.clock()
+        events = self._run_engine(plan)
         if log.isEnabledFor(logging.DEBUG):  # the prompt-token sum is work on every step
             log.debug(
                 "step %d: %d prefill (%d prompt tokens), %d decode, %d released, %.3f s",
@@ -257,7 +351,7 @@ class Scheduler:
             self.steps += 1
             for event in events:
                 self._deliver(event)
-            running, waiting = len(self._running), len(self._waiting)
+            running, waiting = len(self._running), self._backlog()
             self._lock.notify_all()  # drain() waits for the running set to empty
         if self.observer is not None:
             self.observer.step_finished(running, waiting, len(plan.prefill) + len(plan.decode))
@@ -289,7 +383,14 @@ class Scheduler:
         return SequenceRequest(handle.seq_id, sub.prompt_ids, sub.sampling, handle.adapter)
 
     def _end_abandoned(self, now: float) -> list[str]:
-        """End cancelled and expired requests; return the running ones the engine must free."""
+        """End cancelled and expired requests and those whose wait for adapter room ran out;
+        return the running ones the engine must free."""
+        for awaiting in [a for a in self._awaiting if self._given_up(a, now)]:
+            self._awaiting.remove(awaiting)
+            error = awaiting.error
+            if isinstance(awaiting.item, RequestHandle) and self._abandoned(awaiting.item, now):
+                error = self._abandon_error(awaiting.item)  # type: ignore[assignment]
+            self._refuse(awaiting.item, error)
         release: list[str] = []
         for handle in [h for h in self._waiting if self._abandoned(h, now)]:
             self._waiting.remove(handle)
@@ -299,6 +400,12 @@ class Scheduler:
             release.append(handle.seq_id)
             self._end(handle, self._abandon_error(handle))
         return release
+
+    def _given_up(self, awaiting: _AwaitingRoom, now: float) -> bool:
+        item = awaiting.item
+        return now >= awaiting.give_up or (
+            isinstance(item, RequestHandle) and self._abandoned(item, now)
+        )
 
     @staticmethod
     def _abandoned(handle: RequestHandle, now: float) -> bool:
@@ -354,7 +461,7 @@ class Scheduler:
             problem = event.error or "the engine ended the sequence"
             self._end(handle, EngineFailure(problem) if failed else None)
 
-    def _end(self, handle: RequestHandle, error: LoraplexError | None) -> None:
+    def _end(self, handle: RequestHandle, error: Exception | None) -> None:
         handle.error = error
         handle.timings.finished = self.clock()
         self._release_adapter(handle)
@@ -366,6 +473,7 @@ class Scheduler:
         if handle.adapter is not None and self.adapters is not None:
             self.adapters.release(handle.adapter)
             handle.adapter = None
+            self._room_changed = True
 
     @staticmethod
     def _record(handle: RequestHandle) -> RequestRecord:
@@ -407,9 +515,11 @@ class Scheduler:
             with self._lock:
                 # Checked under the lock: work submitted since the empty step sent its
                 # wake-up before this wait began, so it must not be slept on.
-                idle = not self._running and not len(self._waiting)
-                if idle and not self._stopping:
+                if not self._has_work() and not self._stopping:
                     self._lock.wait(timeout=IDLE_POLL_S)
+
+    def _has_work(self) -> bool:
+        return bool(self._running or len(self._waiting) or self._inbox or self._awaiting)
 
     def stop_admitting(self) -> None:
         """From now on `submit` raises Draining."""
@@ -424,20 +534,25 @@ class Scheduler:
         self._admitting = False
         end = self.clock() + grace_s
         with self._lock:
-            while (self._running or len(self._waiting)) and self.clock() < end:
+            while self._has_work() and self.clock() < end:
                 self._lock.wait(timeout=min(0.1, max(0.0, end - self.clock())))
-            clean = not self._running and not len(self._waiting)
+            clean = not self._has_work()
         self.stop()
         return clean
 
     def stop(self) -> None:
         """Stop the loop and wait for it to exit (never call it from the loop's own thread),
-        then end whatever is still queued or running."""
+        then end whatever is still queued or running and fail the commands not run."""
         self._admitting = False
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
         self._loop_exited.wait()
+        with self._lock:
+            left = self._inbox + [a.item for a in self._awaiting]
+            self._inbox, self._awaiting = [], []
+        for item in left:
+            self._refuse(item, Draining("the server stopped before this request ran"))
         with self._lock:
             for handle in list(self._waiting):
                 self._waiting.remove(handle)

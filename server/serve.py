@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -22,8 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 
-from loraplex.adapters.types import ReportsEvents
-from loraplex.server.auth import BearerAuth, Role, load_tokens
+from loraplex.server.auth import BearerAuth, load_tokens
 from loraplex.server.config import (
     ConfigError,
     ModelConfig,
@@ -31,7 +30,6 @@ from loraplex.server.config import (
     config_from_args,
 )
 from loraplex.server.convert import ChatTemplating
-from loraplex.server.cpu_turns import CpuTurns, RunsSideWork
 from loraplex.server.engine.api import (
     AdapterAdmin,
     Engine,
@@ -233,7 +231,7 @@ def pick_backend(config: ServeConfig) -> Literal["hf", "gguf"]:
     return "gguf" if is_file else "hf"
 
 
-def build_backend(config: ServeConfig) -> tuple[Engine, AdapterAdmin, ChatTemplating | None]:
+def build_backend(config: ServeConfig) -> tuple[Engine, AdapterStore, ChatTemplating | None]:
     """The engine, its adapter store, and chat templating when the tokenizer has a template."""
     if pick_backend(config) == "gguf":
         engine, store = build_gguf(config)
@@ -303,14 +301,7 @@ class RunningServer:
     port: int
     metrics_port: int  # 0 when metrics are off
     stop_metrics: Callable[[], None]
-    drain_requested: threading.Event = field(default_factory=threading.Event)
-
-    def request_drain(self) -> int:
-        """Refuse new requests now; whoever runs the server then drains it. Returns in-flight."""
-        self.scheduler.stop_admitting()
-        self.health.enter_graceful_shutdown()
-        self.drain_requested.set()
-        return sum(self.scheduler.counts())
+    drain_requested: threading.Event
 
     def drain(self, grace_s: float) -> bool:
         self.scheduler.stop_admitting()  # before health changes, so NOT_SERVING means refusing
@@ -334,18 +325,23 @@ def start(
     runs `scheduler.run()`)."""
     metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
     metrics.watch_adapters(store.list)
-    if isinstance(store, ReportsEvents):
-        store.events = metrics
-    limits = scheduler_limits(config)
-    turns = cpu_turns(engine, store)
-    scheduler = Scheduler(engine, store, limits, observer=metrics, turns=turns)
+    metrics.watch_engine(engine.resources)
+    store.events = metrics
+    scheduler = Scheduler(engine, store, scheduler_limits(config), observer=metrics)
     metrics.watch_scheduler(scheduler.counts)
-    if hasattr(engine, "resources"):
-        metrics.watch_engine(engine.resources)
-    service = LoraplexService(scheduler, engine, store, describe(config, engine), metrics, chat)
-    server, health_servicer, port = _grpc_server(
-        config, service, load_tokens(config.auth_tokens_file)
-    )
+    health_servicer = _health()
+    drain_requested = threading.Event()
+
+    def request_drain() -> int:
+        """Refuse new requests now; whoever runs the server then drains it."""
+        scheduler.stop_admitting()
+        health_servicer.enter_graceful_shutdown()
+        drain_requested.set()
+        return sum(scheduler.counts())
+
+    description = describe(config, engine)
+    service = LoraplexService(scheduler, engine, store, description, metrics, chat, request_drain)
+    server, port = _grpc_server(config, service, health_servicer)
     if loop_thread:
         scheduler.start()
     server.start()
@@ -355,20 +351,9 @@ def start(
         server.stop(grace=0)
         scheduler.stop()
         raise
-    running = RunningServer(server, scheduler, health_servicer, port, metrics_port, stop_metrics)
-    service.on_drain = running.request_drain
-    return running
-
-
-def cpu_turns(engine: Engine, store: AdapterAdmin) -> CpuTurns | None:
-    """Engine steps and adapter loads take turns where both run on the CPU: not for an hf
-    engine on an accelerator; the GGUF engine, which has no device, counts as CPU."""
-    on_cpu = getattr(getattr(engine, "device", None), "type", "cpu") == "cpu"
-    if not on_cpu or not isinstance(store, RunsSideWork):
-        return None
-    turns = CpuTurns()
-    store.side_work = turns.side_work
-    return turns
+    return RunningServer(
+        server, scheduler, health_servicer, port, metrics_port, stop_metrics, drain_requested
+    )
 
 
 def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
@@ -414,12 +399,20 @@ def _noop() -> None:
     return None
 
 
+def _health() -> health.HealthServicer:
+    servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("", SERVICE_NAME):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
 def _grpc_server(
-    config: ServeConfig, service: LoraplexService, tokens: dict[str, Role]
-) -> tuple[grpc.Server, health.HealthServicer, int]:
+    config: ServeConfig, service: LoraplexService, health_servicer: health.HealthServicer
+) -> tuple[grpc.Server, int]:
     # Every request waiting or running holds a thread; past that, gRPC answers
     # RESOURCE_EXHAUSTED itself rather than queueing invisibly.
     workers = config.max_batch_sequences + config.max_queue + ADMIN_WORKERS
+    tokens = load_tokens(config.auth_tokens_file)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         handlers=[service.handler()],
@@ -430,10 +423,7 @@ def _grpc_server(
             ("grpc.max_receive_message_length", config.max_message_bytes),
         ],
     )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE_NAME):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
@@ -446,14 +436,12 @@ def _grpc_server(
             port = server.add_secure_port(address, credentials)
     except RuntimeError as err:
         raise ConfigError(f"--port: cannot listen on {config.host}:{config.port} ({err})") from None
-    return server, health_servicer, port
+    return server, port
 
 
 def warm_up(engine: Engine) -> None:
-    """One short base-model generation before serving. A process's first forward pass sets up
-    allocations and kernels: on 2 CPU cores the real model's first 92-token prefill took
-    0.225 s against 0.17 s for the next ones, and its first decode 0.091 s against 0.07 s,
-    which the first request would pay."""
+    """One short base-model generation before serving: a process's first forward pass sets
+    up allocations and kernels, which the first request would otherwise pay for."""
     started = time.perf_counter()
     prompt = engine.encode(WARM_UP_PROMPT)
     sampling = SamplingParams(max_new_tokens=2)
@@ -488,11 +476,12 @@ def serve(config: ServeConfig) -> int:
         daemon=True,
     )
     drainer.start()
-    # The engine steps on the thread that loaded and warmed it up, the process's only
-    # multi-threaded OpenMP pool (why one matters: cpu_turns.py's module doc); a 60-token
-    # prefill stepped on a second thread took 0.27 s against 0.17-0.19 s.
+    # The loop runs on the thread that loaded and warmed up the engine, so the process keeps
+    # one multi-threaded OpenMP pool: a second one makes every parallel region of a CPU
+    # forward pay a thread wake-up.
     running.scheduler.run()
     drainer.join()
+    engine.close()
     outcome = "all requests finished" if drained and drained[0] else "the grace period ran out"
     print(f"loraplex: stopped ({outcome})", file=sys.stderr, flush=True)
     return 0
@@ -500,7 +489,7 @@ def serve(config: ServeConfig) -> int:
 
 def _drain_when_asked(running: RunningServer, stop: threading.Event, grace_s: float) -> bool:
     """Wait for a signal or a Drain call, then drain; the scheduler loop ends with it."""
-    # A signal handler runs on the main thread, which steps the engine, so `stop` is set
+    # A signal handler runs on the main thread, which runs the loop, so `stop` is set
     # between steps at the latest; the drain call sets drain_requested from a gRPC thread.
     while not stop.wait(timeout=0.5) and not running.drain_requested.is_set():
         pass

@@ -1,5 +1,8 @@
 """The gRPC servicer: wire messages in, scheduler and adapter store calls, wire messages out.
 
+A handler thread validates and tokenizes a request, submits it to the scheduler's loop and
+reads the request's events; adapter loads, pins and unloads run on the loop as commands.
+
 Every RPC runs inside `_guard`, which turns typed errors into status codes (server/status.py)
 and any other exception into INTERNAL, so no request can take the server down. Requests are
 parsed by `_parser`, which reports unparsable bytes (such as invalid UTF-8 in a string field)
@@ -120,14 +123,16 @@ class LoraplexService:
         description: ServerDescription,
         metrics: Metrics | None = None,
         chat: convert.ChatTemplating | None = None,
+        on_drain: Callable[[], int] | None = None,
     ) -> None:
+        """`on_drain` starts draining the server and returns the requests in flight."""
         self.chat = chat
         self.scheduler = scheduler
         self.engine = engine
         self.adapters = adapters
         self.description = description
         self.metrics = metrics
-        self.on_drain: Callable[[], int] | None = None  # set by whoever runs the server
+        self.on_drain = on_drain
 
     # ---- generation ----------------------------------------------------------------
 
@@ -268,8 +273,8 @@ class LoraplexService:
     @_guard
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> Message:
         adapter_id = convert.check_adapter_id(request.adapter_id)
-        started = time.perf_counter()
-        info = self._store().load(adapter_id)
+        store, started = self._store(), time.perf_counter()
+        info = self.scheduler.call(lambda: store.load(adapter_id))
         load_s = time.perf_counter() - started
         return pb.LoadAdapterResponse(adapter=convert.adapter_to_proto(info), load_s=load_s)
 
@@ -281,15 +286,17 @@ class LoraplexService:
         timeout = request.timeout_s if request.HasField("timeout_s") else None
         if timeout is not None and not timeout >= 0:
             raise InvalidRequest("timeout_s", f"must be >= 0 seconds, got {timeout}")
-        self._store().unload(
-            adapter_id, wait=not request.no_wait, timeout=timeout, force=request.force
-        )
+        store, force, no_wait = self._store(), request.force, request.no_wait
+        self.scheduler.call(lambda: store.detach(adapter_id, force=force, if_unused=no_wait))
+        if not no_wait:
+            store.wait_unused(adapter_id, timeout)
         return pb.UnloadAdapterResponse()
 
     @_guard
     def PinAdapter(self, request: pb.PinAdapterRequest, context: grpc.ServicerContext) -> Message:
         adapter_id = convert.check_adapter_id(request.adapter_id)
-        info = self._store().pin(adapter_id, pinned=not request.unpin)
+        store, pinned = self._store(), not request.unpin
+        info = self.scheduler.call(lambda: store.pin(adapter_id, pinned=pinned))
         return pb.PinAdapterResponse(adapter=convert.adapter_to_proto(info))
 
     # ---- lifecycle -----------------------------------------------------------------------

@@ -7,9 +7,17 @@ request must receive no matter how it was batched. A character is one token.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
-from loraplex.adapters.errors import AdapterInUse, AdapterNotFound, AdapterPinned, InvalidAdapter
+from loraplex.adapters.errors import (
+    AdapterCapacityExceeded,
+    AdapterInUse,
+    AdapterNotFound,
+    AdapterPinned,
+    InvalidAdapter,
+)
+from loraplex.adapters.types import StoreEvents
 from loraplex.server.engine.api import (
     AdapterInfo,
     AdapterRef,
@@ -41,6 +49,7 @@ class FakeEngine:
     eos_after: int | None = None  # emit EOS after this many tokens, if set
     fail_next_step: bool = False
     gate: threading.Event | None = None  # when set, each step waits for it to open
+    step_s: float = 0.0  # each step takes this long, leaving the loop free between steps
     plans: list[StepPlan] = field(default_factory=list)
     seqs: dict[str, _Seq] = field(default_factory=dict)
     encode_calls: int = 0
@@ -55,12 +64,19 @@ class FakeEngine:
     def running(self) -> list[str]:
         return list(self.seqs)
 
+    def resources(self) -> dict[str, int]:
+        return {"sequences": len(self.seqs)}
+
+    def close(self) -> None:
+        self.seqs.clear()
+
     def release(self, seq_id: str) -> None:
         self.seqs.pop(seq_id, None)
 
     def step(self, plan: StepPlan) -> list[TokenEvent]:
         if self.gate is not None:
             self.gate.wait()
+        time.sleep(self.step_s)
         self.plans.append(plan)
         for seq_id in plan.release:
             self.release(seq_id)
@@ -102,6 +118,7 @@ class FakeAdapters:
     in_use: dict[tuple[str, int], int] = field(default_factory=dict)
     pinned: set[str] = field(default_factory=set)
     max_resident: int | None = None  # evict the least recently loaded idle adapter past this
+    events: StoreEvents | None = None
     _lock: threading.Condition = field(default_factory=threading.Condition)
 
     def _info(self, adapter_id: str) -> AdapterInfo:
@@ -132,17 +149,27 @@ class FakeAdapters:
     def unload(
         self, adapter_id: str, wait: bool = True, timeout: float | None = None, force: bool = False
     ) -> None:
+        self.detach(adapter_id, force=force, if_unused=not wait)
+        self.wait_unused(adapter_id, timeout)
+
+    def _busy(self, adapter_id: str) -> bool:
+        return any(n for (a, _), n in self.in_use.items() if a == adapter_id)
+
+    def detach(self, adapter_id: str, force: bool = False, if_unused: bool = False) -> None:
         with self._lock:
             if adapter_id not in self.versions:
                 raise AdapterNotFound(adapter_id, "not loaded")
             if adapter_id in self.pinned and not force:
                 raise AdapterPinned(adapter_id)
-            busy = lambda: any(n for (a, _), n in self.in_use.items() if a == adapter_id)  # noqa: E731
-            if busy() and not wait:
+            if self._busy(adapter_id) and if_unused:
                 raise AdapterInUse(adapter_id, "running requests use it")
-            self._lock.wait_for(lambda: not busy(), timeout)
             del self.versions[adapter_id]
             self.pinned.discard(adapter_id)
+
+    def wait_unused(self, adapter_id: str, timeout: float | None = None) -> None:
+        with self._lock:
+            if not self._lock.wait_for(lambda: not self._busy(adapter_id), timeout):
+                raise AdapterInUse(adapter_id, "still in use when the unload timed out")
 
     def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo:
         with self._lock:
@@ -162,11 +189,21 @@ class FakeAdapters:
             return ref
 
     def _evict(self, keep: str) -> None:
+        """Drop idle, unpinned adapters past max_resident; AdapterCapacityExceeded (and `keep`
+        unloaded again) when that is not enough."""
         for victim in list(self.versions):
             if self.max_resident is None or len(self.versions) <= self.max_resident:
                 return
-            if victim != keep and not self._info(victim).in_use:
+            idle = not self._info(victim).in_use and victim not in self.pinned
+            if victim != keep and idle:
                 del self.versions[victim]
+        if self.max_resident is not None and len(self.versions) > self.max_resident:
+            del self.versions[keep]
+            raise AdapterCapacityExceeded(keep, "every resident adapter is pinned or in use")
+
+    def any_in_use(self) -> bool:
+        with self._lock:
+            return any(self.in_use.values())
 
     def release(self, ref: AdapterRef) -> None:
         with self._lock:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,9 +21,7 @@ from loraplex.adapters.errors import (
 )
 from loraplex.adapters.peft_format import BaseSpec, read_adapter, regenerate_projection
 from loraplex.adapters.store import AdapterStore
-from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import AdapterWeights
-from loraplex.server.cpu_turns import CpuTurns
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +128,7 @@ def test_vera_projection_regenerated_like_peft(tiny_llama: torch.nn.Module) -> N
 
 
 def test_lru_eviction_skips_pinned_and_in_use(root: Path, tiny_llama_spec: BaseSpec) -> None:
-    store = store_over(root, tiny_llama_spec, max_resident=2, residency_wait_s=0)
+    store = store_over(root, tiny_llama_spec, max_resident=2)
     store.pin("a0")
     held = store.acquire("a1")
     with pytest.raises(AdapterCapacityExceeded):
@@ -147,34 +142,29 @@ def test_lru_eviction_skips_pinned_and_in_use(root: Path, tiny_llama_spec: BaseS
     assert {i.adapter_id for i in store.list() if i.resident} == {"a2", "a3"}
 
 
-def test_a_full_store_makes_acquire_wait_for_a_release(
+def test_no_room_is_refused_at_once_without_reading_or_losing_the_current_version(
     root: Path, tiny_llama_spec: BaseSpec
 ) -> None:
-    store = AdapterStore([root], base=tiny_llama_spec, max_resident=1, residency_wait_s=30)
-    held = store.acquire("a0")
-    got: list[AdapterRef] = []
-    waiter = threading.Thread(target=lambda: got.append(store.acquire("a1")))
-    waiter.start()
-    waiter.join(timeout=0.5)
-    assert waiter.is_alive() and not got  # no room: a0 is in use
-    store.release(held)
-    waiter.join(timeout=30)
-    assert [r.adapter_id for r in got] == ["a1"]
-    assert [i.adapter_id for i in store.list() if i.resident] == ["a1"]
+    """The scheduler retries such loads after each release: a refusal must cost no read."""
+    reads: list[str] = []
 
+    def read(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
+        reads.append(adapter_id)
+        return read_adapter(adapter_id, path, base)
 
-def test_waiting_for_room_has_limits(root: Path, tiny_llama_spec: BaseSpec) -> None:
-    store = AdapterStore([root], base=tiny_llama_spec, max_resident=1, residency_wait_s=0.3)
+    store = AdapterStore([root], base=tiny_llama_spec, max_resident=1, read=read)
     held = store.acquire("a0")
-    with pytest.raises(AdapterCapacityExceeded, match="in use"):
-        store.acquire("a1")  # after 0.3 s
-    with pytest.raises(AdapterCapacityExceeded, match="in use"):
-        store.load("a1")  # an admin load waits the same way
+    assert store.any_in_use()
+    for _ in range(3):
+        with pytest.raises(AdapterCapacityExceeded, match="in use"):
+            store.acquire("a1")
+    assert reads == ["a0"]
     store.release(held)
+    assert not store.any_in_use()
     store.pin("a0")
-    store.residency_wait_s = 3600.0
     with pytest.raises(AdapterCapacityExceeded, match="pinned"):
-        store.acquire("a1")  # nothing in use to wait for: refused at once
+        store.load("a1")
+    assert [i.adapter_id for i in store.list() if i.resident] == ["a0"]
 
 
 def test_byte_limit_evicts(root: Path, tiny_llama_spec: BaseSpec) -> None:
@@ -211,48 +201,3 @@ def test_unload_times_out_while_in_use(root: Path, tiny_llama_spec: BaseSpec) ->
     store.acquire("a0")
     with pytest.raises(AdapterInUse):
         store.unload("a0", wait=True, timeout=0.05)
-
-
-def test_reading_an_adapter_runs_as_side_work(root: Path, tiny_llama_spec: BaseSpec) -> None:
-    """Lazy and explicit loads read inside `side_work`, where the server takes turns with
-    the engine's steps (loraplex.server.cpu_turns)."""
-    inside: list[bool] = []
-    active = False
-
-    @contextlib.contextmanager
-    def side_work() -> Iterator[None]:
-        nonlocal active
-        active = True
-        try:
-            yield
-        finally:
-            active = False
-
-    def read(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
-        inside.append(active)
-        return read_adapter(adapter_id, path, base)
-
-    store = AdapterStore([root], base=tiny_llama_spec, read=read, side_work=side_work)
-    store.acquire("a0")
-    store.load("a1")
-    assert inside == [True, True]
-
-
-def test_loads_that_wait_for_a_step_all_run_before_the_next(
-    root: Path, tiny_llama_spec: BaseSpec
-) -> None:
-    """Lazy loads queued behind a step share the turn after it: a burst of cold adapters
-    costs one pause, not one step each."""
-    turns = CpuTurns()
-    store = AdapterStore([root], base=tiny_llama_spec, side_work=turns.side_work)
-    names = ["a0", "a1", "a2"]
-    with turns.step():
-        threads = [threading.Thread(target=store.acquire, args=(n,)) for n in names]
-        for thread in threads:
-            thread.start()
-        time.sleep(0.5)  # each reaches its turn's queue long before this
-        assert not any(a.resident for a in store.list())
-    with turns.step():
-        assert {a.adapter_id for a in store.list() if a.resident} == set(names)
-    for thread in threads:
-        thread.join(10)

@@ -271,28 +271,28 @@ def test_adapter_admin_calls(served: Served) -> None:
 
 
 def test_unload_without_waiting_refuses_while_in_use(served: Served) -> None:
-    served.engine.gate = threading.Event()
-    stream = served.client.stream("busy", adapter="a", max_new_tokens=3)
+    # Adapter commands run on the loop between steps: slow steps keep the request running.
+    served.engine.step_s = 0.05
+    stream = served.client.stream("busy", adapter="a", max_new_tokens=40)
     it = iter(stream)
     wait_for(lambda: served.client.server_info().running == 1)
     with pytest.raises(client_errors.FailedPrecondition, match=r"in use|use it"):
         served.client.unload_adapter("a", wait=False)
-    served.engine.gate.set()
-    assert len(list(it)) == 3
+    assert len(list(it)) == 40
     served.client.unload_adapter("a")
 
 
 def test_a_request_keeps_its_adapter_version_across_a_replace(served: Served) -> None:
-    served.engine.gate = threading.Event()
-    stream = served.client.stream("swap", adapter="a", max_new_tokens=4)
+    served.engine.step_s = 0.05  # the load runs between two of the request's steps
+    stream = served.client.stream("swap", adapter="a", max_new_tokens=30)
     it = iter(stream)
     wait_for(lambda: served.client.server_info().running == 1)
     old = served.store.versions["a"]
     assert served.client.load_adapter("a").version == old + 1
-    served.engine.gate.set()
+    assert served.client.server_info().running == 1  # replaced while it ran
     tokens = [t for chunk in it for t in chunk.token_ids]
     assert stream.result is not None and stream.result.adapter_version == old
-    assert tokens == want_tokens(served.engine, "swap", AdapterRef("a", old), 4)
+    assert tokens == want_tokens(served.engine, "swap", AdapterRef("a", old), 30)
     after = served.client.generate("swap", adapter="a", max_new_tokens=4)
     assert after.adapter_version == old + 1
     assert after.token_ids == want_tokens(served.engine, "swap", AdapterRef("a", old + 1), 4)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 
 import pytest
 from fake_engine import FakeAdapters, FakeEngine, expected_token
@@ -14,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from waiting import wait_for
 
-from loraplex.server.cpu_turns import CpuTurns
+from loraplex.adapters.errors import AdapterCapacityExceeded, AdapterNotFound
 from loraplex.server.engine.api import (
     AdapterRef,
     FinishReason,
@@ -381,51 +378,121 @@ def test_stop_ends_what_is_left_with_draining() -> None:
     assert not engine.seqs
 
 
-def test_unknown_adapter_is_refused_at_submit_without_queueing() -> None:
-    from loraplex.adapters.errors import AdapterNotFound
-
-    s, _, _, _ = make()
+def test_unknown_adapter_is_refused_through_its_events_without_queueing() -> None:
+    s, engine, _, _ = make()
+    handle = s.submit(sub(adapter="nope"))  # the request thread never touches the store
+    run_until_idle(s)
     with pytest.raises(AdapterNotFound):
-        s.submit(sub(adapter="nope"))
-    assert s.counts() == (0, 0)
+        tokens(handle)
+    assert s.counts() == (0, 0) and not engine.plans
 
 
-class LoadingAdapters(FakeAdapters):
-    """Loads a cold adapter inside `side_work`, as the adapter store does, then dawdles
-    before returning it, as a descheduled gRPC thread may."""
+class LoopAdapters(FakeAdapters):
+    """Records the thread each cold load ran on and whether a step was running then."""
 
-    side_work: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext
+    def __init__(self, engine: FakeEngine, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.engine = engine
+        self.loads: list[tuple[str, int]] = []  # (thread name, steps planned so far)
 
     def acquire(self, adapter_id: str, scale: float = 1.0) -> AdapterRef:
         if adapter_id not in self.versions:
-            with self.side_work():
-                self.load(adapter_id)
-            time.sleep(0.2)
+            self.loads.append((threading.current_thread().name, len(self.engine.plans)))
         return super().acquire(adapter_id, scale)
 
 
-def test_a_request_whose_adapter_loads_during_a_step_joins_the_next_step() -> None:
-    """With turns, the load waits for the step in progress and the next step waits for the
-    load; the request is queued before that step plans, so the step prefills it."""
+def test_a_cold_adapter_loads_on_the_loop_between_steps_and_its_request_joins_the_next() -> None:
     gate = threading.Event()
-    engine, turns, store = FakeEngine(gate=gate), CpuTurns(), LoadingAdapters(known={"a"})
-    store.side_work = turns.side_work
-    s = Scheduler(engine, store, SchedulerLimits(), turns=turns)
+    engine = FakeEngine(gate=gate)
+    store = LoopAdapters(engine, known={"a"})
+    s = Scheduler(engine, store, SchedulerLimits())
     s.submit(sub("first", n=3))
     s.start()
     try:
         wait_for(lambda: s.counts() == (1, 0), within_s=10)  # step 1 runs, held at the gate
-        handles: list[RequestHandle] = []
-        submitter = threading.Thread(target=lambda: handles.append(s.submit(sub(adapter="a"))))
-        submitter.start()
-        time.sleep(0.2)  # the load now waits for step 1
+        cold = s.submit(sub(adapter="a"))  # returns at once although step 1 is held
+        assert store.loads == []
         gate.set()
-        submitter.join(10)
         wait_for(lambda: len(engine.plans) >= 2, within_s=10)
-        assert [r.seq_id for r in engine.plans[1].prefill] == [handles[0].seq_id]
-        assert tokens(handles[0]) == [
-            expected_token(handles[0].submission.prompt_ids, AdapterRef("a", 1), i)
-            for i in range(4)
+        assert store.loads == [("scheduler", 1)]  # on the loop, after step 1 ended
+        assert [r.seq_id for r in engine.plans[1].prefill] == [cold.seq_id]
+        assert tokens(cold) == [
+            expected_token(cold.submission.prompt_ids, AdapterRef("a", 1), i) for i in range(4)
         ]
     finally:
         s.stop()
+
+
+def test_a_request_waits_for_adapter_room_as_scheduler_state_then_runs() -> None:
+    s, _, store, _ = make(adapters={"a", "b"})
+    store.max_resident = 1
+    holder = s.submit(sub(adapter="a", n=4))
+    s.step()  # holder runs with adapter a, the only room
+    second = s.submit(sub(adapter="b", n=2))  # no thread blocks on it
+    s.step()
+    assert s.counts() == (1, 1) and "b" not in store.versions
+    run_until_idle(s)
+    assert holder.finish_reason is second.finish_reason is FinishReason.LENGTH
+    assert tokens(second) == [
+        expected_token(second.submission.prompt_ids, AdapterRef("b", 1), i) for i in range(2)
+    ]
+
+
+def test_waiting_for_adapter_room_gives_up_after_its_limit() -> None:
+    s, _, store, clock = make(SchedulerLimits(adapter_room_wait_s=5.0), adapters={"a", "b"})
+    store.max_resident = 1
+    holder = s.submit(sub(adapter="a", n=1000))
+    s.step()
+    starved = s.submit(sub(adapter="b", n=2))
+    s.step()
+    clock.now = 5.0
+    s.step()
+    with pytest.raises(AdapterCapacityExceeded):
+        tokens(starved)
+    assert s.counts() == (1, 0)
+    holder.cancel()
+    run_until_idle(s)
+    assert not store.any_in_use()
+
+
+def test_no_wait_for_room_that_only_pins_fill() -> None:
+    s, _, store, _ = make(adapters={"a", "b"})
+    store.max_resident = 1
+    store.acquire("a")  # a is resident...
+    store.release(AdapterRef("a", 1))
+    store.pin("a")  # ...and pinned: no release can ever make room for b
+    handle = s.submit(sub(adapter="b"))
+    s.step()
+    with pytest.raises(AdapterCapacityExceeded):
+        tokens(handle)
+
+
+def test_commands_run_on_the_loop_in_order_and_raise_their_errors() -> None:
+    s, _, store, _ = make()
+    s.start()
+    try:
+        ran_on: list[str] = []
+        info = s.call(lambda: ran_on.append(threading.current_thread().name) or store.load("a"))
+        assert ran_on == ["scheduler"] and info.version == 1
+        with pytest.raises(AdapterNotFound):
+            s.call(lambda: store.load("nope"))
+        assert s.call(lambda: 42) == 42  # the loop goes on after a failed command
+    finally:
+        s.stop()
+    with pytest.raises(Draining):
+        s.call(lambda: None)
+
+
+def test_a_command_that_finds_no_room_runs_once_a_release_makes_some() -> None:
+    s, _, store, _ = make(adapters={"a", "b"})
+    store.max_resident = 1
+    holder = s.submit(sub(adapter="a", n=3))
+    s.step()
+    loaded = []
+    caller = threading.Thread(target=lambda: loaded.append(s.call(lambda: store.load("b"))))
+    caller.start()
+    wait_for(lambda: s._inbox, within_s=10)
+    run_until_idle(s)  # holder finishes; the load is retried after its release
+    caller.join(10)
+    assert holder.finish_reason is FinishReason.LENGTH
+    assert [i.adapter_id for i in loaded] == ["b"] and store.versions == {"b": 1}

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from loraplex.adapters.types import AdapterInfo, AdapterRef
+from loraplex.adapters.types import AdapterInfo, AdapterRef, StoreEvents
 from loraplex.server.errors import InvalidRequest
 
 __all__ = [
@@ -120,7 +120,16 @@ class TokenEvent:
 
 
 class Engine(Protocol):
-    """What every backend offers the scheduler."""
+    """What every backend offers the scheduler.
+
+    Threads: `encode`, `decode` and `resources` may be called from any thread; `step`,
+    `release`, `running` and `close` only from the one loop thread that owns the engine.
+
+    Errors: a request the engine cannot serve (its adapter, its length, logits that are not
+    finite) ends its own row, as a TokenEvent with finish ERROR and the reason; the other
+    rows of the step go on. `step` raises only when the step as a whole failed; the
+    scheduler then ends that step's sequences and keeps serving.
+    """
 
     max_context: int
 
@@ -134,12 +143,29 @@ class Engine(Protocol):
 
     def running(self) -> list[str]: ...
 
+    def resources(self) -> dict[str, int]:
+        """What running sequences hold (sequences, cache rows, adapter holds...): all zero
+        when idle, so that a soak run can spot leaks."""
+        ...
+
+    def close(self) -> None:
+        """End every sequence and free what the engine holds; it serves nothing afterwards."""
+        ...
+
 
 class AdapterAdmin(Protocol):
-    """Adapter management used by the gRPC service; thread-safe.
+    """Adapter management; the adapter store implements it.
 
-    Errors: AdapterNotFound, InvalidAdapter, AdapterInUse (loraplex.adapters.errors).
+    Threads: `load`, `acquire`, `pin` and `detach` run on the server's loop thread, between
+    steps; `list`, `release` and `wait_unused` from any thread. Nothing here waits for room:
+    when every resident adapter is pinned or in use, loads raise AdapterCapacityExceeded
+    and the scheduler retries them after a release.
+
+    Errors: AdapterNotFound, InvalidAdapter, AdapterInUse, AdapterPinned,
+    AdapterCapacityExceeded (loraplex.adapters.errors).
     """
+
+    events: StoreEvents
 
     def list(self) -> list[AdapterInfo]: ...
 
@@ -147,11 +173,14 @@ class AdapterAdmin(Protocol):
         """Load the adapter, or a newer copy of it (new version); running sequences keep theirs."""
         ...
 
-    def unload(
-        self, adapter_id: str, wait: bool = True, timeout: float | None = None, force: bool = False
-    ) -> None:
-        """Drop the adapter once no sequence uses it; with wait=False raise AdapterInUse instead.
-        A pinned adapter raises AdapterPinned (and stays loaded and pinned) unless `force`."""
+    def detach(self, adapter_id: str, force: bool = False, if_unused: bool = False) -> None:
+        """Make the adapter unknown to new requests (running ones keep their version); with
+        `if_unused`, raise AdapterInUse instead while it is in use. A pinned adapter raises
+        AdapterPinned (and stays loaded and pinned) unless `force`."""
+        ...
+
+    def wait_unused(self, adapter_id: str, timeout: float | None = None) -> None:
+        """Wait until no sequence uses the adapter; AdapterInUse when `timeout` runs out."""
         ...
 
     def pin(self, adapter_id: str, pinned: bool = True) -> AdapterInfo: ...
@@ -161,3 +190,7 @@ class AdapterAdmin(Protocol):
         ...
 
     def release(self, ref: AdapterRef) -> None: ...
+
+    def any_in_use(self) -> bool:
+        """Whether any sequence holds an adapter: only then can waiting for room succeed."""
+        ...
