@@ -266,13 +266,12 @@ def prepare_adapters(store: AdapterAdmin, config: ServeConfig) -> None:
         log.warning("no adapters preloaded; adapters under %s load on first use", roots)
     for adapter_id in dict.fromkeys([*preload, *config.pinned_adapters]):
         info = store.load(adapter_id)
-        log.info("adapter %s v%d ready (%s, rank %d)", *_adapter_summary(info))
+        log.info(
+            "adapter %s v%d ready (%s, rank %d)",
+            info.adapter_id, info.version, info.peft_type, info.rank,
+        )  # fmt: skip
     for adapter_id in config.pinned_adapters:
         store.pin(adapter_id)
-
-
-def _adapter_summary(info: object) -> tuple[object, ...]:
-    return tuple(getattr(info, k) for k in ("adapter_id", "version", "peft_type", "rank"))
 
 
 class TokenizerChat:

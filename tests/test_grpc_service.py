@@ -377,8 +377,8 @@ def test_adapter_loads_and_evictions_are_counted(lora_root: tuple[Path, BaseSpec
 def test_cold_requests_that_arrive_during_a_step_all_join_the_next(
     lora_root: tuple[Path, BaseSpec],
 ) -> None:
-    """Their loads share the CPU turn after the step in progress: a burst of cold adapters
-    waits for one step, not one step per adapter."""
+    """The loop takes them between the step in progress and the next, loading their
+    adapters one after another: a burst of cold adapters waits for one step, not one each."""
     root, spec = lora_root
     engine = FakeEngine(max_context=64, gate=threading.Event())
     server, client = serve_around(engine, AdapterStore([root], base=spec))
@@ -388,7 +388,7 @@ def test_cold_requests_that_arrive_during_a_step_all_join_the_next(
         wait_for(lambda: client.server_info().running == 1)  # its step waits at the gate
         cold = [client.stream(f"cold {name}", adapter=name, max_new_tokens=2) for name in "abc"]
         tails = [iter(stream) for stream in cold]
-        time.sleep(0.5)  # each request reaches the wait for its load's turn long before this
+        time.sleep(0.5)  # each request reaches the loop's inbox long before this
         engine.gate.set()
         assert all(len(list(tail)) == 2 for tail in tails) and len(list(first)) == 2
         together = [p for p in engine.plans if any(r.adapter for r in p.prefill)]
