@@ -12,6 +12,7 @@ from engine_driver import Result, run
 from transformers import AutoTokenizer
 
 from loraplex.adapters.store import AdapterStore
+from loraplex.server.engine import sampling
 from loraplex.server.engine.api import (
     NOT_FINITE_LOGITS,
     FinishReason,
@@ -116,20 +117,31 @@ def test_a_tiny_temperature_samples_the_argmax(engine: HFEngine) -> None:
     assert tiny["t"].tokens == greedy.tokens
 
 
+def test_requests_that_cannot_be_served_end_alone_in_their_prefill(engine: HFEngine) -> None:
+    solo = solo_runs(engine)
+    too_long = SequenceRequest("too-long", [1] * engine.max_context)
+    unknown_token = SequenceRequest("unknown-token", [1, 10**9])
+    healthy = [make_request(engine, *case) for case in HEALTHY]
+    results = run(engine, {0: [too_long, healthy[0], unknown_token, *healthy[1:]]})
+    for bad in ("too-long", "unknown-token"):
+        assert results[bad].finish is FinishReason.ERROR and results[bad].tokens == []
+        assert (results[bad].error or "").startswith("prompt_ids:")
+    assert_equal_to_solo(results, solo)
+
+
 def test_a_sampling_failure_ends_only_its_row(
     engine: HFEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     solo = solo_runs(engine)
     doomed = make_request(engine, "doomed", "This one fails", None, temperature=0.7, seed=1)
     healthy = [make_request(engine, *case) for case in HEALTHY]
-    real_multinomial = torch.multinomial
 
-    def failing(probs: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    def failing(probs: torch.Tensor, generator: torch.Generator) -> int:
         raise RuntimeError("probability tensor contains either inf, nan or element < 0")
 
-    monkeypatch.setattr(torch, "multinomial", failing)  # only the sampled row draws
+    monkeypatch.setattr(sampling, "draw", failing)  # only the sampled row draws
     results = run(engine, {0: [doomed, *healthy]})
-    monkeypatch.setattr(torch, "multinomial", real_multinomial)
+    monkeypatch.undo()
     assert results["doomed"].finish is FinishReason.ERROR
     assert "sampling failed" in (results["doomed"].error or "")
     assert_equal_to_solo(results, solo)

@@ -18,17 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
+from loraplex.adapters.errors import AdapterError, AdapterNotFound, InvalidAdapter
 from loraplex.server.engine import gguf_lora_slots
-from loraplex.server.engine.api import (
-    NOT_FINITE_LOGITS,
-    AdapterRef,
-    FinishReason,
-    SequenceRequest,
-    StepPlan,
-    TokenEvent,
-)
+from loraplex.server.engine.api import AdapterRef, SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.gguf_adapters import AdapterFileResolver, GGUFAdapterPool
 from loraplex.server.engine.gguf_lora_slots import LoraSlots, PoolError
 from loraplex.server.engine.gguf_runtime import (
@@ -38,8 +32,7 @@ from loraplex.server.engine.gguf_runtime import (
     TokenSlot,
     llama_library,
 )
-from loraplex.server.engine.gguf_sampling import TokenSampler
-from loraplex.server.engine.gguf_text import TextStream
+from loraplex.server.engine.rows import ModelInfo, Row, advance_all, check_request, error_event
 from loraplex.server.errors import InvalidRequest
 
 GroupKey = tuple[str, int, float] | None  # (adapter id, version, scale); None is the base
@@ -55,11 +48,9 @@ class _Sequence:
     seq_id: str
     slot: int
     request: SequenceRequest
-    sampler: TokenSampler
-    text: TextStream
+    row: Row
     pending: list[int]  # tokens to feed on the next run: the prompt, then each new token
     pos: int = 0  # KV position of pending[0]
-    generated: int = 0
     adapters: AdapterSet = field(default=())  # the context's set for it (stock llama.cpp path)
     lora_slot: int = 0  # its per-sequence adapter slot (patched llama.cpp); 0: the base
 
@@ -93,6 +84,9 @@ class GGUFEngine:
         even where the patched library could mix them (benchmarks compare the two)."""
         self._runtime = LlamaRuntime(Path(model_path), config or RuntimeConfig())
         self.max_context = self._runtime.n_ctx_per_seq
+        self._model = ModelInfo(self.max_context, self._runtime.vocab_size,
+                                self._runtime.is_end_of_generation, self.decode,
+                                torch.device("cpu"))  # fmt: skip
         self.adapters = GGUFAdapterPool(
             self._runtime.model, adapter_files, self._before_free, max_idle_adapters
         )
@@ -184,13 +178,21 @@ class GGUFEngine:
             self.release(seq_id)
         while not self._to_retire.empty():
             self.adapters.retire(self._to_retire.get())
-        self.check_all(plan.prefill)
-        started = [self._start(request) for request in plan.prefill]
-        runnable = started + [self._running(seq_id) for seq_id in plan.decode]
+        events: list[TokenEvent] = []
+        runnable: list[_Sequence] = []
+        for request in plan.prefill:
+            try:
+                runnable.append(self._start(request))
+            except (InvalidRequest, AdapterError) as err:  # it ends alone, as on every backend
+                events.append(error_event(request.seq_id, str(err)))
+        for seq_id in plan.decode:
+            if seq_id in self._sequences:
+                runnable.append(self._sequences[seq_id])
+            else:
+                events.append(error_event(seq_id, f"decode: {seq_id!r} is not running"))
         self.last_step = StepStats()
         if self.lora_slots is not None:  # every token brings its own adapter
-            return self._run(runnable, ())
-        events: list[TokenEvent] = []
+            return events + self._run(runnable, ())
         for group in self._ordered_groups(runnable):
             events.extend(self._run(group, group[0].adapters))
         return events
@@ -199,40 +201,19 @@ class GGUFEngine:
 
     def check(self, request: SequenceRequest) -> None:
         """Raise the typed error that `request` would meet in `step`, before it is queued."""
-        request.sampling.validate()
-        if request.seq_id in self._sequences:
-            raise InvalidRequest("seq_id", f"{request.seq_id!r} is already running")
-        if not 1 <= len(request.prompt_ids) <= self.max_context:
-            raise InvalidRequest(
-                "prompt", f"needs 1 to {self.max_context} tokens, got {len(request.prompt_ids)}"
-            )
-        vocab = self._runtime.vocab_size
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise InvalidRequest("prompt", f"token ids must be in [0, {vocab})")
+        check_request(request, self._model, self._sequences, self._runtime.config.n_seq_max)
         if request.adapter is not None:
             self.adapters.check(request.adapter)
-
-    def check_all(self, requests: list[SequenceRequest]) -> None:
-        """Check a step's prefills together, so a bad one stops the step before any work."""
-        seq_ids = [r.seq_id for r in requests]
-        if len(set(seq_ids)) != len(seq_ids):
-            raise InvalidRequest("seq_id", "a step may not start the same sequence twice")
-        if len(requests) > len(self._free_slots):
-            raise InvalidRequest(
-                "prefill", f"{len(requests)} new sequences but {len(self._free_slots)} free slots"
-            )
-        for request in requests:
-            self.check(request)
 
     # ---- execution ----------------------------------------------------------------------
 
     def _start(self, request: SequenceRequest) -> _Sequence:
+        self.check(request)
         seq = _Sequence(
             seq_id=request.seq_id,
             slot=self._take_free_slot(),
             request=request,
-            sampler=TokenSampler(request.sampling, request.prompt_ids, self._runtime.vocab_size),
-            text=TextStream(request.sampling.stop),
+            row=Row.start(request, self._model),
             pending=list(request.prompt_ids),
         )
         self._sequences[request.seq_id] = seq
@@ -255,12 +236,6 @@ class GGUFEngine:
         slot = min(self._free_slots)  # right after the running ones (see _fill_gap)
         self._free_slots.remove(slot)
         return slot
-
-    def _running(self, seq_id: str) -> _Sequence:
-        seq = self._sequences.get(seq_id)
-        if seq is None:
-            raise InvalidRequest("decode", f"sequence {seq_id!r} is not running")
-        return seq
 
     def _run(self, seqs: list[_Sequence], decode_adapters: AdapterSet) -> list[TokenEvent]:
         """The prompts that share an adapter slot in one decode call per slot, then every
@@ -289,7 +264,14 @@ class GGUFEngine:
         # llama.cpp cuts a ubatch where the sequence ids are not consecutive
         batch.sort(key=lambda seq: seq.slot)
         rows = self._decode_batch(batch, adapters)  # views, valid until the next decode
-        return [self._advance(seq, row) for seq, row in zip(batch, rows, strict=True)]
+        logits = [torch.from_numpy(row) for row in rows]
+        events = advance_all([seq.row for seq in batch], logits, self._model)
+        for seq in batch:
+            seq.pos += len(seq.pending)
+            seq.pending = seq.row.tokens[-1:]
+            if seq.row.finish is not None:
+                self.release(seq.seq_id)
+        return events
 
     def _decode_batch(self, batch: list[_Sequence], adapters: AdapterSet) -> list[np.ndarray]:
         if self._runtime.set_adapters(adapters):
@@ -312,45 +294,6 @@ class GGUFEngine:
             TokenSlot(token, seq.pos + i, seq.slot, i == last)
             for i, token in enumerate(seq.pending)
         ]
-
-    def _advance(self, seq: _Sequence, logits: np.ndarray) -> TokenEvent:
-        """Choose the sequence's next token; a row that cannot be advanced (non-finite logits,
-        a sampling failure) ends that sequence alone."""
-        if not np.isfinite(logits.max()):  # a NaN anywhere makes it NaN; -inf logits are harmless
-            return self._fail(seq, NOT_FINITE_LOGITS)
-        try:
-            token, logprob = seq.sampler.choose(logits)
-        except Exception as err:
-            log.exception("sampling failed for %s", seq.seq_id)
-            return self._fail(seq, f"sampling failed: {err}")
-        seq.pos += len(seq.pending)
-        seq.pending = [token]
-        seq.generated += 1
-        finish = self._finish_reason(seq, token)
-        if finish is FinishReason.EOS:
-            text = seq.text.flush()
-        else:
-            text = seq.text.push(self._runtime.piece(token))
-            if seq.text.stopped:
-                finish = FinishReason.STOP
-            elif finish is not None:
-                text += seq.text.flush()
-        if finish is not None:
-            self.release(seq.seq_id)
-        return TokenEvent(seq.seq_id, token, text, logprob, finish)
-
-    def _fail(self, seq: _Sequence, problem: str) -> TokenEvent:
-        self.release(seq.seq_id)
-        return TokenEvent(seq.seq_id, None, finish=FinishReason.ERROR, error=problem)
-
-    def _finish_reason(self, seq: _Sequence, token: int) -> FinishReason | None:
-        if self._runtime.is_end_of_generation(token):
-            return FinishReason.EOS
-        if seq.generated >= seq.request.sampling.max_new_tokens:
-            return FinishReason.LENGTH
-        if seq.pos >= self.max_context:  # no KV cell left to feed this token back
-            return FinishReason.CONTEXT
-        return None
 
     def close(self) -> None:
         for seq_id in list(self._sequences):

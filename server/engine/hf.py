@@ -12,9 +12,8 @@ work goes into padding, and each prompt's adapter delta is two plain matmuls ove
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
@@ -24,13 +23,7 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter
 from loraplex.server.device import pick_device, torch_threads
-from loraplex.server.engine.api import (
-    NOT_FINITE_LOGITS,
-    FinishReason,
-    SequenceRequest,
-    StepPlan,
-    TokenEvent,
-)
+from loraplex.server.engine.api import SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf_model import LoadedBase, load_base
 from loraplex.server.engine.kv_cache import (
@@ -41,9 +34,8 @@ from loraplex.server.engine.kv_cache import (
 )
 from loraplex.server.engine.merge import MergeState, can_merge
 from loraplex.server.engine.routing import RoutingContext
-from loraplex.server.engine.sampling import TokenSampler
+from loraplex.server.engine.rows import ModelInfo, Row, advance_all, check_request, error_event
 from loraplex.server.engine.slots import AdapterSlots, SlotsBusy
-from loraplex.server.engine.text import TextStream
 from loraplex.server.errors import InvalidRequest
 
 # adapter_mode=auto, from bench/engine_bench.py (Gemma 3 270M, one adapter owning 16 rows,
@@ -55,7 +47,6 @@ from loraplex.server.errors import InvalidRequest
 #   requantizing every layer costs 6.5 / 3.4 s per merge plus unmerge (50+ forwards to repay),
 #   and rounding to NF4 again changes outputs (peft #2321). Quantized bases stay batched.
 AUTO_MERGE_AFTER_FORWARDS = 4
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,15 +70,17 @@ class CpuThreads:
 
 @dataclass
 class _Sequence:
-    request: SequenceRequest
-    sampler: TokenSampler
-    stream: TextStream
+    row: Row
     adapter: LoadedAdapter | None
     slot: int
-    tokens: list[int]
-    generated: int = 0
-    finish: FinishReason | None = None
-    history: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    @property
+    def request(self) -> SequenceRequest:
+        return self.row.request
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.row.tokens
 
     @property
     def ref(self) -> AdapterRef | None:
@@ -112,6 +105,9 @@ class HFEngine:
         self._owner: AdapterRef | None = None  # the adapter every active row used last forward
         self._owned_forwards = 0  # consecutive forwards it has owned the batch
         self.eos_ids = _eos_ids(base)
+        vocab = int(model_config.vocab_size)
+        self.model_info = ModelInfo(self.max_context, vocab, self.eos_ids.__contains__,
+                                    self.decode, device)  # fmt: skip
         self._layer_windows = _layer_windows(model_config)
         self._sequences: list[_Sequence] = []  # row order of self._cache
         self._cache = self._new_cache()
@@ -170,7 +166,7 @@ class HFEngine:
         if plan.prefill:
             with self._threads(decode=False):
                 events += self._prefill(plan.prefill)
-        self._keep([i for i, s in enumerate(self._sequences) if s.finish is None])
+        self._keep([i for i, s in enumerate(self._sequences) if s.row.finish is None])
         return events
 
     def _threads(self, *, decode: bool) -> contextlib.AbstractContextManager[None]:
@@ -179,7 +175,7 @@ class HFEngine:
     # ---- steps --------------------------------------------------------------------------
 
     def _decode(self, seq_ids: set[str]) -> list[TokenEvent]:
-        active = [s.request.seq_id in seq_ids and s.finish is None for s in self._sequences]
+        active = [s.request.seq_id in seq_ids and s.row.finish is None for s in self._sequences]
         if not any(active):
             return []
         pairs = list(zip(self._sequences, active, strict=True))
@@ -194,18 +190,18 @@ class HFEngine:
         logits = self._forward(self._cache, ids, pos, masks, 1)[:, -1]
         if not all(active):  # a mask copy of [rows, vocab] costs ~3% of a step; skip it if it can
             logits = logits[torch.tensor(active, device=logits.device)]
-        return self._advance_all(rows, logits)
+        return advance_all([s.row for s in rows], logits, self.model_info)
 
     def _prefill(self, requests: list[SequenceRequest]) -> list[TokenEvent]:
         events: list[TokenEvent] = []
         fresh: list[_Sequence] = []
         for request in requests:
             try:
-                fresh.append(self._admit(request, len(fresh)))
+                fresh.append(self._admit(request, fresh))
             except SlotsBusy:
                 events.append(TokenEvent(request.seq_id, None, deferred=True))
             except (InvalidRequest, AdapterError) as err:
-                events.append(_error_event(request.seq_id, str(err)))
+                events.append(error_event(request.seq_id, str(err)))
         if not fresh:
             return events
         lengths = [len(s.tokens) for s in fresh]
@@ -227,89 +223,15 @@ class HFEngine:
             raise
         self._cache.extend(cache, lengths)
         self._sequences += fresh
-        return events + self._advance_all(fresh, logits)
+        return events + advance_all([s.row for s in fresh], logits, self.model_info)
 
-    def _admit(self, request: SequenceRequest, pending: int) -> _Sequence:
+    def _admit(self, request: SequenceRequest, fresh: list[_Sequence]) -> _Sequence:
         """Validate a new request and give it an adapter slot."""
-        self._check_request(request, pending)
+        running = {s.request.seq_id for s in self._sequences + fresh}
+        check_request(request, self.model_info, running, self.max_batch_size)
         adapter = self.store.get(request.adapter) if request.adapter else None
         slot = self.slots.hold(adapter) if adapter else 0
-        params = request.sampling
-        return _Sequence(
-            request=request,
-            sampler=TokenSampler(params, self.device),
-            stream=TextStream(self.decode, params.stop),
-            adapter=adapter,
-            slot=slot,
-            tokens=list(request.prompt_ids),
-            history=torch.tensor(request.prompt_ids, dtype=torch.long, device=self.device),
-        )
-
-    def _check_request(self, request: SequenceRequest, pending: int) -> None:
-        request.sampling.validate()
-        if any(s.request.seq_id == request.seq_id for s in self._sequences):
-            raise InvalidRequest("seq_id", f"{request.seq_id!r} is already running")
-        if len(self._sequences) + pending >= self.max_batch_size:
-            raise InvalidRequest("seq_id", f"the batch is full ({self.max_batch_size} sequences)")
-        if not request.prompt_ids:
-            raise InvalidRequest("prompt_ids", "the prompt is empty")
-        if len(request.prompt_ids) >= self.max_context:
-            raise InvalidRequest(
-                "prompt_ids", f"{len(request.prompt_ids)} tokens do not fit {self.max_context}"
-            )
-        vocab = int(self.model.config.vocab_size)
-        if any(not 0 <= t < vocab for t in request.prompt_ids):
-            raise InvalidRequest("prompt_ids", f"token ids must be in [0, {vocab})")
-        scale = request.adapter.scale if request.adapter else 1.0
-        if not abs(scale) < float("inf"):
-            raise InvalidRequest("adapter.scale", f"must be finite, got {scale}")
-
-    def _advance_all(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[TokenEvent]:
-        """Advance each sequence by its row of `logits` [len(seqs), vocab]; a row that cannot
-        be advanced (non-finite logits, a sampling failure) ends that sequence alone."""
-        # One batched max serves every greedy row (per-row argmaxes over 262k logits add up);
-        # max with indices takes a third of argmax's time on the CPU, and its values serve the
-        # finiteness check. A NaN anywhere makes the maximum NaN; -inf logits are harmless.
-        argmax: list[int | None] = [None] * len(seqs)
-        if any(s.sampler.plain_greedy for s in seqs):
-            top, index = logits.max(-1)
-            argmax = index.tolist()
-        else:
-            top = logits.amax(-1)
-        finite = torch.isfinite(top).tolist()
-        return [
-            self._advance(seq, row, top) if ok else self._fail(seq, NOT_FINITE_LOGITS)
-            for seq, row, top, ok in zip(seqs, logits, argmax, finite, strict=True)
-        ]
-
-    def _fail(self, seq: _Sequence, problem: str) -> TokenEvent:
-        seq.finish = FinishReason.ERROR
-        return _error_event(seq.request.seq_id, problem)
-
-    def _advance(self, seq: _Sequence, logits: torch.Tensor, argmax: int | None) -> TokenEvent:
-        """Choose the sequence's next token and decide whether it finished."""
-        try:
-            token, logprob = seq.sampler.choose(logits, seq.history, argmax)
-        except Exception as err:  # one request's sampling must not end its batch mates
-            log.exception("sampling failed for %s", seq.request.seq_id)
-            return self._fail(seq, f"sampling failed: {err}")
-        seq.tokens.append(token)
-        seq.generated += 1
-        seq.history = torch.cat([seq.history, seq.history.new_tensor([token])])
-        seq_id = seq.request.seq_id
-        if token in self.eos_ids:
-            seq.finish = FinishReason.EOS
-            return TokenEvent(seq_id, token, seq.stream.flush(), logprob, seq.finish)
-        text = seq.stream.push(token)
-        if seq.stream.stopped:
-            seq.finish = FinishReason.STOP
-        elif seq.generated >= seq.request.sampling.max_new_tokens:
-            seq.finish = FinishReason.LENGTH
-        elif len(seq.tokens) >= self.max_context:
-            seq.finish = FinishReason.CONTEXT
-        if seq.finish is not None and seq.finish is not FinishReason.STOP:
-            text += seq.stream.flush()
-        return TokenEvent(seq_id, token, text, logprob, seq.finish)
+        return _Sequence(Row.start(request, self.model_info), adapter, slot)
 
     # ---- forward ------------------------------------------------------------------------
 
@@ -401,10 +323,6 @@ class HFEngine:
                 self.slots.drop(seq.slot)
         order = self._cache.keep_rows(rows)
         self._sequences = [self._sequences[i] for i in order]
-
-
-def _error_event(seq_id: str, message: str) -> TokenEvent:
-    return TokenEvent(seq_id, None, finish=FinishReason.ERROR, error=message)
 
 
 def _eos_ids(base: LoadedBase) -> frozenset[int]:
