@@ -32,7 +32,7 @@ class EngineConfig(BaseModel):
     output_head: OutputHead = Field(
         default="full",
         description="full: the model's own lm_head; int8: fbgemm dynamic int8 (CPU only), "
-        "~3.5x faster vocabulary projection, greedy tokens may differ on near ties; auto: int8 "
+        "a faster vocabulary projection, greedy tokens may differ on near ties; auto: int8 "
         "where it times faster than full at max_batch_size rows at start",
     )
     nf4_kernel: Nf4Kernel = Field(

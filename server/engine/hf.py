@@ -6,7 +6,7 @@ then join the running batch. Finished sequences leave at the end of the step.
 
 The prefill packs its prompts back to back in a single row, not one padded row each: no
 work goes into padding, and each prompt's adapter delta is two plain matmuls over its span
-(`loraplex bench` figures in ARCHITECTURE.md).
+(figures in docs/measurements.md).
 """
 
 from __future__ import annotations
@@ -38,14 +38,10 @@ from loraplex.server.engine.rows import ModelInfo, Row, advance_all, check_reque
 from loraplex.server.engine.slots import AdapterSlots, SlotsBusy
 from loraplex.server.errors import InvalidRequest
 
-# adapter_mode=auto, from bench/engine_bench.py (Gemma 3 270M, one adapter owning 16 rows,
-# 64 tokens, 1 thread, two runs on the shared 2-core machine, load average ~12 and ~1):
-# - fp32: merged 23.6 / 46.3 tok/s against 18.8 / 40.7 batched; one merge plus unmerge
-#   costs 0.27 / 0.19 s, repaid after 2-4 forwards of single ownership. We wait for 4, so
-#   batches whose composition flickers do not pay for merges they cannot repay.
-# - nf4: merged 16.3 / 34.9 against 19.4 / 31.0 batched; dequantizing, adding and
-#   requantizing every layer costs 6.5 / 3.4 s per merge plus unmerge (50+ forwards to repay),
-#   and rounding to NF4 again changes outputs (peft #2321). Quantized bases stay batched.
+# adapter_mode=auto: one merge plus unmerge of an unquantized base is repaid after a few
+# forwards of single ownership; waiting for 4 keeps batches whose make-up flickers from paying
+# for merges they cannot repay. NF4 merges cost far more than they save and round the
+# weights again (peft #2321), so quantized bases stay batched (docs/measurements.md, Merging).
 AUTO_MERGE_AFTER_FORWARDS = 4
 
 
@@ -55,8 +51,8 @@ class CpuThreads:
 
     Decode forwards are hundreds of small parallel regions, prefills a few large matmuls, so
     a busy host may want fewer threads for decode. By default both use every thread: with
-    the engine stepping on the server's only OpenMP thread (see serve.py), decode on 2
-    threads served a TPOT p50 of 0.121 s on 2 cores against 0.160 s on 1.
+    the engine stepping on the server's only OpenMP thread pool (see serve.py), decode
+    served faster on every core than on one fewer (docs/measurements.md).
     """
 
     prefill: int | None  # None: torch's setting
@@ -149,6 +145,11 @@ class HFEngine:
             "kv_cache_rows": self._cache.rows,
             "adapter_slot_holds": self.slots.holds(),
         }
+
+    def close(self) -> None:
+        """Drop every sequence and its cache rows; the weights go with the process."""
+        for seq_id in self.running():
+            self.release(seq_id)
 
     def release(self, seq_id: str) -> None:
         """Drop a sequence (finished or cancelled) and its cache rows."""
