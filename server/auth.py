@@ -1,4 +1,5 @@
-"""Who may call what: bearer tokens with two roles, checked by a gRPC server interceptor.
+"""Who may call what: bearer tokens with two roles, checked by a gRPC server interceptor (and
+by the HTTP front end through `role_of`).
 
 `generate` tokens may generate and make read-only calls; `admin` tokens may also load, unload
 and pin adapters and drain the server. Health checks stay open so probes need no secret.
@@ -62,6 +63,14 @@ def parse_tokens(text: str, source: str) -> dict[str, Role]:
     return tokens
 
 
+def role_of(tokens: Mapping[str, Role], authorization: str) -> Role | None:
+    """The role of an `authorization` header's bearer token; None when it names none."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return tokens.get(_digest(token.strip()))
+
+
 def _digest(token: str) -> str:
     # Looking up a digest rather than the token keeps the comparison's timing independent
     # of how much of a guessed token is right.
@@ -96,9 +105,7 @@ class BearerAuth(grpc.ServerInterceptor):
     def _role(self, metadata: Sequence[tuple[str, Any]] | None) -> Role | None:
         for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str):
-                scheme, _, token = value.partition(" ")
-                if scheme.lower() == "bearer":
-                    return self._tokens.get(_digest(token.strip()))
+                return role_of(self._tokens, value)
         return None
 
 

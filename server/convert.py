@@ -7,6 +7,8 @@ import re
 from collections.abc import Callable
 from typing import Protocol
 
+import jinja2
+
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.server.engine.api import (
     MAX_NEW_TOKENS_LIMIT,
@@ -74,24 +76,29 @@ def adapter_scale(req: GenerationRequest) -> float:
     return float(req.adapter_scale)
 
 
-def prompt_text(req: GenerationRequest, chat: ChatTemplating | None) -> str:
-    if req.prompt and req.messages:
+def prompt_text(prompt: str, messages: list[dict[str, str]], chat: ChatTemplating | None) -> str:
+    if prompt and messages:
         raise InvalidRequest("messages", "give either prompt or messages, not both")
-    if req.messages:
+    if messages:
         if chat is None:
             raise InvalidRequest("messages", "this model's tokenizer has no chat template")
-        return chat.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in req.messages]
-        )
-    if not req.prompt:
+        try:
+            return chat.apply_chat_template(messages)
+        except jinja2.TemplateError as err:  # the template refused them (raise_exception)
+            raise InvalidRequest("messages", f"the chat template refused them: {err}") from None
+    if not prompt:
         raise InvalidRequest("prompt", "must not be empty (or give chat messages)")
-    return req.prompt
+    return prompt
 
 
-def check_prompt_size(req: GenerationRequest, max_chars: int) -> None:
+def chat_messages(req: GenerationRequest) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in req.messages]
+
+
+def check_prompt_size(prompt: str, messages: list[dict[str, str]], max_chars: int) -> None:
     """Refuse an oversized prompt before the tokenizer spends time on it."""
-    size = len(req.prompt) + sum(len(m.role) + len(m.content) for m in req.messages)
-    _check_size("messages" if req.messages else "prompt", size, max_chars)
+    size = len(prompt) + sum(len(m["role"]) + len(m["content"]) for m in messages)
+    _check_size("messages" if messages else "prompt", size, max_chars)
 
 
 def check_text_size(field: str, text: str, max_chars: int) -> None:

@@ -521,6 +521,11 @@ class Scheduler:
     def _has_work(self) -> bool:
         return bool(self._running or len(self._waiting) or self._inbox or self._awaiting)
 
+    @property
+    def admitting(self) -> bool:
+        """False once draining has begun: `submit` then raises Draining."""
+        return self._admitting
+
     def stop_admitting(self) -> None:
         """From now on `submit` raises Draining."""
         with self._lock:

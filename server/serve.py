@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import Field
 
-from loraplex.server.auth import BearerAuth, load_tokens
+from loraplex.server.auth import BearerAuth, Role, load_tokens
 from loraplex.server.config import (
     ConfigError,
     ModelConfig,
@@ -37,16 +37,18 @@ from loraplex.server.engine.api import (
     SequenceRequest,
     StepPlan,
 )
+from loraplex.server.frontend import Frontend, ServerDescription
 from loraplex.server.gc_pauses import freeze_startup_objects
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import Scheduler, SchedulerLimits
-from loraplex.server.service import SERVICE_NAME, LoraplexService, ServerDescription
+from loraplex.server.service import SERVICE_NAME, LoraplexService
 from loraplex.server.tls import server_credentials
 
 if TYPE_CHECKING:
     from loraplex.adapters.store import AdapterStore
     from loraplex.server.engine.gguf import GGUFEngine
     from loraplex.server.engine.hf import HFEngine
+    from loraplex.server.http_server import HttpServer
 
 log = logging.getLogger("loraplex.serve")
 WARM_UP_ID = "warm-up"
@@ -76,7 +78,7 @@ class ServeConfig(ModelConfig):
     )
     output_head: Literal["auto", "full", "int8"] = Field(
         default="auto",
-        description="full: the model's own output projection, exact; int8: about 3.5x faster "
+        description="full: the model's own output projection, exact; int8: several times faster "
         "on the CPU for large vocabularies, and greedy tokens may then differ from full on near "
         "ties; auto: int8 where it times faster than full at start (hf backend)",
     )
@@ -110,6 +112,13 @@ class ServeConfig(ModelConfig):
     max_context: int | None = Field(default=None, ge=8, description="context limit (tokens)")
     host: str = Field(default="127.0.0.1", description="address the gRPC server binds")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    http_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="also serve the OpenAI-compatible HTTP API on --host at this port "
+        "(0: pick a free one; default: no HTTP)",
+    )
     metrics_port: int = Field(
         default=9464, ge=0, le=65535, description="Prometheus /metrics port (0: pick a free one)"
     )
@@ -234,8 +243,12 @@ def pick_backend(config: ServeConfig) -> Literal["hf", "gguf"]:
 def build_backend(config: ServeConfig) -> tuple[Engine, AdapterStore, ChatTemplating | None]:
     """The engine, its adapter store, and chat templating when the tokenizer has a template."""
     if pick_backend(config) == "gguf":
+        from loraplex.server import models
+        from loraplex.server.chat_template import gguf_chat
+
         engine, store = build_gguf(config)
-        return engine, store, None
+        path = models.resolve(config.model, config.cache_dir).path
+        return engine, store, gguf_chat(path, engine.encode)
     hf = build_engine(config)
     chat = TokenizerChat(hf.tokenizer) if hf.tokenizer.chat_template else None
     return hf, hf.store, chat
@@ -301,12 +314,22 @@ class RunningServer:
     metrics_port: int  # 0 when metrics are off
     stop_metrics: Callable[[], None]
     drain_requested: threading.Event
+    http_server: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI-compatible HTTP port; None when HTTP is off."""
+        return None if self.http_server is None else self.http_server.port
 
     def drain(self, grace_s: float) -> bool:
-        self.scheduler.stop_admitting()  # before health changes, so NOT_SERVING means refusing
+        # Admission stops before health changes, so NOT_SERVING (and a 503 from the HTTP
+        # /health, which reads the scheduler) means refusing.
+        self.scheduler.stop_admitting()
         self.health.enter_graceful_shutdown()
         clean = self.scheduler.drain(grace_s)
         self.grpc_server.stop(grace=5).wait()
+        if self.http_server is not None:
+            self.http_server.stop()
         self.stop_metrics()
         return clean
 
@@ -319,9 +342,9 @@ def start(
     *,
     loop_thread: bool = True,
 ) -> RunningServer:
-    """Start the gRPC server and the metrics endpoint around a built engine, and the
-    scheduler's loop on a thread of its own unless `loop_thread` is False (then the caller
-    runs `scheduler.run()`)."""
+    """Start the gRPC server, the HTTP server (with --http-port) and the metrics endpoint
+    around a built engine, and the scheduler's loop on a thread of its own unless
+    `loop_thread` is False (then the caller runs `scheduler.run()`)."""
     metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
     metrics.watch_adapters(store.list)
     metrics.watch_engine(engine.resources)
@@ -338,21 +361,41 @@ def start(
         drain_requested.set()
         return sum(scheduler.counts())
 
-    description = describe(config, engine)
-    service = LoraplexService(scheduler, engine, store, description, metrics, chat, request_drain)
-    server, port = _grpc_server(config, service, health_servicer)
+    frontend = Frontend(scheduler, engine, store, describe(config, engine), chat, metrics)
+    tokens = load_tokens(config.auth_tokens_file)
+    service = LoraplexService(frontend, request_drain)
+    server, port = _grpc_server(config, service, health_servicer, tokens)
     if loop_thread:
         scheduler.start()
     server.start()
+    http: HttpServer | None = None
     try:
+        http = _serve_http(config, frontend, tokens)
         metrics_port, stop_metrics = _serve_metrics(config, metrics)
     except ConfigError:
         server.stop(grace=0)
+        if http is not None:
+            http.stop()
         scheduler.stop()
         raise
     return RunningServer(
-        server, scheduler, health_servicer, port, metrics_port, stop_metrics, drain_requested
-    )
+        server, scheduler, health_servicer, port, metrics_port, stop_metrics, drain_requested,
+        http,
+    )  # fmt: skip
+
+
+def _serve_http(
+    config: ServeConfig, frontend: Frontend, tokens: dict[str, Role]
+) -> HttpServer | None:
+    if config.http_port is None:
+        return None
+    from loraplex.server.http_server import TlsFiles, start_http
+    from loraplex.server.openai_api import OpenAIApi, build_app
+
+    api = OpenAIApi(frontend, adapter_roots(config))
+    app = build_app(api, tokens, config.max_message_bytes)
+    tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+    return start_http(app, config.host, config.http_port, tls)
 
 
 def scheduler_limits(config: ServeConfig) -> SchedulerLimits:
@@ -406,12 +449,14 @@ def _health() -> health.HealthServicer:
 
 
 def _grpc_server(
-    config: ServeConfig, service: LoraplexService, health_servicer: health.HealthServicer
+    config: ServeConfig,
+    service: LoraplexService,
+    health_servicer: health.HealthServicer,
+    tokens: dict[str, Role],
 ) -> tuple[grpc.Server, int]:
     # Every request waiting or running holds a thread; past that, gRPC answers
     # RESOURCE_EXHAUSTED itself rather than queueing invisibly.
     workers = config.max_batch_sequences + config.max_queue + ADMIN_WORKERS
-    tokens = load_tokens(config.auth_tokens_file)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         handlers=[service.handler()],
@@ -467,7 +512,8 @@ def serve(config: ServeConfig) -> int:
         "serving %s on %s:%d (metrics on port %d)",
         config.model, config.host, running.port, running.metrics_port,
     )  # fmt: skip
-    print(f"loraplex: serving on {config.host}:{running.port}", file=sys.stderr, flush=True)
+    http = "" if running.http_port is None else f" (HTTP on port {running.http_port})"
+    print(f"loraplex: serving on {config.host}:{running.port}{http}", file=sys.stderr, flush=True)
     drained: list[bool] = []
     drainer = threading.Thread(
         target=lambda: drained.append(_drain_when_asked(running, stop, config.grace_period)),

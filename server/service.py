@@ -1,7 +1,8 @@
 """The gRPC servicer: wire messages in, scheduler and adapter store calls, wire messages out.
 
 A handler thread validates and tokenizes a request, submits it to the scheduler's loop and
-reads the request's events; adapter loads, pins and unloads run on the loop as commands.
+reads the request's events; adapter loads, pins and unloads run on the loop as commands. What
+the HTTP front end does the same way lives in server/frontend.py.
 
 Every RPC runs inside `_guard`, which turns typed errors into status codes (server/status.py)
 and any other exception into INTERNAL, so no request can take the server down. Requests are
@@ -11,14 +12,11 @@ as INVALID_ARGUMENT instead of grpc's generic deserialization failure.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -26,27 +24,15 @@ from google.protobuf.message import DecodeError, Message
 
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.server import convert
-from loraplex.server.engine.api import AdapterAdmin, Engine, FinishReason, TokenEvent
+from loraplex.server.engine.api import FinishReason, TokenEvent
 from loraplex.server.errors import Cancelled, InvalidRequest
-from loraplex.server.metrics import Metrics
-from loraplex.server.scheduler import RequestHandle, Scheduler, Submission
+from loraplex.server.frontend import Frontend, Generation
+from loraplex.server.scheduler import RequestHandle
 from loraplex.server.status import status_for
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Loraplex"].full_name
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class ServerDescription:
-    """Static facts GetServerInfo reports."""
-
-    model: str
-    backend: str
-    quantization: str
-    max_new_tokens_limit: int
-    version: str
-    max_prompt_chars: int = 1 << 20
 
 
 class Unparsable:
@@ -115,30 +101,16 @@ def _logprobs(event: TokenEvent) -> list[float]:
 
 
 class LoraplexService:
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        engine: Engine,
-        adapters: AdapterAdmin | None,
-        description: ServerDescription,
-        metrics: Metrics | None = None,
-        chat: convert.ChatTemplating | None = None,
-        on_drain: Callable[[], int] | None = None,
-    ) -> None:
+    def __init__(self, frontend: Frontend, on_drain: Callable[[], int] | None = None) -> None:
         """`on_drain` starts draining the server and returns the requests in flight."""
-        self.chat = chat
-        self.scheduler = scheduler
-        self.engine = engine
-        self.adapters = adapters
-        self.description = description
-        self.metrics = metrics
+        self.frontend = frontend
         self.on_drain = on_drain
 
     # ---- generation ----------------------------------------------------------------
 
     @_guard
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Message:
-        with self._counted(request.adapter_id):
+        with self.frontend.counted(request.adapter_id):
             handle = self._submit(request, context)
             token_ids: list[int] = []
             logprobs: list[float] = []
@@ -160,7 +132,7 @@ class LoraplexService:
     def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: grpc.ServicerContext
     ) -> Iterator[Message]:
-        with self._counted(request.adapter_id):
+        with self.frontend.counted(request.adapter_id):
             handle = self._submit(request, context)
             # The id goes in the first message only: repeating it in every token message
             # multiplied its size by the number of tokens.
@@ -181,18 +153,18 @@ class LoraplexService:
         self, request: convert.GenerationRequest, context: grpc.ServicerContext
     ) -> RequestHandle:
         convert.check_request_id(request.request_id)
-        if request.adapter_id:
-            convert.check_adapter_id(request.adapter_id)
-        convert.check_prompt_size(request, self.description.max_prompt_chars)
-        limit = self.description.max_new_tokens_limit
-        sampling = convert.sampling_from_proto(request.sampling, limit)
-        scale = convert.adapter_scale(request)
-        text = convert.prompt_text(request, self.chat)
-        ids = convert.prompt_ids(text, self.engine.encode, self.engine.max_context)
+        limit = self.frontend.description.max_new_tokens_limit
         remaining = context.time_remaining()
-        deadline = None if remaining is None else self.scheduler.clock() + remaining
-        handle = self.scheduler.submit(
-            Submission(ids, sampling, request.adapter_id, scale, deadline)
+        scheduler = self.frontend.scheduler
+        handle = self.frontend.submit(
+            Generation(
+                sampling=convert.sampling_from_proto(request.sampling, limit),
+                prompt=request.prompt,
+                messages=convert.chat_messages(request),
+                adapter_id=request.adapter_id,
+                adapter_scale=convert.adapter_scale(request),
+                deadline=None if remaining is None else scheduler.clock() + remaining,
+            )
         )
         # Runs when the RPC ends for any reason: a cancelled or expired call frees its slot.
         # False means the call already ended while the request was being queued.
@@ -211,46 +183,32 @@ class LoraplexService:
             "adapter_version": handle.adapter_version,
         }
 
-    @contextlib.contextmanager
-    def _counted(self, adapter_id: str) -> Iterator[None]:
-        """Count the request by adapter and final status code."""
-        code = grpc.StatusCode.OK
-        try:
-            yield
-        except BaseException as err:
-            code = status_for(err) or grpc.StatusCode.INTERNAL
-            if isinstance(err, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            if self.metrics is not None:
-                refused = code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
-                self.metrics.request_done(adapter_id, code.name, known=not refused)
-
     # ---- model -----------------------------------------------------------------------
 
     @_guard
     def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> Message:
-        convert.check_text_size("text", request.text, self.description.max_prompt_chars)
-        return pb.TokenizeResponse(token_ids=self.engine.encode(request.text))
+        max_chars = self.frontend.description.max_prompt_chars
+        convert.check_text_size("text", request.text, max_chars)
+        return pb.TokenizeResponse(token_ids=self.frontend.engine.encode(request.text))
 
     @_guard
     def GetServerInfo(
         self, request: pb.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> Message:
-        d, limits = self.description, self.scheduler.limits
-        running, waiting = self.scheduler.counts()
+        f = self.frontend
+        d, limits = f.description, f.scheduler.limits
+        running, waiting = f.scheduler.counts()
         return pb.GetServerInfoResponse(
             model=d.model,
             backend=d.backend,
             quantization=d.quantization,
-            max_context=self.engine.max_context,
+            max_context=f.engine.max_context,
             max_new_tokens_limit=d.max_new_tokens_limit,
             max_batch_sequences=limits.max_batch_sequences,
             max_batch_tokens=limits.max_batch_tokens,
             max_adapters_per_step=limits.max_adapters_per_step,
             max_queue=limits.max_queue,
-            chat_template=self.chat is not None,
+            chat_template=f.chat is not None,
             version=d.version,
             running=running,
             waiting=waiting,
@@ -258,24 +216,17 @@ class LoraplexService:
 
     # ---- adapters ----------------------------------------------------------------------
 
-    def _store(self) -> AdapterAdmin:
-        if self.adapters is None:
-            raise InvalidRequest("adapter_id", "this server runs without an adapter store")
-        return self.adapters
-
     @_guard
     def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.ServicerContext
     ) -> Message:
-        adapters = self._store().list()
+        adapters = self.frontend.store().list()
         return pb.ListAdaptersResponse(adapters=[convert.adapter_to_proto(a) for a in adapters])
 
     @_guard
     def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.ServicerContext) -> Message:
         adapter_id = convert.check_adapter_id(request.adapter_id)
-        store, started = self._store(), time.perf_counter()
-        info = self.scheduler.call(lambda: store.load(adapter_id))
-        load_s = time.perf_counter() - started
+        info, load_s = self.frontend.load_adapter(adapter_id)
         return pb.LoadAdapterResponse(adapter=convert.adapter_to_proto(info), load_s=load_s)
 
     @_guard
@@ -284,19 +235,13 @@ class LoraplexService:
     ) -> Message:
         adapter_id = convert.check_adapter_id(request.adapter_id)
         timeout = request.timeout_s if request.HasField("timeout_s") else None
-        if timeout is not None and not timeout >= 0:
-            raise InvalidRequest("timeout_s", f"must be >= 0 seconds, got {timeout}")
-        store, force, no_wait = self._store(), request.force, request.no_wait
-        self.scheduler.call(lambda: store.detach(adapter_id, force=force, if_unused=no_wait))
-        if not no_wait:
-            store.wait_unused(adapter_id, timeout)
+        self.frontend.unload_adapter(adapter_id, request.force, request.no_wait, timeout)
         return pb.UnloadAdapterResponse()
 
     @_guard
     def PinAdapter(self, request: pb.PinAdapterRequest, context: grpc.ServicerContext) -> Message:
         adapter_id = convert.check_adapter_id(request.adapter_id)
-        store, pinned = self._store(), not request.unpin
-        info = self.scheduler.call(lambda: store.pin(adapter_id, pinned=pinned))
+        info = self.frontend.pin_adapter(adapter_id, pinned=not request.unpin)
         return pb.PinAdapterResponse(adapter=convert.adapter_to_proto(info))
 
     # ---- lifecycle -----------------------------------------------------------------------
