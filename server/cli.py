@@ -38,6 +38,7 @@ def _model_info(args: argparse.Namespace) -> int:
 BENCH_SUITES = {
     "engine": "the hf engine against PEFT baselines: throughput ratios, load time, RSS",
     "grpc": "the gRPC server: time to first token, server against engine alone",
+    "http": "the OpenAI-compatible HTTP front end against gRPC on one server: throughput ratio",
     "lora": "the two ways of applying per-row LoRA deltas (grouped by adapter, gathered per row)",
     "gguf": "the GGUF backend against raw llama-cpp-python (Q4_K_M, Q5_K_M)",
     "load": "a seeded multi-adapter workload against a live server, swept; JSON, table, plots",
