@@ -9,6 +9,7 @@ tests/integration/test_http_chat_real.py.
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import httpx2
 import jinja2
 import openai
 import pytest
+import trustme
 from fake_engine import FakeAdapters, FakeEngine, expected_token
 from grpc_helpers import metric, scrape
 from waiting import wait_for
@@ -503,3 +505,47 @@ def test_adapter_admin_needs_an_admin_token(guarded: Served) -> None:
     assert post(guarded, "/v1/load_lora_adapter", {"lora_name": "a"}).status_code == 401
     allowed = post(guarded, "/v1/load_lora_adapter", {"lora_name": "a"}, ADMIN_TOKEN)
     assert allowed.status_code == 200
+
+
+# ---- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, and the server and client certificates it signed."""
+    out = tmp_path_factory.mktemp("pki")
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(out / "ca.pem"))
+    paths = {"ca": out / "ca.pem"}
+    for name, cert in (("server", ca.issue_cert("127.0.0.1")),
+                       ("client", ca.issue_cert("client@example.test"))):  # fmt: skip
+        cert.cert_chain_pems[0].write_to_path(str(out / f"{name}.pem"))
+        cert.private_key_pem.write_to_path(str(out / f"{name}.key"))
+        paths[name], paths[f"{name}_key"] = out / f"{name}.pem", out / f"{name}.key"
+    return paths
+
+
+def trusting(pki: dict[str, Path], with_client_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki["ca"]))
+    if with_client_cert:
+        context.load_cert_chain(pki["client"], pki["client_key"])
+    return context
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_https_with_the_grpc_tls_files(pki: dict[str, Path], mutual: bool) -> None:
+    settings = {"tls_cert": pki["server"], "tls_key": pki["server_key"]}
+    s = serve_http(**settings, **({"tls_client_ca": pki["ca"]} if mutual else {}))
+    https = f"https://127.0.0.1:{s.server.http_port}"
+    try:
+        with httpx2.Client(verify=trusting(pki, with_client_cert=True)) as session:
+            api = openai.OpenAI(base_url=f"{https}/v1", api_key="none", http_client=session)
+            reply = api.completions.create(model="a", prompt="over tls", max_tokens=2)
+            assert len(reply.choices[0].text) == 2
+        with pytest.raises(httpx2.TransportError):
+            httpx2.get(f"http://127.0.0.1:{s.server.http_port}/health", timeout=5)
+        if mutual:  # no client certificate: the handshake fails
+            with pytest.raises(httpx2.TransportError):
+                httpx2.get(f"{https}/health", verify=trusting(pki, False), timeout=5)
+    finally:
+        s.stop()
