@@ -141,32 +141,43 @@ class OpenAIApi:
     # ---- generation ---------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        limit = self.frontend.description.max_new_tokens_limit
-        generation = completion_generation(body, self.adapter_for(body.model), limit)
-        shape = CompletionShape(body.model, generation.sampling.logprobs, _usage_chunks(body))
-        return await self._generate(generation, body.stream, shape, request)
+        def build() -> tuple[Generation, Shape]:
+            limit = self.frontend.description.max_new_tokens_limit
+            generation = completion_generation(body, self.adapter_for(body.model), limit)
+            logprobs, usage = generation.sampling.logprobs, _usage_chunks(body)
+            return generation, CompletionShape(body.model, logprobs, usage)
+
+        return await self._generate(build, body.model, body.stream, request)
 
     async def chat(self, body: ChatRequest, request: Request) -> Response:
-        limit = self.frontend.description.max_new_tokens_limit
-        generation = chat_generation(body, self.adapter_for(body.model), limit)
-        shape = ChatShape(body.model, generation.sampling.logprobs, _usage_chunks(body))
-        return await self._generate(generation, body.stream, shape, request)
+        def build() -> tuple[Generation, Shape]:
+            limit = self.frontend.description.max_new_tokens_limit
+            generation = chat_generation(body, self.adapter_for(body.model), limit)
+            logprobs, usage = generation.sampling.logprobs, _usage_chunks(body)
+            return generation, ChatShape(body.model, logprobs, usage)
+
+        return await self._generate(build, body.model, body.stream, request)
 
     async def _generate(
-        self, generation: Generation, stream: bool, shape: Shape, request: Request
-    ) -> Response:
-        count = functools.partial(self.frontend.count, generation.adapter_id)
-        events = EventStream(self.frontend, generation)
+        self, build: Callable[[], tuple[Generation, Shape]], model: str, stream: bool,
+        request: Request,
+    ) -> Response:  # fmt: skip
+        """Run the request `build` makes, counting its outcome (by `model`'s adapter id) as
+        the gRPC service counts its requests."""
+        adapter_label = "" if model in ("", self.base_name) else model  # the base is ""
+        count = functools.partial(self.frontend.count, adapter_label)
         try:
+            generation, shape = build()
+            events = EventStream(self.frontend, generation)
             # Errors known before the first token (an unknown adapter, a full queue) get
             # their own HTTP status, so a stream too waits for its first event.
             first = await until_disconnect(request, events.next(), events)
             if stream:
                 chunks = sse_chunks(events, first, shape, count)
                 return StreamingResponse(chunks, media_type="text/event-stream")
-            tokens = [] if first is None else [first]
+            tokens: list[TokenEvent] = []
             if first is not None:
-                tokens += await until_disconnect(request, rest(events), events)
+                tokens = [first, *await until_disconnect(request, rest(events), events)]
         except BaseException as err:
             count(err)
             raise
