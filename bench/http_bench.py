@@ -178,6 +178,8 @@ def summarize(
                      "adapters": adapter_ids, "rounds": args.rounds, "cpus": os.cpu_count()},
         "throughput_tok_s": {p: median(p, "throughput_tok_s") for p in PROTOCOLS},
         "ttft_p50_s": {p: median(p, "ttft_s", "p50") for p in PROTOCOLS},
+        # Each round's tokens, so that a ratio can be checked to compare like with like.
+        "completion_tokens": {p: [r[p]["completion_tokens"] for r in rounds] for p in PROTOCOLS},
         "failed": {p: sum(r[p]["requests"] - r[p]["statuses"].get("OK", 0) for r in rounds)
                    for p in PROTOCOLS},
         "http_over_grpc_rounds": [round(x, 3) for x in ratios],
