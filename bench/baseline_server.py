@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loraplex.adapters.store import AdapterStore
+from loraplex.adapters.weights import LoadedAdapter
 from loraplex.bench.baselines import PeftStaticEngine
 from loraplex.bench.llama_reload import LlamaReloadEngine
 from loraplex.server import models
 from loraplex.server.engine.api import Engine
-from loraplex.server.engine.gguf_serving import PreparedAdapterFiles, gguf_base_spec
+from loraplex.server.engine.gguf_convert import gguf_lora_file
+from loraplex.server.engine.gguf_serving import gguf_base_spec
 from loraplex.server.serve import ServeConfig, start
 
 KINDS = ["naive", "static", "llama-reload"]
@@ -59,12 +61,18 @@ def build(kind: str, config: ServeConfig, rows: int) -> tuple[Engine, AdapterSto
     if kind == "llama-reload":
         if source.format != "gguf":
             raise SystemExit(f"--kind llama-reload needs a GGUF model; {config.model} is not one")
-        files = PreparedAdapterFiles(source.path, source.sha256 or str(source.path),
-                                     config.cache_dir)  # fmt: skip
+        files: dict[tuple[str, int], Path] = {}
+
+        def prepare(adapter: LoadedAdapter) -> None:
+            identity = source.sha256 or str(source.path)
+            file = gguf_lora_file(adapter.adapter_id, Path(adapter.path), source.path,
+                                  identity, config.cache_dir)  # fmt: skip
+            files[adapter.adapter_id, adapter.version] = file
+
         base, _ = gguf_base_spec(source.path, 1024)
         store = AdapterStore(roots, max_resident=residents, max_resident_bytes=resident_bytes,
-                             base=base, prepare=files.prepare)  # fmt: skip
-        return LlamaReloadEngine(source.path, files), store
+                             base=base, prepare=prepare)  # fmt: skip
+        return LlamaReloadEngine(source.path, lambda ref: files[ref.adapter_id, ref.version]), store
     store = AdapterStore(roots, max_resident=residents, max_resident_bytes=resident_bytes)
     return PeftStaticEngine(models.hf_checkpoint(source, config.cache_dir), store, rows), store
 

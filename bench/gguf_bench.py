@@ -27,7 +27,6 @@ from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.config import DEFAULT_MODEL, default_cache_dir
 from loraplex.server.engine.api import AdapterRef, SamplingParams, SequenceRequest, StepPlan
 from loraplex.server.engine.gguf import GGUFEngine
-from loraplex.server.engine.gguf_adapters import AdapterFiles
 from loraplex.server.engine.gguf_quantize import quantized_path, requantize
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.models import resolve
@@ -218,18 +217,16 @@ def _engine(
     repack_weights: bool = False,
     per_sequence: bool = True,
 ) -> GGUFEngine:
-    files = AdapterFiles()
-    for i, lora in enumerate(loras):
-        files.add(f"l{i}", lora)
     config = RuntimeConfig(
         n_ctx_per_seq=512,
         n_seq_max=STREAMS,
         n_threads=args.threads,
         repack_weights=repack_weights,
     )
-    return GGUFEngine(
-        path, config, files, max_idle_adapters=len(loras), per_sequence_lora=per_sequence
-    )
+    engine = GGUFEngine(path, config, per_sequence_lora=per_sequence)
+    for i, lora in enumerate(loras):
+        engine.adapters.add(f"l{i}", 1, lora)
+    return engine
 
 
 def _ours(

@@ -1,4 +1,4 @@
-"""Which GGUF-LoRA file an adapter version resolves to, and when a conversion runs again."""
+"""Which GGUF-LoRA file an adapter directory becomes, and when an export runs again."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loraplex.adapters.errors import AdapterNotFound, InvalidAdapter
-from loraplex.server.engine.api import AdapterRef
-from loraplex.server.engine.gguf_convert import ConvertingResolver
+from loraplex.adapters.errors import InvalidAdapter
+from loraplex.server.engine.gguf_convert import gguf_lora_file
 
 
 class RecordingExporter:
@@ -35,50 +34,59 @@ def peft_dir(root: Path, name: str, weights: bytes = b"weights") -> Path:
     return folder
 
 
-def resolver_for(tmp_path: Path, exporter: RecordingExporter) -> ConvertingResolver:
-    return ConvertingResolver(
-        lambda ref: tmp_path / "adapters" / ref.adapter_id,
-        tmp_path / "base.gguf",
-        "ab" * 32,
-        tmp_path / "cache",
-        export=exporter,
-    )
+def file_for(
+    tmp_path: Path, adapter_id: str, exporter: RecordingExporter, base: str = "ab"
+) -> Path:
+    source = tmp_path / "adapters" / adapter_id
+    base_gguf, cache = tmp_path / "base.gguf", tmp_path / "cache"
+    return gguf_lora_file(adapter_id, source, base_gguf, base * 32, cache, export=exporter)
 
 
-def test_peft_adapter_converts_once_and_again_after_a_rewrite(tmp_path: Path) -> None:
+def test_peft_adapter_exports_once_and_again_after_a_rewrite_or_for_another_base(
+    tmp_path: Path,
+) -> None:
     exporter = RecordingExporter()
-    resolve = resolver_for(tmp_path, exporter)
     folder = peft_dir(tmp_path / "adapters", "a")
-    first = resolve(AdapterRef("a", 1))
-    assert resolve(AdapterRef("a", 1)) == first
+    first = file_for(tmp_path, "a", exporter)
+    assert file_for(tmp_path, "a", exporter) == first
     assert first.read_bytes() == b"weights" and exporter.calls == [folder]
     peft_dir(tmp_path / "adapters", "a", b"retrained")
-    second = resolve(AdapterRef("a", 2))
+    second = file_for(tmp_path, "a", exporter)
     assert second != first and second.read_bytes() == b"retrained"
     assert len(exporter.calls) == 2
+    assert file_for(tmp_path, "a", exporter, base="cd") not in (first, second)
+    assert len(exporter.calls) == 3
 
 
 def test_ready_gguf_lora_is_used_as_it_is(tmp_path: Path) -> None:
     exporter = RecordingExporter()
-    resolve = resolver_for(tmp_path, exporter)
     folder = tmp_path / "adapters" / "ready"
     folder.mkdir(parents=True)
-    (folder / "adapter.gguf").write_bytes(b"GGUF")
-    assert resolve(AdapterRef("ready", 1)) == folder / "adapter.gguf"
+    (folder / "adapter_model.gguf").write_bytes(b"GGUF")
+    assert file_for(tmp_path, "ready", exporter) == folder / "adapter_model.gguf"
     assert exporter.calls == []
 
 
-def test_missing_and_incomplete_adapters_are_typed_errors(tmp_path: Path) -> None:
-    resolve = resolver_for(tmp_path, RecordingExporter())
-    with pytest.raises(AdapterNotFound, match="nowhere"):
-        resolve(AdapterRef("nowhere", 1))
-    (tmp_path / "adapters" / "empty").mkdir(parents=True)
+def test_a_gguf_beside_a_peft_config_is_not_taken_as_ready(tmp_path: Path) -> None:
+    exporter = RecordingExporter()
+    folder = peft_dir(tmp_path / "adapters", "both")
+    (folder / "adapter_model.gguf").write_bytes(b"GGUF")
+    assert file_for(tmp_path, "both", exporter).read_bytes() == b"weights"
+    assert exporter.calls == [folder]
+
+
+def test_incomplete_adapters_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidAdapter, match=r"adapter_config\.json"):
-        resolve(AdapterRef("empty", 1))
+        file_for(tmp_path, "nowhere", RecordingExporter())
+    folder = tmp_path / "adapters" / "config-only"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(InvalidAdapter, match=r"adapter_model\.safetensors"):
+        file_for(tmp_path, "config-only", RecordingExporter())
 
 
-def test_failed_conversion_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_failed_export_leaves_nothing_behind(tmp_path: Path) -> None:
     peft_dir(tmp_path / "adapters", "a")
     with pytest.raises(RuntimeError):
-        resolver_for(tmp_path, RecordingExporter(fail=True))(AdapterRef("a", 1))
+        file_for(tmp_path, "a", RecordingExporter(fail=True))
     assert list((tmp_path / "cache" / "gguf-lora").iterdir()) == []

@@ -11,7 +11,6 @@ already on the context first (one switch fewer).
 from __future__ import annotations
 
 import logging
-import queue
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from loraplex.adapters.errors import AdapterError, AdapterNotFound, InvalidAdapter
+from loraplex.adapters.errors import AdapterError, InvalidAdapter
 from loraplex.server.engine import gguf_lora_slots
-from loraplex.server.engine.api import AdapterRef, SequenceRequest, StepPlan, TokenEvent
-from loraplex.server.engine.gguf_adapters import AdapterFileResolver, GGUFAdapterPool
+from loraplex.server.engine.api import SequenceRequest, StepPlan, TokenEvent
+from loraplex.server.engine.gguf_adapters import AdapterHandles
 from loraplex.server.engine.gguf_lora_slots import LoraSlots, PoolError
 from loraplex.server.engine.gguf_runtime import (
     AdapterSet,
@@ -37,10 +36,6 @@ from loraplex.server.errors import InvalidRequest
 
 GroupKey = tuple[str, int, float] | None  # (adapter id, version, scale); None is the base
 log = logging.getLogger(__name__)
-
-
-def _no_adapters(ref: AdapterRef) -> Path:
-    raise AdapterNotFound(ref.adapter_id, "this engine was started without adapter files")
 
 
 @dataclass
@@ -75,25 +70,22 @@ class GGUFEngine:
         self,
         model_path: Path,
         config: RuntimeConfig | None = None,
-        adapter_files: AdapterFileResolver = _no_adapters,
-        max_idle_adapters: int = 16,
         max_lora_rank: int = 64,
         per_sequence_lora: bool = True,
     ) -> None:
-        """`per_sequence_lora=False` keeps stock llama.cpp's one adapter set per decode call
-        even where the patched library could mix them (benchmarks compare the two)."""
+        """Adapter versions are served once their files are named to `adapters.add` (the
+        adapter store's `prepare` hook does it). `per_sequence_lora=False` keeps stock
+        llama.cpp's one adapter set per decode call even where the patched library could mix
+        them (benchmarks compare the two)."""
         self._runtime = LlamaRuntime(Path(model_path), config or RuntimeConfig())
         self.max_context = self._runtime.n_ctx_per_seq
         self._model = ModelInfo(self.max_context, self._runtime.vocab_size,
                                 self._runtime.is_end_of_generation, self.decode,
                                 torch.device("cpu"))  # fmt: skip
-        self.adapters = GGUFAdapterPool(
-            self._runtime.model, adapter_files, self._before_free, max_idle_adapters
-        )
+        self.adapters = AdapterHandles(self._runtime.model, self._before_free)
         self.lora_slots = self._slot_table(max_lora_rank) if per_sequence_lora else None
         self._free_slots = list(range(self._runtime.config.n_seq_max))
         self._sequences: dict[str, _Sequence] = {}
-        self._to_retire: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.last_step = StepStats()
 
     def _slot_table(self, max_lora_rank: int) -> LoraSlots | None:
@@ -168,16 +160,9 @@ class GGUFEngine:
         slot, last.slot = last.slot, slot
         return slot
 
-    def retire_later(self, adapter_id: str) -> None:
-        """Any thread: free the adapter's llama.cpp handles at the next step (a handle still
-        in use is freed at its last release)."""
-        self._to_retire.put(adapter_id)
-
     def step(self, plan: StepPlan) -> list[TokenEvent]:
         for seq_id in plan.release:
             self.release(seq_id)
-        while not self._to_retire.empty():
-            self.adapters.retire(self._to_retire.get())
         events: list[TokenEvent] = []
         runnable: list[_Sequence] = []
         for request in plan.prefill:
@@ -225,7 +210,7 @@ class GGUFEngine:
             seq.adapters = ((handle, ref.scale),)
             return seq
         try:
-            seq.lora_slot = self.lora_slots.hold((ref.adapter_id, ref.version), handle)
+            seq.lora_slot = self.lora_slots.hold(handle)
         except PoolError as err:
             self.release(seq.seq_id)
             raise InvalidAdapter(ref.adapter_id, f"it fits no adapter slot: {err}") from None

@@ -5,7 +5,7 @@ one decode call per adapter. loraplex's patch (patches/llama.cpp/per-sequence-lo
 applied by scripts/setup.sh) adds a pool of slots per adaptable weight and four C functions:
 a slot holds one adapter's A and B, each sequence names its slot and scale, and the graph adds
 each token's own delta through ggml_mul_mat_id. This module binds those functions when the
-library has them and keeps the slot table: which adapter version each slot holds, which slots
+library has them and keeps the slot table: which adapter handle each slot holds, which slots
 running sequences hold, and which idle slot to reuse first.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +66,7 @@ def bind(lib: Any) -> PoolApi | None:
 
 @dataclass
 class _Slot:
-    key: Hashable | None = None  # the adapter version it holds
-    handle: Any = None
+    handle: Any = None  # the llama.cpp handle of the adapter version it holds
     holds: int = 0
 
 
@@ -84,19 +82,18 @@ class LoraSlots:
         self._api, self._ctx = api, ctx
         self._slots = [_Slot() for _ in range(n_slots)]  # index 0 unused: the base
         self._idle: OrderedDict[int, None] = OrderedDict()  # idle slots, least recent first
-        self._sequences: dict[
-            int, tuple[int, float]
-        ] = {}  # seq -> (slot, scale), re-set on a new pool
+        # seq -> (slot, scale), set again on each new pool
+        self._sequences: dict[int, tuple[int, float]] = {}
         self.max_rank = max_rank
         self.rank = 0  # 0: no pool yet
 
-    def hold(self, key: Hashable, handle: Any) -> int:
-        """A slot holding `key`'s weights (written now unless a slot already holds them)."""
-        slot = next((i for i, s in enumerate(self._slots) if i and s.key == key), None)
+    def hold(self, handle: Any) -> int:
+        """A slot holding `handle`'s weights (written now unless a slot already holds them)."""
+        slot = next((i for i, s in enumerate(self._slots) if i and s.handle == handle), None)
         if slot is None:
             slot = self._free_slot()
             self._write(slot, handle)
-            self._slots[slot].key, self._slots[slot].handle = key, handle
+            self._slots[slot].handle = handle
         self._slots[slot].holds += 1
         self._idle.pop(slot, None)
         return slot
@@ -125,7 +122,7 @@ class LoraSlots:
         return sum(s.holds for s in self._slots)
 
     def _free_slot(self) -> int:
-        never_used = next((i for i, s in enumerate(self._slots) if i and s.key is None), None)
+        never_used = next((i for i, s in enumerate(self._slots) if i and s.handle is None), None)
         if never_used is not None:
             return never_used
         if not self._idle:

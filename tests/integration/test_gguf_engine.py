@@ -18,7 +18,6 @@ from loraplex.server.engine.api import (
     TokenEvent,
 )
 from loraplex.server.engine.gguf import GGUFEngine
-from loraplex.server.engine.gguf_adapters import AdapterFiles
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.models import ModelSource
 
@@ -39,19 +38,13 @@ def lora_files(real_model: ModelSource, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="module")
-def adapter_files(lora_files: list[Path]) -> AdapterFiles:
-    files = AdapterFiles()
-    for i, path in enumerate(lora_files):
-        files.add(f"lora{i}", path)
-    return files
-
-
-@pytest.fixture(scope="module")
-def engine(real_model: ModelSource, adapter_files: AdapterFiles) -> Iterator[GGUFEngine]:
+def engine(real_model: ModelSource, lora_files: list[Path]) -> Iterator[GGUFEngine]:
     # flash attention off and plain weights, as in the high-level Llama oracle, so the two
     # compute alike
     config = RuntimeConfig(n_ctx_per_seq=256, n_seq_max=8, n_threads=2, flash_attn=False)
-    engine = GGUFEngine(real_model.path, config, adapter_files)
+    engine = GGUFEngine(real_model.path, config)
+    for i, path in enumerate(lora_files):
+        engine.adapters.add(f"lora{i}", 1, path)
     yield engine
     engine.close()
 

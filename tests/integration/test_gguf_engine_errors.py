@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from loraplex.server.engine.api import (
     TokenEvent,
 )
 from loraplex.server.engine.gguf import GGUFEngine
-from loraplex.server.engine.gguf_adapters import AdapterFiles
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.models import ModelSource
 
@@ -27,26 +27,28 @@ CONTEXT = 64  # llama.cpp may round it up; engine.max_context is what it gave
 
 
 @pytest.fixture(scope="module")
-def files(real_model: ModelSource, tmp_path_factory: pytest.TempPathFactory) -> AdapterFiles:
+def files(real_model: ModelSource, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("gguf-lora-errors")
-    files = AdapterFiles()
-    files.add("good", write_random_lora(real_model.path, folder / "good.gguf", seed=0))
+    good = write_random_lora(real_model.path, folder / "good.gguf", seed=0)
     truncated = folder / "truncated.gguf"
-    truncated.write_bytes((folder / "good.gguf").read_bytes()[:5000])
-    files.add("truncated", truncated)
+    truncated.write_bytes(good.read_bytes()[:5000])
     not_gguf = folder / "adapter_model.safetensors"
     not_gguf.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    files.add("not-gguf", not_gguf)
-    files.add("missing", folder / "missing.gguf")
-    base_as_adapter = real_model.path  # a model, not an adapter
-    files.add("a-model", base_as_adapter)
-    return files
+    return {
+        "good": good,
+        "truncated": truncated,
+        "not-gguf": not_gguf,
+        "missing": folder / "missing.gguf",
+        "a-model": real_model.path,  # a model, not an adapter
+    }
 
 
 @pytest.fixture(scope="module")
-def engine(real_model: ModelSource, files: AdapterFiles) -> Iterator[GGUFEngine]:
+def engine(real_model: ModelSource, files: dict[str, Path]) -> Iterator[GGUFEngine]:
     config = RuntimeConfig(n_ctx_per_seq=CONTEXT, n_seq_max=4, n_threads=2)
-    engine = GGUFEngine(real_model.path, config, files, max_idle_adapters=0)
+    engine = GGUFEngine(real_model.path, config)
+    for adapter_id, path in files.items():
+        engine.adapters.add(adapter_id, 1, path)
     yield engine
     engine.close()
 
@@ -127,14 +129,37 @@ def test_adapter_is_freed_only_after_its_last_sequence(engine: GGUFEngine) -> No
     first = engine.step(StepPlan(prefill=[request(engine, "a", ref), request(engine, "b", ref)]))
     assert engine.adapters.users(ref) == 2
     assert engine.resources() == {"sequences": 2, "kv_cache_slots": 2, "adapter_holds": 2}
-    engine.adapters.retire("good")
-    assert ("good", 1) in engine.adapters.loaded()  # in use: retiring only marks it
+    engine.adapters.drop("good")
+    assert ("good", 1) in engine.adapters.loaded()  # in use: dropping only marks it
     engine.release("a")
     assert ("good", 1) in engine.adapters.loaded()
     drain(engine, first)
     assert ("good", 1) not in engine.adapters.loaded()
     assert engine.running() == []
     assert set(engine.resources().values()) == {0}
+    # a request that acquired the version before the drop still starts, and frees it at its end
+    drain(engine, engine.step(StepPlan(prefill=[request(engine, "late", ref, max_new_tokens=2)])))
+    assert ("good", 1) not in engine.adapters.loaded()
+
+
+def test_a_new_version_serves_new_sequences_while_the_old_one_finishes(
+    engine: GGUFEngine, files: dict[str, Path]
+) -> None:
+    """Hot swap: the old version's handle stays until its last sequence ends."""
+    old, new = AdapterRef("swap", 1), AdapterRef("swap", 2)
+    engine.adapters.add("swap", 1, files["good"])
+    on_old = engine.step(StepPlan(prefill=[request(engine, "old", old, max_new_tokens=4)]))
+    engine.adapters.add("swap", 2, files["good"])
+    on_new = engine.step(
+        StepPlan(prefill=[request(engine, "new", new, max_new_tokens=2)], decode=["old"])
+    )
+    assert {("swap", 1), ("swap", 2)} <= set(engine.adapters.loaded())
+    events = drain(engine, on_old + on_new)
+    assert {e.seq_id for e in events if e.finish is FinishReason.LENGTH} == {"old", "new"}
+    assert ("swap", 1) not in engine.adapters.loaded()  # dropped by the newer version
+    assert ("swap", 2) in engine.adapters.loaded()  # current: kept for the next request
+    engine.adapters.drop("swap")
+    assert ("swap", 2) not in engine.adapters.loaded()
 
 
 def test_finish_reasons(engine: GGUFEngine) -> None:

@@ -21,7 +21,6 @@ from loraplex.server.engine.api import (
     TokenEvent,
 )
 from loraplex.server.engine.gguf import GGUFEngine
-from loraplex.server.engine.gguf_adapters import AdapterFiles
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.models import ModelSource
 
@@ -44,10 +43,10 @@ def lora_files(real_model: ModelSource, tmp_path_factory: pytest.TempPathFactory
 
 
 def make_engine(model: Path, lora_files: dict[str, Path]) -> GGUFEngine:
-    files = AdapterFiles()
+    engine = GGUFEngine(model, CONFIG, max_lora_rank=64)
     for name, path in lora_files.items():
-        files.add(name, path)
-    return GGUFEngine(model, CONFIG, files, max_lora_rank=64)
+        engine.adapters.add(name, 1, path)
+    return engine
 
 
 @pytest.fixture(scope="module")

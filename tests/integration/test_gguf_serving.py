@@ -1,5 +1,5 @@
 """The GGUF backend as `serve` assembles it: PEFT adapters become GGUF-LoRA files when the
-shared adapter store loads them, and unloading frees their llama.cpp handles."""
+shared adapter store loads them, and unloading or evicting frees their llama.cpp handles."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from loraplex.adapters.errors import InvalidAdapter
 from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.adapters.trainer.defaults import DEFAULTS_DIR
 from loraplex.bench.gguf_random_lora import write_random_lora
-from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
+from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backend
 from loraplex.server.models import ModelSource
@@ -48,7 +48,6 @@ def test_load_converts_serves_and_unload_frees(
         store.release(ref)
         assert engine.adapters.loaded() == [("date-iso", 1)]
         store.unload("date-iso")
-        engine.step(StepPlan())  # retirements take effect on the engine thread's next step
         assert engine.adapters.loaded() == []
         # layers of different ranks share the file's one rank: lower ones are zero-padded
         assert store.load("mixed").rank == 8
@@ -90,5 +89,41 @@ def test_ready_gguf_lora_is_served_as_it_is(real_model: ModelSource, tmp_path: P
         with pytest.raises(InvalidAdapter, match=r"outside 1\.\.64"):
             store.load("wide")
         assert [a.adapter_id for a in store.list() if a.resident] == ["ready"]
+    finally:
+        engine.close()
+
+
+def test_eviction_frees_the_handle_and_a_reload_serves_again(
+    real_model: ModelSource, tmp_path: Path
+) -> None:
+    """The store's residency is the only LRU: evicting a version frees its llama.cpp handle."""
+    root = tmp_path / "adapters"
+    for seed, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        write_random_lora(real_model.path, root / name / GGUF_LORA_FILE, seed=seed, rank=8)
+    limits = AdapterLimits([root], max_rank=64, max_resident=1, max_resident_bytes=1 << 30)
+    runtime = RuntimeConfig(n_ctx_per_seq=64, n_seq_max=2, n_threads=2)
+    engine, store = build_gguf_backend(
+        real_model.path, real_model.sha256, limits, runtime, tmp_path / "cache"
+    )
+    prompt = engine.encode("The capital of France is")
+
+    def serve(adapter_id: str) -> list[int]:
+        ref = store.acquire(adapter_id)
+        request = SequenceRequest(adapter_id, prompt, SamplingParams(max_new_tokens=4), ref)
+        try:
+            return run(engine, {0: [request]})[adapter_id].tokens
+        finally:
+            store.release(ref)
+
+    try:
+        first = serve("a")
+        assert engine.adapters.loaded() == [("a", 1)]
+        serve("b")  # evicts a
+        assert [a.adapter_id for a in store.list() if a.resident] == ["b"]
+        assert engine.adapters.loaded() == [("b", 1)]
+        assert serve("a") == first  # loaded again as version 2, evicting b
+        assert engine.adapters.loaded() == [("a", 2)]
+        assert set(engine.resources().values()) == {0}
     finally:
         engine.close()
