@@ -287,8 +287,9 @@ class Scheduler:
             self._refuse(item, err)
 
     def _run_command(self, command: _Command) -> None:
+        result = command.work()
         self._room_changed = True  # an unload or unpin may have made room
-        command.future.set_result(command.work())
+        command.future.set_result(result)
 
     def _admit(self, handle: RequestHandle) -> None:
         if handle.cancelled:
@@ -515,11 +516,16 @@ class Scheduler:
             with self._lock:
                 # Checked under the lock: work submitted since the empty step sent its
                 # wake-up before this wait began, so it must not be slept on.
-                if not self._has_work() and not self._stopping:
+                # What waits for adapter room waits for a release, a command or its give-up
+                # time, not for the loop to spin: the poll ends it in time.
+                if not self._can_step() and not self._stopping:
                     self._lock.wait(timeout=IDLE_POLL_S)
 
+    def _can_step(self) -> bool:
+        return bool(self._running or len(self._waiting) or self._inbox)
+
     def _has_work(self) -> bool:
-        return bool(self._running or len(self._waiting) or self._inbox or self._awaiting)
+        return self._can_step() or bool(self._awaiting)
 
     @property
     def admitting(self) -> bool:

@@ -496,3 +496,32 @@ def test_a_command_that_finds_no_room_runs_once_a_release_makes_some() -> None:
     caller.join(10)
     assert holder.finish_reason is FinishReason.LENGTH
     assert [i.adapter_id for i in loaded] == ["b"] and store.versions == {"b": 1}
+
+
+def test_a_request_waiting_for_room_does_not_keep_the_loop_spinning() -> None:
+    s, _, store, _ = make(adapters={"a", "b"})
+    store.max_resident = 1
+    held = store.acquire("a")  # held outside the scheduler: no step can release it
+    takes = 0
+    take_inbox = s._take_inbox
+
+    def counted() -> bool:
+        nonlocal takes
+        takes += 1
+        return take_inbox()
+
+    s._take_inbox = counted  # type: ignore[method-assign]
+    waiting = s.submit(sub(adapter="b", n=2))
+    s.start()
+    try:
+        wait_for(lambda: s.counts() == (0, 1), within_s=10)
+        before = takes
+        time.sleep(1.5)
+        assert takes - before <= 3, "the loop spun while the request waited for room"
+        store.release(held)
+        s.call(lambda: None)  # a command: room may have changed, the loop retries
+        assert tokens(waiting) == [
+            expected_token(waiting.submission.prompt_ids, AdapterRef("b", 1), i) for i in range(2)
+        ]
+    finally:
+        s.stop()
