@@ -21,6 +21,7 @@ from loraplex.server.errors import (
     ModelUnavailable,
     Overloaded,
 )
+from loraplex.server.status import by_class
 
 INTERNAL = (500, "internal_error")
 HTTP_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
@@ -43,7 +44,4 @@ HTTP_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
 
 def http_status_for(err: BaseException) -> tuple[int, str] | None:
     """(HTTP status, OpenAI error type) for a typed error; None if it is not ours."""
-    for cls in type(err).__mro__:
-        if cls in HTTP_BY_ERROR:
-            return HTTP_BY_ERROR[cls]
-    return None
+    return by_class(HTTP_BY_ERROR, err)

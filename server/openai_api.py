@@ -141,20 +141,20 @@ class OpenAIApi:
     # ---- generation ---------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        def build() -> tuple[Generation, Shape]:
-            limit = self.frontend.description.max_new_tokens_limit
-            generation = completion_generation(body, self.adapter_for(body.model), limit)
-            logprobs, usage = generation.sampling.logprobs, _usage_chunks(body)
-            return generation, CompletionShape(body.model, logprobs, usage)
-
-        return await self._generate(build, body.model, body.stream, request)
+        return await self._openai(body, request, completion_generation, CompletionShape)
 
     async def chat(self, body: ChatRequest, request: Request) -> Response:
+        return await self._openai(body, request, chat_generation, ChatShape)
+
+    async def _openai(
+        self, body: Any, request: Request, to_generation: Callable[[Any, str, int], Generation],
+        shape: Callable[[str, bool, bool], Shape],
+    ) -> Response:  # fmt: skip
         def build() -> tuple[Generation, Shape]:
             limit = self.frontend.description.max_new_tokens_limit
-            generation = chat_generation(body, self.adapter_for(body.model), limit)
+            generation = to_generation(body, self.adapter_for(body.model), limit)
             logprobs, usage = generation.sampling.logprobs, _usage_chunks(body)
-            return generation, ChatShape(body.model, logprobs, usage)
+            return generation, shape(body.model, logprobs, usage)
 
         return await self._generate(build, body.model, body.stream, request)
 

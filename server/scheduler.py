@@ -317,9 +317,7 @@ class Scheduler:
             return
         if error is None:
             item.finish_reason = FinishReason.CANCELLED
-        item.error = error
-        item.timings.finished = self.clock()
-        item._outbox.put(_END)
+        self._close(item, error)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -463,12 +461,16 @@ class Scheduler:
             self._end(handle, EngineFailure(problem) if failed else None)
 
     def _end(self, handle: RequestHandle, error: Exception | None) -> None:
-        handle.error = error
-        handle.timings.finished = self.clock()
         self._release_adapter(handle)
-        handle._outbox.put(_END)
+        self._close(handle, error)
         if self.observer is not None:
             self.observer.request_finished(self._record(handle))
+
+    def _close(self, handle: RequestHandle, error: Exception | None) -> None:
+        """Hand the request its end: its events stop, raising `error` if there is one."""
+        handle.error = error
+        handle.timings.finished = self.clock()
+        handle._outbox.put(_END)
 
     def _release_adapter(self, handle: RequestHandle) -> None:
         if handle.adapter is not None and self.adapters is not None:

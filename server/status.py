@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import grpc
 
 from loraplex.adapters.errors import (
@@ -23,6 +25,8 @@ from loraplex.server.errors import (
     Overloaded,
 )
 
+T = TypeVar("T")
+
 STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     AdapterNotFound: grpc.StatusCode.NOT_FOUND,
@@ -41,9 +45,11 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
 }
 
 
+def by_class(table: dict[type[BaseException], T], err: BaseException) -> T | None:
+    """The entry for the error's nearest class in `table`; None if it is not ours."""
+    return next((table[cls] for cls in type(err).__mro__ if cls in table), None)
+
+
 def status_for(err: BaseException) -> grpc.StatusCode | None:
-    """The status for a typed error, found along its class hierarchy; None if it is not ours."""
-    for cls in type(err).__mro__:
-        if cls in STATUS_BY_ERROR:
-            return STATUS_BY_ERROR[cls]
-    return None
+    """The gRPC status for a typed error, found along its class hierarchy."""
+    return by_class(STATUS_BY_ERROR, err)
