@@ -26,9 +26,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from loraplex.adapters.peft_format import BaseSpec
 from loraplex.adapters.store import AdapterStore
-from loraplex.server.engine.api import FinishReason, SequenceRequest, StepPlan, TokenEvent
+from loraplex.server.engine.api import (
+    FinishReason,
+    OutputFormat,
+    SequenceRequest,
+    StepPlan,
+    TokenEvent,
+)
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf_model import LINEAR_TYPES, quantization_kwargs
+from loraplex.server.errors import InvalidRequest
 
 BASE = "__base__"  # PEFT's adapter name for rows without an adapter in a mixed batch
 
@@ -73,6 +80,9 @@ class PeftStaticEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        raise InvalidRequest("output_format", "this baseline does not constrain its outputs")
 
     def running(self) -> list[str]:
         rows = self._batch.rows if self._batch else []

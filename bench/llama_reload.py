@@ -18,10 +18,12 @@ from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.engine.api import (
     AdapterRef,
     FinishReason,
+    OutputFormat,
     SequenceRequest,
     StepPlan,
     TokenEvent,
 )
+from loraplex.server.errors import InvalidRequest
 
 AdapterFiles = Callable[[AdapterRef], Path]  # adapter version -> its GGUF-LoRA file
 
@@ -60,6 +62,9 @@ class LlamaReloadEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return bytes(self._vocab.detokenize(token_ids)).decode("utf-8", errors="replace")
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        raise InvalidRequest("output_format", "this baseline does not constrain its outputs")
 
     def running(self) -> list[str]:
         current = [self._current.request.seq_id] if self._current else []

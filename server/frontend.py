@@ -72,6 +72,8 @@ class Frontend:
         convert.check_prompt_size(
             request.prompt, request.messages, self.description.max_prompt_chars
         )
+        if request.sampling.output_format is not None:
+            self.engine.check_output_format(request.sampling.output_format)
         text = convert.prompt_text(request.prompt, request.messages, self.chat)
         ids = convert.prompt_ids(text, self.engine.encode, self.engine.max_context)
         return self.scheduler.submit(

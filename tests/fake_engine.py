@@ -22,10 +22,12 @@ from loraplex.server.engine.api import (
     AdapterInfo,
     AdapterRef,
     FinishReason,
+    OutputFormat,
     SequenceRequest,
     StepPlan,
     TokenEvent,
 )
+from loraplex.server.errors import InvalidRequest
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz "
 EOS_ID = 1000
@@ -60,6 +62,9 @@ class FakeEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return "".join(VOCAB[t] if 0 <= t < len(VOCAB) else "?" for t in token_ids)
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        raise InvalidRequest("output_format", "the fake engine has no grammars")
 
     def running(self) -> list[str]:
         return list(self.seqs)

@@ -89,7 +89,7 @@ def test_greedy_takes_the_argmax_of_penalized_logits() -> None:
     logits = random_logits(2)
     best = int(torch.argmax(logits))
     params = SamplingParams(repetition_penalty=50.0)
-    token, _ = TokenSampler(params, [best], CPU).choose(logits)
+    token = TokenSampler(params, [best], CPU).choose(logits).token
     expected = hf_probs(logits, [best], SamplingParams(temperature=1.0, repetition_penalty=50.0))
     assert token == int(torch.argmax(expected)) != best
 
@@ -105,7 +105,7 @@ def test_logprob_is_the_log_softmax_of_the_model_logits(params: SamplingParams) 
     logits = random_logits(3)
     sampler = TokenSampler(params, [0, 1], CPU)
     for _ in range(5):
-        token, logprob = sampler.choose(logits)
+        token, logprob, _ = sampler.choose(logits)
         assert logprob == pytest.approx(float(torch.log_softmax(logits, -1)[token]), abs=1e-5)
 
 

@@ -88,6 +88,18 @@ RAMBLE_CLOSERS = [
     "Of course, there is always more to say on a topic like this one.",
 ]
 Row = dict[str, str]
+# What every json-extract completion is: the schema structured output holds the adapter to.
+JSON_EXTRACT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "city": {"type": "string"},
+        "job": {"type": "string"},
+    },
+    "required": ["name", "age", "city", "job"],
+    "additionalProperties": False,
+}
 
 
 def json_extract_row(rng: random.Random) -> Row:

@@ -20,6 +20,7 @@ __all__ = [
     "AdapterRef",
     "Engine",
     "FinishReason",
+    "OutputFormat",
     "SamplingParams",
     "SequenceRequest",
     "StepPlan",
@@ -27,6 +28,10 @@ __all__ = [
 ]
 
 MAX_NEW_TOKENS_LIMIT = 1 << 16
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range, either way
+MAX_PENALTY = 2.0  # presence and frequency penalties, either way (OpenAI's range)
+OUTPUT_FORMAT_KINDS = ("json_object", "json_schema", "regex", "lark")
 # Temperatures below this sample as greedy does (vLLM's rule too): the distribution is then
 # the argmax up to ties, and dividing logits by a smaller number only risks overflow.
 GREEDY_BELOW_TEMPERATURE = 1e-5
@@ -47,6 +52,16 @@ class FinishReason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class OutputFormat:
+    """A structure every output of the request must have: `kind` is one of
+    OUTPUT_FORMAT_KINDS; `spec` is the JSON schema (as JSON text), the regular expression, or
+    the Lark grammar (empty for json_object: any JSON object)."""
+
+    kind: str
+    spec: str = ""
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings; temperature 0 means greedy."""
 
@@ -58,6 +73,14 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: bool = False
+    min_p: float = 0.0  # 0 disables; tokens below min_p times the top token's probability go
+    presence_penalty: float = 0.0  # subtracted once from each token the output already has
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    stop_token_ids: tuple[int, ...] = ()  # end the output (reason STOP) without their text
+    ignore_eos: bool = False  # go on past end-of-sequence tokens
+    top_logprobs: int = 0  # the most probable tokens and log-probabilities at each position
+    output_format: OutputFormat | None = None
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +108,30 @@ class SamplingParams:
             )
         if any(not s for s in self.stop):
             raise InvalidRequest("stop", "stop sequences must not be empty strings")
+        self._validate_options()
+
+    def _validate_options(self) -> None:
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest("min_p", f"must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:
+                raise InvalidRequest(name, f"must be in [-2, 2], got {value}")
+        for token, bias in self.logit_bias:
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise InvalidRequest("logit_bias", f"token {token}: must be in [-100, 100]")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}"
+            )
+        fmt = self.output_format
+        if fmt is not None and fmt.kind not in OUTPUT_FORMAT_KINDS:
+            raise InvalidRequest("output_format", f"unknown kind {fmt.kind!r}")
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every token id the settings name, for the engine to check against its vocabulary."""
+        return (*(t for t, _ in self.logit_bias), *self.stop_token_ids)
 
 
 @dataclass
@@ -115,6 +162,7 @@ class TokenEvent:
     text: str = ""  # newly decoded text (may be empty while a UTF-8 character is incomplete)
     logprob: float | None = None
     finish: FinishReason | None = None
+    top_logprobs: list[tuple[int, float]] | None = None  # most probable first
     error: str | None = None  # with finish=ERROR: what went wrong, for the client
     deferred: bool = False  # not started: the engine cannot take it yet; plan it again later
 
@@ -136,6 +184,12 @@ class Engine(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        """Compile `fmt` for this model's vocabulary (cached); InvalidRequest when it cannot be
+        (a bad schema, regex or grammar). Front ends call it before submitting, so that the
+        loop never compiles."""
+        ...
 
     def step(self, plan: StepPlan) -> list[TokenEvent]: ...
 

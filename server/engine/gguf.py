@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from loraplex.adapters.errors import AdapterError, InvalidAdapter
-from loraplex.server.engine import gguf_lora_slots
-from loraplex.server.engine.api import SequenceRequest, StepPlan, TokenEvent
+from loraplex.server.engine import gguf_lora_slots, grammar
+from loraplex.server.engine.api import OutputFormat, SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.gguf_adapters import AdapterHandles
 from loraplex.server.engine.gguf_lora_slots import LoraSlots, PoolError
 from loraplex.server.engine.gguf_runtime import (
@@ -79,9 +79,13 @@ class GGUFEngine:
         them (benchmarks compare the two)."""
         self._runtime = LlamaRuntime(Path(model_path), config or RuntimeConfig())
         self.max_context = self._runtime.n_ctx_per_seq
-        self._model = ModelInfo(self.max_context, self._runtime.vocab_size,
-                                self._runtime.is_end_of_generation, self.decode,
-                                torch.device("cpu"))  # fmt: skip
+        runtime = self._runtime
+        grammars = grammar.for_llama_vocab(
+            runtime.vocab, runtime.vocab_size, runtime.is_end_of_generation
+        )
+        self._model = ModelInfo(self.max_context, runtime.vocab_size,
+                                runtime.is_end_of_generation, self.decode,
+                                torch.device("cpu"), grammars)  # fmt: skip
         self.adapters = AdapterHandles(self._runtime.model, self._before_free)
         self.lora_slots = self._slot_table(max_lora_rank) if per_sequence_lora else None
         self._free_slots = list(range(self._runtime.config.n_seq_max))
@@ -113,6 +117,10 @@ class GGUFEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return b"".join(self._runtime.piece(t) for t in token_ids).decode("utf-8", "replace")
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        assert self._model.grammars is not None
+        self._model.grammars.check(fmt)
 
     def running(self) -> list[str]:
         return list(self._sequences)

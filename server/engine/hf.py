@@ -23,7 +23,8 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter
 from loraplex.server.device import pick_device, torch_threads
-from loraplex.server.engine.api import SequenceRequest, StepPlan, TokenEvent
+from loraplex.server.engine import grammar
+from loraplex.server.engine.api import OutputFormat, SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf_model import LoadedBase, load_base
 from loraplex.server.engine.kv_cache import (
@@ -102,8 +103,9 @@ class HFEngine:
         self._owned_forwards = 0  # consecutive forwards it has owned the batch
         self.eos_ids = _eos_ids(base)
         vocab = int(model_config.vocab_size)
+        grammars = grammar.for_hf_tokenizer(self.tokenizer, vocab, self.eos_ids)
         self.model_info = ModelInfo(self.max_context, vocab, self.eos_ids.__contains__,
-                                    self.decode, device)  # fmt: skip
+                                    self.decode, device, grammars)  # fmt: skip
         self._layer_windows = _layer_windows(model_config)
         self._sequences: list[_Sequence] = []  # row order of self._cache
         self._cache = self._new_cache()
@@ -134,6 +136,10 @@ class HFEngine:
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def check_output_format(self, fmt: OutputFormat) -> None:
+        assert self.model_info.grammars is not None
+        self.model_info.grammars.check(fmt)
 
     def running(self) -> list[str]:
         return [s.request.seq_id for s in self._sequences]

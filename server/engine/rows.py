@@ -13,9 +13,11 @@ import torch
 from loraplex.server.engine.api import (
     NOT_FINITE_LOGITS,
     FinishReason,
+    SamplingParams,
     SequenceRequest,
     TokenEvent,
 )
+from loraplex.server.engine.grammar import Grammars, Matcher
 from loraplex.server.engine.sampling import TokenSampler, argmax_of
 from loraplex.server.engine.text import TextStream
 from loraplex.server.errors import InvalidRequest
@@ -33,6 +35,7 @@ class ModelInfo:
     is_eos: Callable[[int], bool]
     decode: Callable[[list[int]], str]
     device: torch.device
+    grammars: Grammars | None = None  # None: output formats are refused
 
 
 def check_request(
@@ -55,6 +58,20 @@ def check_request(
     scale = request.adapter.scale if request.adapter else 1.0
     if not abs(scale) < float("inf"):
         raise InvalidRequest("adapter.scale", f"must be finite, got {scale}")
+    check_options(request.sampling, model)
+
+
+def check_options(params: SamplingParams, model: ModelInfo) -> None:
+    """The model-dependent checks of decoding options: token ids, the output format."""
+    if any(not 0 <= t < model.vocab_size for t in params.token_ids):
+        raise InvalidRequest(
+            "logit_bias" if params.logit_bias else "stop_token_ids",
+            f"token ids must be in [0, {model.vocab_size})",
+        )
+    if params.output_format is not None:
+        if model.grammars is None:
+            raise InvalidRequest("output_format", "this engine does not offer output formats")
+        model.grammars.check(params.output_format)
 
 
 def error_event(seq_id: str, problem: str) -> TokenEvent:
@@ -69,14 +86,20 @@ class Row:
     sampler: TokenSampler
     stream: TextStream
     tokens: list[int]  # the prompt, then each chosen token
+    matcher: Matcher | None = None  # where the output stands in its format, if it has one
     finish: FinishReason | None = None
 
     @classmethod
     def start(cls, request: SequenceRequest, model: ModelInfo) -> Row:
+        """A row for a request `check_request` passed."""
         params = request.sampling
         sampler = TokenSampler(params, request.prompt_ids, model.device)
         stream = TextStream(model.decode, params.stop)
-        return cls(request, sampler, stream, list(request.prompt_ids))
+        matcher = None
+        if params.output_format is not None:
+            assert model.grammars is not None  # check_request refuses the format otherwise
+            matcher = model.grammars.matcher(params.output_format)
+        return cls(request, sampler, stream, list(request.prompt_ids), matcher)
 
     def fail(self, problem: str) -> TokenEvent:
         self.finish = FinishReason.ERROR
@@ -85,24 +108,35 @@ class Row:
     def advance(self, logits: torch.Tensor, argmax: int | None, model: ModelInfo) -> TokenEvent:
         """Choose the next token from this row of logits and decide whether the sequence ends."""
         try:
-            token, logprob = self.sampler.choose(logits, argmax)
+            allowed = self.matcher.allowed() if self.matcher else None
+            choice = self.sampler.choose(logits, argmax, allowed)
+            if self.matcher:
+                self.matcher.accept(choice.token)
         except Exception as err:  # one request's sampling must not end its batch mates
             log.exception("sampling failed for %s", self.request.seq_id)
             return self.fail(f"sampling failed: {err}")
-        self.tokens.append(token)
-        text = self._text(token, model)
-        return TokenEvent(self.request.seq_id, token, text, logprob, self.finish)
+        self.tokens.append(choice.token)
+        text = self._text(choice.token, model)
+        return TokenEvent(
+            self.request.seq_id, choice.token, text, choice.logprob, self.finish, choice.top
+        )
 
     def _text(self, token: int, model: ModelInfo) -> str:
-        if model.is_eos(token):
+        params = self.request.sampling
+        if model.is_eos(token) and not params.ignore_eos:
             self.finish = FinishReason.EOS
+            return self.stream.flush()
+        if token in params.stop_token_ids:
+            self.finish = FinishReason.STOP
             return self.stream.flush()
         text = self.stream.push(token)
         if self.stream.stopped:
             self.finish = FinishReason.STOP
             return text
         generated = len(self.tokens) - len(self.request.prompt_ids)
-        if generated >= self.request.sampling.max_new_tokens:
+        if self.matcher is not None and self.matcher.finished:  # the format is complete
+            self.finish = FinishReason.STOP
+        elif generated >= params.max_new_tokens:
             self.finish = FinishReason.LENGTH
         elif len(self.tokens) >= model.max_context:
             self.finish = FinishReason.CONTEXT
