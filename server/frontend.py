@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -22,6 +22,8 @@ from loraplex.server.errors import InvalidRequest
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import RequestHandle, Scheduler, Submission
 from loraplex.server.status import status_for
+
+SEEDS = 1 << 64  # seeds are uint64 on the wire
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Generation:
     adapter_id: str = ""  # "" is the base model
     adapter_scale: float = 1.0
     deadline: float | None = None  # on the scheduler's clock
+    choices: int = 1  # independent outputs for the one prompt (OpenAI's `n`)
 
 
 class Frontend:
@@ -67,6 +70,11 @@ class Frontend:
 
     def submit(self, request: Generation) -> RequestHandle:
         """Check and tokenize the prompt, then queue the request on the scheduler's loop."""
+        return self.submit_choices(replace(request, choices=1))[0]
+
+    def submit_choices(self, request: Generation) -> list[RequestHandle]:
+        """`submit` for each of the request's choices, the prompt tokenized once; a seeded
+        request's choice i draws with seed + i. All are queued, or none."""
         if request.adapter_id:
             convert.check_adapter_id(request.adapter_id)
         convert.check_prompt_size(
@@ -76,11 +84,18 @@ class Frontend:
             self.engine.check_output_format(request.sampling.output_format)
         text = convert.prompt_text(request.prompt, request.messages, self.chat)
         ids = convert.prompt_ids(text, self.engine.encode, self.engine.max_context)
-        return self.scheduler.submit(
-            Submission(
-                ids, request.sampling, request.adapter_id, request.adapter_scale, request.deadline
-            )
-        )
+        handles: list[RequestHandle] = []
+        try:
+            for i in range(request.choices):
+                sampling = _choice_sampling(request.sampling, i)
+                handles.append(self.scheduler.submit(Submission(
+                    ids, sampling, request.adapter_id, request.adapter_scale, request.deadline
+                )))  # fmt: skip
+        except BaseException:
+            for handle in handles:
+                handle.cancel()
+            raise
+        return handles
 
     @contextlib.contextmanager
     def counted(self, adapter_id: str) -> Iterator[None]:
@@ -133,3 +148,9 @@ class Frontend:
     def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         store = self.store()
         return self.scheduler.call(lambda: store.pin(adapter_id, pinned=pinned))
+
+
+def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=(sampling.seed + index) % SEEDS)

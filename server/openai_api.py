@@ -37,6 +37,7 @@ from loraplex.server.frontend import Frontend, Generation
 from loraplex.server.http_guard import Guard, error_body, error_response
 from loraplex.server.openai_responses import SSE_DONE, ChatShape, CompletionShape, Shape, sse
 from loraplex.server.openai_schema import (
+    OPENAI_FIELD,
     ChatRequest,
     CompletionRequest,
     chat_generation,
@@ -68,48 +69,67 @@ class UnloadLoraRequest(BaseModel):
     timeout_s: float | None = None  # how long to wait for them before a 409
 
 
+Item = tuple[int, TokenEvent | None]  # a choice's index and event; None: that choice ended
+
+
 class EventStream:
-    """One request on a thread of its own: submitted there, its events handed to the loop."""
+    """One request's choices: submitted on a thread of its own, each choice's events read on
+    a thread of its own and handed to the event loop in arrival order."""
 
     def __init__(self, frontend: Frontend, generation: Generation) -> None:
         self._loop = asyncio.get_running_loop()
-        self._items: asyncio.Queue[object] = asyncio.Queue()
-        self.handle: RequestHandle | None = None
+        self._items: asyncio.Queue[Item | Exception] = asyncio.Queue()
+        self.handles: list[RequestHandle] = []
+        self._open = generation.choices
         self.ended = False
         self._cancelled = False
-        thread = threading.Thread(target=self._run, args=(frontend, generation), daemon=True)
+        thread = threading.Thread(target=self._submit, args=(frontend, generation), daemon=True)
         thread.start()
 
-    def _run(self, frontend: Frontend, generation: Generation) -> None:
+    def _submit(self, frontend: Frontend, generation: Generation) -> None:
         try:
-            self.handle = frontend.submit(generation)
-            if self._cancelled:  # the client left while the request was being submitted
-                self.handle.cancel()
-            for event in self.handle.events():
-                self._put(event)
-            if self.handle.cancelled:
+            self.handles = frontend.submit_choices(generation)
+        except Exception as err:
+            self._put(err)
+            return
+        if self._cancelled:  # the client left while the request was being submitted
+            self.cancel()
+        for index, handle in enumerate(self.handles[1:], start=1):
+            threading.Thread(target=self._read, args=(index, handle), daemon=True).start()
+        self._read(0, self.handles[0])
+
+    def _read(self, index: int, handle: RequestHandle) -> None:
+        try:
+            for event in handle.events():
+                self._put((index, event))
+            if handle.cancelled:
                 raise Cancelled("the client disconnected")
-            self._put(_END)
+            self._put((index, None))
         except Exception as err:
             self._put(err)
 
-    def _put(self, item: object) -> None:
+    def _put(self, item: Item | Exception) -> None:
         with contextlib.suppress(RuntimeError):  # a closed event loop: the server stopped
             self._loop.call_soon_threadsafe(self._items.put_nowait, item)
 
-    async def next(self) -> TokenEvent | None:
-        """The next event, None at the end; raises the request's error."""
+    async def next(self) -> Item | None:
+        """The next event of any choice, None once every choice has ended; raises the first
+        error of any choice (and cancels the others)."""
+        if not self._open:
+            self.ended = True
+            return None
         item = await self._items.get()
         if isinstance(item, Exception):
             self.ended = True
+            self.cancel()
             raise item
-        self.ended = item is _END
-        return None if self.ended else item  # type: ignore[return-value]
+        self._open -= item[1] is None
+        return item
 
     def cancel(self) -> None:
         self._cancelled = True
-        if self.handle is not None:
-            self.handle.cancel()
+        for handle in self.handles:
+            handle.cancel()
 
 
 class OpenAIApi:
@@ -148,13 +168,13 @@ class OpenAIApi:
 
     async def _openai(
         self, body: Any, request: Request, to_generation: Callable[[Any, str, int], Generation],
-        shape: Callable[[str, bool, bool], Shape],
+        shape: type[Shape],
     ) -> Response:  # fmt: skip
         def build() -> tuple[Generation, Shape]:
             limit = self.frontend.description.max_new_tokens_limit
             generation = to_generation(body, self.adapter_for(body.model), limit)
-            logprobs, usage = generation.sampling.logprobs, _usage_chunks(body)
-            return generation, shape(body.model, logprobs, usage)
+            usage, decode = _usage_chunks(body), self.frontend.engine.decode
+            return generation, shape(body.model, generation.sampling, decode, usage)
 
         return await self._generate(build, body.model, body.stream, request)
 
@@ -175,15 +195,19 @@ class OpenAIApi:
             if stream:
                 chunks = sse_chunks(events, first, shape, count)
                 return StreamingResponse(chunks, media_type="text/event-stream")
-            tokens: list[TokenEvent] = []
-            if first is not None:
-                tokens = [first, *await until_disconnect(request, rest(events), events)]
+            items = [first, *await until_disconnect(request, rest(events), events)]
+        except InvalidRequest as err:
+            count(err)
+            raise InvalidRequest(OPENAI_FIELD.get(err.field, err.field), err.problem) from None
         except BaseException as err:
             count(err)
             raise
         count(None)
-        assert events.handle is not None
-        return JSONResponse(shape.whole(tokens, events.handle))
+        outputs: list[list[TokenEvent]] = [[] for _ in events.handles]
+        for index, event in filter(None, items):
+            if event is not None:
+                outputs[index].append(event)
+        return JSONResponse(shape.whole(outputs, events.handles))
 
     # ---- adapters -----------------------------------------------------------------------
 
@@ -244,32 +268,35 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def rest(events: EventStream) -> list[TokenEvent]:
-    tokens = []
-    while (event := await events.next()) is not None:
-        tokens.append(event)
-    return tokens
+async def rest(events: EventStream) -> list[Item]:
+    items = []
+    while (item := await events.next()) is not None:
+        items.append(item)
+    return items
 
 
 async def sse_chunks(
     events: EventStream,
-    first: TokenEvent | None,
+    first: Item | None,
     shape: Shape,
     count: Callable[[BaseException | None], None],
 ) -> AsyncIterator[bytes]:
     """The stream's chunks; Starlette cancels this when the client disconnects."""
     error: BaseException | None = None
     try:
-        for chunk in shape.opening():
-            yield chunk
-        event = first
-        while event is not None:
-            yield shape.token_chunk(event)
-            event = await events.next()
-        assert events.handle is not None
-        yield shape.closing(events.handle)
+        for index in range(len(events.handles)):
+            for chunk in shape.opening(index):
+                yield chunk
+        item = first
+        while item is not None:
+            index, event = item
+            if event is None:
+                yield shape.closing(index, events.handles[index])
+            else:
+                yield shape.token_chunk(index, event)
+            item = await events.next()
         if shape.include_usage:
-            yield shape.usage_chunk(events.handle)
+            yield shape.usage_chunk(events.handles)
         yield SSE_DONE
     except Exception as err:  # the 200 is out: the error goes in the stream, as vLLM sends it
         error = err

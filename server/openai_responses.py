@@ -11,9 +11,10 @@ import json
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
-from loraplex.server.engine.api import FinishReason, TokenEvent
+from loraplex.server.engine.api import FinishReason, SamplingParams, TokenEvent
 from loraplex.server.scheduler import RequestHandle
 
 FINISH_REASON = {
@@ -33,8 +34,10 @@ def finish_reason(handle: RequestHandle) -> str | None:
     return FINISH_REASON.get(handle.finish_reason) if handle.finish_reason else None
 
 
-def usage(handle: RequestHandle) -> dict[str, int]:
-    prompt, completion = handle.prompt_tokens, handle.completion_tokens
+def usage(handles: list[RequestHandle]) -> dict[str, int]:
+    """The prompt counted once, as OpenAI counts it, and every choice's tokens."""
+    prompt = handles[0].prompt_tokens if handles else 0
+    completion = sum(h.completion_tokens for h in handles)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}  # fmt: skip
 
@@ -46,63 +49,83 @@ class Shape(ABC):
     whole_object = ""
     chunk_object = ""
 
-    def __init__(self, model: str, logprobs: bool, include_usage: bool = False) -> None:
+    def __init__(
+        self, model: str, sampling: SamplingParams, decode: Callable[[list[int]], str],
+        include_usage: bool = False,
+    ) -> None:  # fmt: skip
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
-        self.logprobs = logprobs
+        self.logprobs = sampling.logprobs
+        self.decode = decode  # names the top_logprobs' tokens
         self.include_usage = include_usage  # streams: every chunk carries "usage": null
 
     def envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": choices, **extra}  # fmt: skip
 
-    def chunk(self, choice: dict[str, Any]) -> bytes:
+    def chunk(self, index: int, choice: dict[str, Any]) -> bytes:
         extra = {"usage": None} if self.include_usage else {}
-        return sse(self.envelope(self.chunk_object, [{"index": 0, **choice}], **extra))
+        return sse(self.envelope(self.chunk_object, [{"index": index, **choice}], **extra))
 
-    def usage_chunk(self, handle: RequestHandle) -> bytes:
-        return sse(self.envelope(self.chunk_object, [], usage=usage(handle)))
+    def usage_chunk(self, handles: list[RequestHandle]) -> bytes:
+        return sse(self.envelope(self.chunk_object, [], usage=usage(handles)))
+
+    def whole(
+        self, outputs: list[list[TokenEvent]], handles: list[RequestHandle]
+    ) -> dict[str, Any]:
+        """The whole response: `outputs[i]` is choice i's events."""
+        choices = [
+            {"index": i, **self.choice(events), "finish_reason": finish_reason(handle)}
+            for i, (events, handle) in enumerate(zip(outputs, handles, strict=True))
+        ]
+        return self.envelope(self.whole_object, choices, usage=usage(handles))
+
+    def top(self, event: TokenEvent) -> list[tuple[str, float]]:
+        return [(self.decode([token]), logprob) for token, logprob in event.top_logprobs or ()]
 
     @abstractmethod
-    def whole(self, events: list[TokenEvent], handle: RequestHandle) -> dict[str, Any]: ...
+    def choice(self, events: list[TokenEvent]) -> dict[str, Any]:
+        """A whole choice's fields but its index and finish reason."""
 
     @abstractmethod
-    def opening(self) -> list[bytes]:
-        """The chunks a stream starts with, before its first token."""
+    def opening(self, index: int) -> list[bytes]:
+        """The chunks a choice's stream starts with, before its first token."""
 
     @abstractmethod
-    def token_chunk(self, event: TokenEvent) -> bytes: ...
+    def token_chunk(self, index: int, event: TokenEvent) -> bytes: ...
 
     @abstractmethod
-    def closing(self, handle: RequestHandle) -> bytes:
-        """The chunk that carries the finish reason."""
+    def closing(self, index: int, handle: RequestHandle) -> bytes:
+        """The chunk that carries a choice's finish reason."""
 
 
 class CompletionShape(Shape):
     prefix = "cmpl"
     whole_object = chunk_object = "text_completion"
 
-    def __init__(self, model: str, logprobs: bool, include_usage: bool = False) -> None:
-        super().__init__(model, logprobs, include_usage)
-        self.offset = 0  # the text offset of the next streamed token
+    def __init__(
+        self, model: str, sampling: SamplingParams, decode: Callable[[list[int]], str],
+        include_usage: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(model, sampling, decode, include_usage)
+        self.offsets: dict[int, int] = {}  # the text offset of each choice's next token
 
-    def whole(self, events: list[TokenEvent], handle: RequestHandle) -> dict[str, Any]:
-        text = "".join(e.text for e in events)
-        choice = {"index": 0, "text": text, "logprobs": self._logprobs(events, 0),
-                  "finish_reason": finish_reason(handle)}  # fmt: skip
-        return self.envelope(self.whole_object, [choice], usage=usage(handle))
+    def choice(self, events: list[TokenEvent]) -> dict[str, Any]:
+        return {"text": "".join(e.text for e in events), "logprobs": self._logprobs(events, 0)}
 
-    def opening(self) -> list[bytes]:
+    def opening(self, index: int) -> list[bytes]:
         return []
 
-    def token_chunk(self, event: TokenEvent) -> bytes:
-        logprobs = self._logprobs([event], self.offset)
-        self.offset += len(event.text)
-        return self.chunk({"text": event.text, "logprobs": logprobs, "finish_reason": None})
+    def token_chunk(self, index: int, event: TokenEvent) -> bytes:
+        offset = self.offsets.get(index, 0)
+        logprobs = self._logprobs([event], offset)
+        self.offsets[index] = offset + len(event.text)
+        return self.chunk(index, {"text": event.text, "logprobs": logprobs, "finish_reason": None})
 
-    def closing(self, handle: RequestHandle) -> bytes:
-        return self.chunk({"text": "", "logprobs": None, "finish_reason": finish_reason(handle)})
+    def closing(self, index: int, handle: RequestHandle) -> bytes:
+        finish = finish_reason(handle)
+        return self.chunk(index, {"text": "", "logprobs": None, "finish_reason": finish})
 
     def _logprobs(self, events: list[TokenEvent], offset: int) -> dict[str, Any] | None:
         if not self.logprobs:
@@ -111,8 +134,10 @@ class CompletionShape(Shape):
         for event in events:
             offsets.append(offset)
             offset += len(event.text)
+        tops = [dict(self.top(e)) if e.top_logprobs is not None else None for e in events]
         return {"tokens": [e.text for e in events], "token_logprobs": [e.logprob for e in events],
-                "top_logprobs": None, "text_offset": offsets}  # fmt: skip
+                "top_logprobs": tops if any(t is not None for t in tops) else None,
+                "text_offset": offsets}  # fmt: skip
 
 
 class ChatShape(Shape):
@@ -120,26 +145,30 @@ class ChatShape(Shape):
     whole_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def whole(self, events: list[TokenEvent], handle: RequestHandle) -> dict[str, Any]:
+    def choice(self, events: list[TokenEvent]) -> dict[str, Any]:
         message = {"role": "assistant", "content": "".join(e.text for e in events)}
-        choice = {"index": 0, "message": message, "logprobs": self._logprobs(events),
-                  "finish_reason": finish_reason(handle)}  # fmt: skip
-        return self.envelope(self.whole_object, [choice], usage=usage(handle))
+        return {"message": message, "logprobs": self._logprobs(events)}
 
-    def opening(self) -> list[bytes]:
+    def opening(self, index: int) -> list[bytes]:
         delta = {"role": "assistant", "content": ""}
-        return [self.chunk({"delta": delta, "logprobs": None, "finish_reason": None})]
+        return [self.chunk(index, {"delta": delta, "logprobs": None, "finish_reason": None})]
 
-    def token_chunk(self, event: TokenEvent) -> bytes:
-        return self.chunk({"delta": {"content": event.text}, "logprobs": self._logprobs([event]),
-                           "finish_reason": None})  # fmt: skip
+    def token_chunk(self, index: int, event: TokenEvent) -> bytes:
+        delta = {"content": event.text}
+        logprobs = self._logprobs([event])
+        return self.chunk(index, {"delta": delta, "logprobs": logprobs, "finish_reason": None})
 
-    def closing(self, handle: RequestHandle) -> bytes:
-        return self.chunk({"delta": {}, "logprobs": None, "finish_reason": finish_reason(handle)})
+    def closing(self, index: int, handle: RequestHandle) -> bytes:
+        finish = finish_reason(handle)
+        return self.chunk(index, {"delta": {}, "logprobs": None, "finish_reason": finish})
 
     def _logprobs(self, events: list[TokenEvent]) -> dict[str, Any] | None:
         if not self.logprobs:
             return None
-        content = [{"token": e.text, "logprob": e.logprob, "bytes": list(e.text.encode()),
-                    "top_logprobs": []} for e in events]  # fmt: skip
-        return {"content": content}
+        return {"content": [self._token(e) for e in events]}
+
+    def _token(self, event: TokenEvent) -> dict[str, Any]:
+        top = [{"token": text, "logprob": logprob, "bytes": list(text.encode())}
+               for text, logprob in self.top(event)]  # fmt: skip
+        return {"token": event.text, "logprob": event.logprob, "bytes": list(event.text.encode()),
+                "top_logprobs": top}  # fmt: skip

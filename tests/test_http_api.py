@@ -190,6 +190,44 @@ def test_chat_renders_the_template_and_streams_the_same(served: Served) -> None:
     assert all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+def test_n_choices_each_run_and_count_in_usage(served: Served) -> None:
+    reply = served.client.completions.create(
+        model="a", prompt="three ways", max_tokens=5, n=3, seed=41, temperature=0.5
+    )
+    expected = want(served.engine, "three ways", AdapterRef("a", version(served, "a")), 5)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.text for c in reply.choices] == [expected] * 3
+    assert all(c.finish_reason == "length" for c in reply.choices)
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len("three ways"), 15)
+    # each choice was a sequence of its own, drawing with seed + its index
+    seeds = [r.sampling.seed for p in served.engine.plans for r in p.prefill
+             if r.prompt_ids == served.engine.encode("three ways")]  # fmt: skip
+    assert sorted(seeds) == [41, 42, 43]
+
+
+def test_n_choices_stream_with_their_indexes(served: Served) -> None:
+    stream = served.client.chat.completions.create(
+        model="b", messages=[{"role": "user", "content": "two"}], max_tokens=4, n=2,
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, list[str]] = {0: [], 1: []}
+    roles = []
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles += [choice.index] if choice.delta.role else []
+            finishes[choice.index] += [choice.finish_reason] if choice.finish_reason else []
+    prompt = rendered([{"role": "user", "content": "two"}])
+    expected = want(served.engine, prompt, AdapterRef("b", version(served, "b")), 4)
+    assert texts == {0: expected, 1: expected} and sorted(roles) == [0, 1]
+    assert finishes == {0: ["length"], 1: ["length"]}
+    assert usage is not None and usage.completion_tokens == 8
+
+
 def test_text_parts_join_with_newlines(served: Served) -> None:
     parts = [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]
     reply = served.client.chat.completions.create(
@@ -271,14 +309,21 @@ def test_unknown_model_is_404(served: Served) -> None:
         ({"seed": -1}, "seed"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": ""}, "prompt"),
-        ({"n": 2}, "n"),
+        ({"n": 0}, "n"),
+        ({"n": 17}, "n"),
         ({"best_of": 3}, "best_of"),
         ({"echo": True}, "echo"),
-        ({"logprobs": 2}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": 1}, "frequency_penalty"),
-        ({"logit_bias": {"5": 1}}, "logit_bias"),
-        ({"min_p": 0.1}, "min_p"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"logit_bias": {"five": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),  # the fake: no grammars
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"structured_outputs": {"regex": "a+", "choice": ["a"]}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
         ({"suffix": "end"}, "suffix"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"no_such_field": 1}, "no_such_field"),
@@ -299,8 +344,8 @@ def test_invalid_or_unsupported_completion_fields_are_400_naming_them(
 @pytest.mark.parametrize(
     "fields, param",
     [
-        ({"top_logprobs": 2, "logprobs": True}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
