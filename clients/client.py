@@ -65,6 +65,7 @@ class _Collector:
         self.text: list[str] = []
         self.token_ids: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []
         self.request_id: str | None = None  # the server sends it in the first message only
         self.result: Generation | None = None
 
@@ -74,12 +75,15 @@ class _Collector:
         self.text.append(msg.text)
         self.token_ids.extend(msg.token_ids)
         self.logprobs.extend(msg.logprobs)
+        top = messages.top_logprobs(msg.top_logprobs)
+        self.top_logprobs.extend(top)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.result = messages.generation(
-                msg, "".join(self.text), self.token_ids, self.logprobs, self.request_id
-            )
+                msg, "".join(self.text), self.token_ids, self.logprobs, self.request_id,
+                self.top_logprobs,
+            )  # fmt: skip
         if msg.token_ids or msg.text:
-            return Chunk(msg.text, list(msg.token_ids), list(msg.logprobs))
+            return Chunk(msg.text, list(msg.token_ids), list(msg.logprobs), top)
         return None
 
 
@@ -144,8 +148,9 @@ class Client:
         args = GenerateArgs(prompt=prompt, **options)
         msg = self._call("Generate", pb.GenerateRequest(**messages.request_fields(args)), timeout)
         return messages.generation(
-            msg, msg.text, list(msg.token_ids), list(msg.logprobs), msg.request_id
-        )
+            msg, msg.text, list(msg.token_ids), list(msg.logprobs), msg.request_id,
+            messages.top_logprobs(msg.top_logprobs),
+        )  # fmt: skip
 
     def stream(
         self, prompt: str = "", *, timeout: float | None = None, **options: Any
@@ -267,8 +272,9 @@ class AsyncClient:
         request = pb.GenerateRequest(**messages.request_fields(args))
         msg = await self._call("Generate", request, timeout)
         return messages.generation(
-            msg, msg.text, list(msg.token_ids), list(msg.logprobs), msg.request_id
-        )
+            msg, msg.text, list(msg.token_ids), list(msg.logprobs), msg.request_id,
+            messages.top_logprobs(msg.top_logprobs),
+        )  # fmt: skip
 
     def stream(
         self, prompt: str = "", *, timeout: float | None = None, **options: Any

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ class Generation:
     adapter_id: str
     adapter_version: int
     logprobs: list[float] = field(default_factory=list)  # when asked for, one per token
+    # when asked for, one per token: the most probable (token id, log-probability) pairs
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Chunk:
     text: str
     token_ids: list[int]
     logprobs: list[float] = field(default_factory=list)  # when asked for, one per token
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -79,16 +83,58 @@ class GenerateArgs:
     stop: Sequence[str] = ()
     seed: int | None = None
     logprobs: bool = False  # return each chosen token's log-probability
+    top_logprobs: int = 0  # and this many most probable tokens per position
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    stop_token_ids: Sequence[int] = ()
+    ignore_eos: bool = False
+    # Structured output, at most one: a JSON schema (dict or JSON text), any JSON object,
+    # a regular expression, or a Lark grammar.
+    json_schema: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    lark: str | None = None
     request_id: str = ""
 
 
+OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                     "seed", "min_p", "presence_penalty", "frequency_penalty")  # fmt: skip
+
+
 def sampling_message(args: GenerateArgs) -> pb.SamplingParams:
-    msg = pb.SamplingParams(stop=list(args.stop), logprobs=args.logprobs)
-    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+    msg = pb.SamplingParams(
+        stop=list(args.stop), logprobs=args.logprobs, top_logprobs=args.top_logprobs,
+        logit_bias=dict(args.logit_bias), stop_token_ids=list(args.stop_token_ids),
+        ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    for name in OPTIONAL_SAMPLING:
         value = getattr(args, name)
         if value is not None:
             setattr(msg, name, value)
+    fmt = output_format_message(args)
+    if fmt is not None:
+        msg.output_format.CopyFrom(fmt)
     return msg
+
+
+def output_format_message(args: GenerateArgs) -> pb.OutputFormat | None:
+    schema = args.json_schema
+    given: dict[str, Any] = {
+        "json_schema": schema if isinstance(schema, str | None) else json.dumps(schema),
+        "json_object": args.json_object or None,
+        "regex": args.regex,
+        "lark": args.lark,
+    }
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if len(chosen) > 1:
+        raise ValueError(f"give at most one output format, got {sorted(chosen)}")
+    return pb.OutputFormat(**chosen) if chosen else None
+
+
+def top_logprobs(messages: Sequence[pb.TopLogprobs]) -> list[list[tuple[int, float]]]:
+    return [list(zip(m.token_ids, m.logprobs, strict=True)) for m in messages]
 
 
 def request_fields(args: GenerateArgs) -> dict[str, Any]:
@@ -111,6 +157,7 @@ def generation(
     token_ids: list[int],
     logprobs: list[float],
     request_id: str,
+    top: list[list[tuple[int, float]]] | None = None,
 ) -> Generation:
     """A stream's last message lacks the request id (only its first has it): callers pass it."""
     t = msg.timings
@@ -125,6 +172,7 @@ def generation(
         adapter_id=msg.adapter_id,
         adapter_version=msg.adapter_version,
         logprobs=logprobs,
+        top_logprobs=top or [],
     )
 
 

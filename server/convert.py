@@ -14,7 +14,9 @@ from loraplex.server.engine.api import (
     MAX_NEW_TOKENS_LIMIT,
     AdapterInfo,
     FinishReason,
+    OutputFormat,
     SamplingParams,
+    TokenEvent,
 )
 from loraplex.server.errors import InvalidRequest
 from loraplex.server.scheduler import Timings
@@ -63,9 +65,38 @@ def sampling_from_proto(msg: pb.SamplingParams, max_new_tokens_limit: int) -> Sa
         seed=msg.seed if msg.HasField("seed") else None,
         stop=tuple(msg.stop),
         logprobs=msg.logprobs,
+        min_p=float(pick("min_p", DEFAULTS.min_p) or 0.0),
+        presence_penalty=float(pick("presence_penalty", DEFAULTS.presence_penalty) or 0.0),
+        frequency_penalty=float(pick("frequency_penalty", DEFAULTS.frequency_penalty) or 0.0),
+        logit_bias=tuple(sorted(msg.logit_bias.items())),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        top_logprobs=msg.top_logprobs,
+        output_format=output_format_from_proto(msg),
     )
     params.validate(min(max_new_tokens_limit, MAX_NEW_TOKENS_LIMIT))
     return params
+
+
+def output_format_from_proto(msg: pb.SamplingParams) -> OutputFormat | None:
+    if not msg.HasField("output_format"):
+        return None
+    kind = msg.output_format.WhichOneof("format")
+    if kind is None:
+        raise InvalidRequest("output_format", "set one of json_schema, json_object, regex, lark")
+    if kind == "json_object":
+        if not msg.output_format.json_object:
+            raise InvalidRequest("output_format.json_object", "must be true when given")
+        return OutputFormat("json_object")
+    return OutputFormat(kind, getattr(msg.output_format, kind))
+
+
+def top_logprobs_to_proto(event: TokenEvent) -> list[pb.TopLogprobs]:
+    """The event's top tokens, one message (or none when not asked for)."""
+    if event.token_id is None or event.top_logprobs is None:
+        return []
+    ids, logprobs = zip(*event.top_logprobs, strict=True) if event.top_logprobs else ((), ())
+    return [pb.TopLogprobs(token_ids=ids, logprobs=logprobs)]
 
 
 def adapter_scale(req: GenerationRequest) -> float:

@@ -114,16 +114,19 @@ class LoraplexService:
             handle = self._submit(request, context)
             token_ids: list[int] = []
             logprobs: list[float] = []
+            top: list[pb.TopLogprobs] = []
             text: list[str] = []
             for event in handle.events():
                 token_ids.extend(_token_ids(event))
                 logprobs.extend(_logprobs(event))
+                top.extend(convert.top_logprobs_to_proto(event))
                 text.append(event.text)
             _check_not_cancelled(handle)
             return pb.GenerateResponse(
                 text="".join(text),
                 token_ids=token_ids,
                 logprobs=logprobs,
+                top_logprobs=top,
                 request_id=request.request_id,
                 **self._final_fields(handle, request),
             )
@@ -142,6 +145,7 @@ class LoraplexService:
                     text=event.text,
                     token_ids=_token_ids(event),
                     logprobs=_logprobs(event),
+                    top_logprobs=convert.top_logprobs_to_proto(event),
                     request_id=next(request_ids),
                 )
             _check_not_cancelled(handle)
