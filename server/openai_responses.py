@@ -134,7 +134,7 @@ class CompletionShape(Shape):
         for event in events:
             offsets.append(offset)
             offset += len(event.text)
-        tops = [dict(self.top(e)) if e.top_logprobs is not None else None for e in events]
+        tops = [_by_text(self.top(e)) if e.top_logprobs is not None else None for e in events]
         return {"tokens": [e.text for e in events], "token_logprobs": [e.logprob for e in events],
                 "top_logprobs": tops if any(t is not None for t in tops) else None,
                 "text_offset": offsets}  # fmt: skip
@@ -172,3 +172,12 @@ class ChatShape(Shape):
                for text, logprob in self.top(event)]  # fmt: skip
         return {"token": event.text, "logprob": event.logprob, "bytes": list(event.text.encode()),
                 "top_logprobs": top}  # fmt: skip
+
+
+def _by_text(top: list[tuple[str, float]]) -> dict[str, float]:
+    """OpenAI's completions shape keys the top tokens by text; tokens that decode alike (a cut
+    UTF-8 character) keep the most probable's value."""
+    keyed: dict[str, float] = {}
+    for text, logprob in top:
+        keyed.setdefault(text, logprob)
+    return keyed

@@ -27,6 +27,10 @@ from loraplex.server.engine.api import OutputFormat
 from loraplex.server.errors import InvalidRequest
 
 ANY_JSON_OBJECT = '{"type": "object"}'
+# Whitespace between JSON tokens is bounded, so that a model cannot loop on it until
+# max_tokens (pretty-printing at depth 7 with 4 spaces still fits). A schema's "x-guidance"
+# key overrides it, as llguidance documents.
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
 COMPILED_CACHE_SIZE = 256  # formats kept compiled; clients usually reuse a few schemas
 
 
@@ -101,10 +105,9 @@ def for_llama_vocab(llama_vocab: Any, vocab: int, is_eos: Callable[[int], bool])
 
 def grammar_text(fmt: OutputFormat) -> str:
     """llguidance's grammar for a format; ValueError when the spec is not even well formed."""
-    if fmt.kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema(ANY_JSON_OBJECT)
-    if fmt.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(fmt.spec)
+    if fmt.kind in ("json_object", "json_schema"):
+        schema = ANY_JSON_OBJECT if fmt.kind == "json_object" else fmt.spec
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
     if fmt.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(fmt.spec)
     if fmt.kind == "lark":
