@@ -12,6 +12,7 @@ from tiny import build_tokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers
 from transformers import PreTrainedTokenizerFast
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -47,6 +48,8 @@ def hf_probs(logits: torch.Tensor, history: list[int], params: SamplingParams) -
         scores = TopKLogitsWarper(params.top_k)(ids, scores)
     if params.top_p < 1.0:
         scores = TopPLogitsWarper(params.top_p)(ids, scores)
+    if params.min_p > 0.0:
+        scores = MinPLogitsWarper(params.min_p)(ids, scores)
     return torch.softmax(scores.double(), dim=-1)[0]
 
 
@@ -58,13 +61,20 @@ def hf_probs(logits: torch.Tensor, history: list[int], params: SamplingParams) -
         SamplingParams(temperature=1.0, top_p=0.9),
         SamplingParams(temperature=3.0, top_p=0.999, repetition_penalty=1.3),  # past prefetch
         SamplingParams(temperature=1.0, top_k=100, top_p=0.5, repetition_penalty=0.8),
+        SamplingParams(temperature=1.0, min_p=0.05),
+        SamplingParams(temperature=0.5, min_p=0.3),
+        SamplingParams(temperature=3.0, min_p=0.01),  # a wide cut, past the prefetch
+        SamplingParams(temperature=1.0, min_p=1.0),  # only the top token
+        SamplingParams(temperature=2.0, top_k=50, min_p=0.2),
+        SamplingParams(temperature=3.0, top_p=0.9, min_p=0.1, repetition_penalty=1.3),
+        SamplingParams(temperature=1.5, top_k=200, top_p=0.95, min_p=0.02),
     ],
 )
 def test_distribution_matches_transformers_processors(params: SamplingParams) -> None:
     logits = random_logits(1)
     history = [3, 17, 17, 999, 4321]
     scores = apply_repetition_penalty(logits, torch.tensor(history), params.repetition_penalty)
-    ids, probs = distribution(scores, params.temperature, params.top_k, params.top_p)
+    ids, probs = distribution(scores, params.temperature, params.top_k, params.top_p, params.min_p)
     ours = torch.zeros(VOCAB, dtype=torch.float64)
     ours[slice(None) if ids is None else ids] = probs.double() / probs.sum()
     torch.testing.assert_close(ours, hf_probs(logits, history, params), atol=1e-6, rtol=0)
@@ -76,6 +86,23 @@ def test_draws_follow_the_distribution_and_never_pick_a_zero() -> None:
     counts = np.bincount([draw(probs, generator) for _ in range(20000)], minlength=6)
     assert counts[1] == counts[4] == 0
     np.testing.assert_allclose(counts / 20000, (probs / probs.sum()).numpy(), atol=0.015)
+
+
+@pytest.mark.parametrize("min_p", [0.1, 0.5])
+def test_min_p_keeps_what_transformers_keeps_and_the_sampler_draws_only_those(
+    min_p: float,
+) -> None:
+    logits = random_logits(4, spread=1.0)
+    ids = torch.tensor([[0]])
+    scaled = TemperatureLogitsWarper(2.0)(ids, logits[None])
+    kept = MinPLogitsWarper(min_p)(ids, scaled)[0] > float("-inf")
+    _, probs = distribution(logits, 2.0, 0, 1.0, min_p)
+    assert torch.equal(probs > 0, kept)
+    assert 1 < int(kept.sum()) < VOCAB  # the cut does something, and keeps a choice
+    sampler = TokenSampler(SamplingParams(temperature=2.0, min_p=min_p, seed=5), [0], CPU)
+    drawn = {sampler.choose(logits).token for _ in range(300)}
+    assert drawn <= set(kept.nonzero()[:, 0].tolist())
+    assert len(drawn) > 1
 
 
 def test_sampler_draws_only_tokens_top_k_keeps() -> None:
