@@ -723,7 +723,6 @@ def test_good_formats_pass_the_check(engine: HFEngine) -> None:
         ("stop_token_ids", {"stop_token_ids": (320,)}),
         ("stop_token_ids", {"stop_token_ids": (3, -5)}),
         # the bad id is a stop token id; the valid logit_bias must not take the blame.
-        # FAILS: rows.check_options names "logit_bias" whenever the request has one
         pytest.param(
             "stop_token_ids",
             {"logit_bias": ((5, 1.0),), "stop_token_ids": (320,)},

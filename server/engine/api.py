@@ -128,11 +128,6 @@ class SamplingParams:
         if fmt is not None and fmt.kind not in OUTPUT_FORMAT_KINDS:
             raise InvalidRequest("output_format", f"unknown kind {fmt.kind!r}")
 
-    @property
-    def token_ids(self) -> tuple[int, ...]:
-        """Every token id the settings name, for the engine to check against its vocabulary."""
-        return (*(t for t, _ in self.logit_bias), *self.stop_token_ids)
-
 
 @dataclass
 class SequenceRequest:

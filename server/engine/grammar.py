@@ -29,8 +29,8 @@ from loraplex.server.errors import InvalidRequest
 ANY_JSON_OBJECT = '{"type": "object"}'
 # Whitespace between JSON tokens is bounded, so that a model cannot loop on it until
 # max_tokens (pretty-printing at depth 7 with 4 spaces still fits). A schema's "x-guidance"
-# key overrides it, as llguidance documents.
-JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
+# key may set its own "whitespace_pattern" (llguidance applies it over these defaults).
+JSON_OPTIONS: Any = {"whitespace_flexible": True, "whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
 COMPILED_CACHE_SIZE = 256  # formats kept compiled; clients usually reuse a few schemas
 
 

@@ -63,11 +63,10 @@ def check_request(
 
 def check_options(params: SamplingParams, model: ModelInfo) -> None:
     """The model-dependent checks of decoding options: token ids, the output format."""
-    if any(not 0 <= t < model.vocab_size for t in params.token_ids):
-        raise InvalidRequest(
-            "logit_bias" if params.logit_bias else "stop_token_ids",
-            f"token ids must be in [0, {model.vocab_size})",
-        )
+    for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+                       ("stop_token_ids", params.stop_token_ids)):  # fmt: skip
+        if any(not 0 <= t < model.vocab_size for t in ids):
+            raise InvalidRequest(field, f"token ids must be in [0, {model.vocab_size})")
     if params.output_format is not None:
         if model.grammars is None:
             raise InvalidRequest("output_format", "this engine does not offer output formats")
