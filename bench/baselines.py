@@ -28,7 +28,7 @@ from loraplex.adapters.peft_format import BaseSpec
 from loraplex.adapters.store import AdapterStore
 from loraplex.server.engine.api import (
     FinishReason,
-    OutputFormat,
+    SamplingParams,
     SequenceRequest,
     StepPlan,
     TokenEvent,
@@ -81,8 +81,9 @@ class PeftStaticEngine:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def check_output_format(self, fmt: OutputFormat) -> None:
-        raise InvalidRequest("output_format", "this baseline does not constrain its outputs")
+    def check_input(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        if sampling.output_format is not None:
+            raise InvalidRequest("output_format", "this baseline does not constrain its outputs")
 
     def running(self) -> list[str]:
         rows = self._batch.rows if self._batch else []

@@ -18,7 +18,7 @@ from loraplex.bench.plain_llama import plain_llama
 from loraplex.server.engine.api import (
     AdapterRef,
     FinishReason,
-    OutputFormat,
+    SamplingParams,
     SequenceRequest,
     StepPlan,
     TokenEvent,
@@ -63,8 +63,9 @@ class LlamaReloadEngine:
     def decode(self, token_ids: list[int]) -> str:
         return bytes(self._vocab.detokenize(token_ids)).decode("utf-8", errors="replace")
 
-    def check_output_format(self, fmt: OutputFormat) -> None:
-        raise InvalidRequest("output_format", "this baseline does not constrain its outputs")
+    def check_input(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        if sampling.output_format is not None:
+            raise InvalidRequest("output_format", "this baseline does not constrain its outputs")
 
     def running(self) -> list[str]:
         current = [self._current.request.seq_id] if self._current else []

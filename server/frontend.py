@@ -45,6 +45,7 @@ class Generation:
     sampling: SamplingParams
     prompt: str = ""
     messages: list[dict[str, str]] = field(default_factory=list)  # chat: role and content
+    prompt_ids: list[int] | None = None  # a prompt given as token ids, instead of text
     adapter_id: str = ""  # "" is the base model
     adapter_scale: float = 1.0
     deadline: float | None = None  # on the scheduler's clock
@@ -80,10 +81,11 @@ class Frontend:
         convert.check_prompt_size(
             request.prompt, request.messages, self.description.max_prompt_chars
         )
-        if request.sampling.output_format is not None:
-            self.engine.check_output_format(request.sampling.output_format)
-        text = convert.prompt_text(request.prompt, request.messages, self.chat)
-        ids = convert.prompt_ids(text, self.engine.encode, self.engine.max_context)
+        ids = request.prompt_ids
+        if ids is None:
+            text = convert.prompt_text(request.prompt, request.messages, self.chat)
+            ids = convert.prompt_ids(text, self.engine.encode, self.engine.max_context)
+        self.engine.check_input(ids, request.sampling)
         handles: list[RequestHandle] = []
         try:
             for i in range(request.choices):

@@ -40,8 +40,8 @@ from loraplex.server.openai_schema import (
     OPENAI_FIELD,
     ChatRequest,
     CompletionRequest,
-    chat_generation,
-    completion_generation,
+    chat_generations,
+    completion_generations,
 )
 from loraplex.server.scheduler import RequestHandle
 
@@ -73,23 +73,27 @@ Item = tuple[int, TokenEvent | None]  # a choice's index and event; None: that c
 
 
 class EventStream:
-    """One request's choices: submitted on a thread of its own, each choice's events read on
-    a thread of its own and handed to the event loop in arrival order."""
+    """One request's choices (each prompt's, prompt after prompt): submitted on a thread of
+    their own, each choice's events read on a thread of its own and handed to the event loop
+    in arrival order."""
 
-    def __init__(self, frontend: Frontend, generation: Generation) -> None:
+    def __init__(self, frontend: Frontend, generations: list[Generation]) -> None:
         self._loop = asyncio.get_running_loop()
         self._items: asyncio.Queue[Item | Exception] = asyncio.Queue()
         self.handles: list[RequestHandle] = []
-        self._open = generation.choices
+        self._open = sum(g.choices for g in generations)
         self.ended = False
         self._cancelled = False
-        thread = threading.Thread(target=self._submit, args=(frontend, generation), daemon=True)
+        thread = threading.Thread(target=self._submit, args=(frontend, generations), daemon=True)
         thread.start()
 
-    def _submit(self, frontend: Frontend, generation: Generation) -> None:
+    def _submit(self, frontend: Frontend, generations: list[Generation]) -> None:
         try:
-            self.handles = frontend.submit_choices(generation)
+            for generation in generations:
+                self.handles += frontend.submit_choices(generation)
         except Exception as err:
+            for handle in self.handles:  # all the prompts run, or none
+                handle.cancel()
             self._put(err)
             return
         if self._cancelled:  # the client left while the request was being submitted
@@ -161,25 +165,26 @@ class OpenAIApi:
     # ---- generation ---------------------------------------------------------------------
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        return await self._openai(body, request, completion_generation, CompletionShape)
+        return await self._openai(body, request, completion_generations, CompletionShape)
 
     async def chat(self, body: ChatRequest, request: Request) -> Response:
-        return await self._openai(body, request, chat_generation, ChatShape)
+        return await self._openai(body, request, chat_generations, ChatShape)
 
     async def _openai(
-        self, body: Any, request: Request, to_generation: Callable[[Any, str, int], Generation],
-        shape: type[Shape],
+        self, body: Any, request: Request,
+        to_generations: Callable[[Any, str, int], list[Generation]], shape: type[Shape],
     ) -> Response:  # fmt: skip
-        def build() -> tuple[Generation, Shape]:
+        def build() -> tuple[list[Generation], Shape]:
             limit = self.frontend.description.max_new_tokens_limit
-            generation = to_generation(body, self.adapter_for(body.model), limit)
+            generations = to_generations(body, self.adapter_for(body.model), limit)
             usage, decode = _usage_chunks(body), self.frontend.engine.decode
-            return generation, shape(body.model, generation.sampling, decode, usage)
+            first = generations[0]
+            return generations, shape(body.model, first.sampling, decode, first.choices, usage)
 
         return await self._generate(build, body.model, body.stream, request)
 
     async def _generate(
-        self, build: Callable[[], tuple[Generation, Shape]], model: str, stream: bool,
+        self, build: Callable[[], tuple[list[Generation], Shape]], model: str, stream: bool,
         request: Request,
     ) -> Response:  # fmt: skip
         """Run the request `build` makes, counting its outcome (by `model`'s adapter id) as
@@ -187,8 +192,8 @@ class OpenAIApi:
         adapter_label = "" if model in ("", self.base_name) else model  # the base is ""
         count = functools.partial(self.frontend.count, adapter_label)
         try:
-            generation, shape = build()
-            events = EventStream(self.frontend, generation)
+            generations, shape = build()
+            events = EventStream(self.frontend, generations)
             # Errors known before the first token (an unknown adapter, a full queue) get
             # their own HTTP status, so a stream too waits for its first event.
             first = await until_disconnect(request, events.next(), events)

@@ -34,9 +34,10 @@ def finish_reason(handle: RequestHandle) -> str | None:
     return FINISH_REASON.get(handle.finish_reason) if handle.finish_reason else None
 
 
-def usage(handles: list[RequestHandle]) -> dict[str, int]:
-    """The prompt counted once, as OpenAI counts it, and every choice's tokens."""
-    prompt = handles[0].prompt_tokens if handles else 0
+def usage(handles: list[RequestHandle], choices: int) -> dict[str, int]:
+    """Each prompt counted once (its `choices` handles are in a row), as OpenAI counts them,
+    and every choice's tokens."""
+    prompt = sum(h.prompt_tokens for h in handles[::choices])
     completion = sum(h.completion_tokens for h in handles)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}  # fmt: skip
@@ -51,9 +52,10 @@ class Shape(ABC):
 
     def __init__(
         self, model: str, sampling: SamplingParams, decode: Callable[[list[int]], str],
-        include_usage: bool = False,
+        choices: int = 1, include_usage: bool = False,
     ) -> None:  # fmt: skip
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.choices = choices  # per prompt
         self.created = int(time.time())
         self.model = model
         self.logprobs = sampling.logprobs
@@ -69,7 +71,7 @@ class Shape(ABC):
         return sse(self.envelope(self.chunk_object, [{"index": index, **choice}], **extra))
 
     def usage_chunk(self, handles: list[RequestHandle]) -> bytes:
-        return sse(self.envelope(self.chunk_object, [], usage=usage(handles)))
+        return sse(self.envelope(self.chunk_object, [], usage=usage(handles, self.choices)))
 
     def whole(
         self, outputs: list[list[TokenEvent]], handles: list[RequestHandle]
@@ -79,7 +81,7 @@ class Shape(ABC):
             {"index": i, **self.choice(events), "finish_reason": finish_reason(handle)}
             for i, (events, handle) in enumerate(zip(outputs, handles, strict=True))
         ]
-        return self.envelope(self.whole_object, choices, usage=usage(handles))
+        return self.envelope(self.whole_object, choices, usage=usage(handles, self.choices))
 
     def top(self, event: TokenEvent) -> list[tuple[str, float]]:
         return [(self.decode([token]), logprob) for token, logprob in event.top_logprobs or ()]
@@ -106,9 +108,9 @@ class CompletionShape(Shape):
 
     def __init__(
         self, model: str, sampling: SamplingParams, decode: Callable[[list[int]], str],
-        include_usage: bool = False,
+        choices: int = 1, include_usage: bool = False,
     ) -> None:  # fmt: skip
-        super().__init__(model, sampling, decode, include_usage)
+        super().__init__(model, sampling, decode, choices, include_usage)
         self.offsets: dict[int, int] = {}  # the text offset of each choice's next token
 
     def choice(self, events: list[TokenEvent]) -> dict[str, Any]:

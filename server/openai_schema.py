@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,7 +28,11 @@ MAX_SEED = (1 << 64) - 1  # the gRPC field is a uint64; both front ends accept t
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_COMPLETION_TOKENS = 16
 # SamplingParams names its fields as gRPC does; the HTTP client knows OpenAI's names.
-OPENAI_FIELD = {"max_new_tokens": "max_tokens", "output_format": "response_format"}
+OPENAI_FIELD = {
+    "max_new_tokens": "max_tokens",
+    "output_format": "response_format",
+    "prompt_ids": "prompt",
+}
 MAX_CHOICES = 16  # `n`: choices per request, each a sequence of its own in the batch
 MAX_COMPLETION_LOGPROBS = 20  # /v1/completions' `logprobs`: top tokens per position
 # field: the values that ask for nothing the engine would have to do
@@ -236,25 +241,52 @@ def choices(request: CompletionRequest | ChatRequest) -> int:
     return n
 
 
-def completion_generation(request: CompletionRequest, adapter_id: str, limit: int) -> Generation:
+def completion_generations(
+    request: CompletionRequest, adapter_id: str, limit: int
+) -> list[Generation]:
+    """One generation per prompt: `prompt` is a string, token ids, or a list of either."""
     check_no_ops(request)
     top = request.logprobs
     if top is not None and not 0 <= top <= MAX_COMPLETION_LOGPROBS:
         raise InvalidRequest(
             "logprobs", f"must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {top}"
         )
-    if not isinstance(request.prompt, str):
-        raise InvalidRequest("prompt", "must be one string (token ids and lists are not taken)")
-    return Generation(
-        sampling=sampling(request, DEFAULT_COMPLETION_TOKENS, limit, top is not None, top or 0),
-        prompt=request.prompt,
-        adapter_id=adapter_id,
-        adapter_scale=_scale(request),
-        choices=choices(request),
-    )
+    params = sampling(request, DEFAULT_COMPLETION_TOKENS, limit, top is not None, top or 0)
+    prompts = completion_prompts(request.prompt)
+    if len(prompts) * choices(request) > MAX_CHOICES:
+        raise InvalidRequest("n", f"prompts times n must be at most {MAX_CHOICES}")
+    base = Generation(sampling=params, adapter_id=adapter_id, adapter_scale=_scale(request),
+                      choices=choices(request))  # fmt: skip
+    return [
+        replace(base, prompt=p) if isinstance(p, str) else replace(base, prompt_ids=p)
+        for p in prompts
+    ]
 
 
-def chat_generation(request: ChatRequest, adapter_id: str, limit: int) -> Generation:
+def completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """OpenAI's prompt forms as a list of prompts, each text or token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
+        return [prompt]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(
+            isinstance(p, str) or (isinstance(p, list) and p and all(_is_token(t) for t in p))
+            for p in prompt
+        )
+    ):
+        return prompt
+    raise InvalidRequest("prompt", "must be a string, a list of token ids, or a non-empty list "
+                         "of strings or of token id lists")  # fmt: skip
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def chat_generations(request: ChatRequest, adapter_id: str, limit: int) -> list[Generation]:
     check_no_ops(request)
     if not request.messages:
         raise InvalidRequest("messages", "must hold at least one message")
@@ -262,13 +294,14 @@ def chat_generation(request: ChatRequest, adapter_id: str, limit: int) -> Genera
         raise InvalidRequest("top_logprobs", "needs logprobs: true")
     messages = [{"role": m.role, "content": _content(m.content)} for m in request.messages]
     logprobs = bool(request.logprobs)
-    return Generation(
+    generation = Generation(
         sampling=sampling(request, limit, limit, logprobs, request.top_logprobs or 0),
         messages=messages,
         adapter_id=adapter_id,
         adapter_scale=_scale(request),
         choices=choices(request),
     )
+    return [generation]
 
 
 def _content(content: str | list[TextPart]) -> str:

@@ -22,7 +22,7 @@ from loraplex.server.engine.api import (
     AdapterInfo,
     AdapterRef,
     FinishReason,
-    OutputFormat,
+    SamplingParams,
     SequenceRequest,
     StepPlan,
     TokenEvent,
@@ -63,8 +63,9 @@ class FakeEngine:
     def decode(self, token_ids: list[int]) -> str:
         return "".join(VOCAB[t] if 0 <= t < len(VOCAB) else "?" for t in token_ids)
 
-    def check_output_format(self, fmt: OutputFormat) -> None:
-        raise InvalidRequest("output_format", "the fake engine has no grammars")
+    def check_input(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        if sampling.output_format is not None:
+            raise InvalidRequest("output_format", "the fake engine has no grammars")
 
     def running(self) -> list[str]:
         return list(self.seqs)

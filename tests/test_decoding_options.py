@@ -694,7 +694,7 @@ def test_mixed_batch_in_one_step_keeps_each_rows_options(
 )
 def test_bad_formats_are_refused_naming_output_format(engine: HFEngine, fmt: OutputFormat) -> None:
     with pytest.raises(InvalidRequest) as caught:
-        engine.check_output_format(fmt)
+        engine.check_input([1], SamplingParams(output_format=fmt))
     assert caught.value.field == "output_format"
     assert str(caught.value).startswith(f"output_format: {fmt.kind}:")
     # the same request submitted anyway ends alone; its batch mate runs to its end
@@ -711,7 +711,7 @@ def test_good_formats_pass_the_check(engine: HFEngine) -> None:
         OutputFormat("regex", REGEX),
         OutputFormat("lark", LARK),
     ):
-        engine.check_output_format(fmt)
+        engine.check_input([1], SamplingParams(output_format=fmt))
 
 
 @pytest.mark.parametrize(

@@ -228,6 +228,26 @@ def test_n_choices_stream_with_their_indexes(served: Served) -> None:
     assert usage is not None and usage.completion_tokens == 8
 
 
+def test_a_list_of_prompts_and_token_id_prompts(served: Served) -> None:
+    engine = served.engine
+    ids = engine.encode("by ids")
+    reply = served.client.completions.create(
+        model="",
+        prompt=["first", ids],
+        max_tokens=3,
+        n=2,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    # choices run prompt after prompt, n of each, as OpenAI orders them
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in reply.choices]
+    assert texts == [want(engine, "first", None, 3)] * 2 + [want(engine, "by ids", None, 3)] * 2
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (5 + 6, 12)
+    one = served.client.completions.create(model="", prompt=ids, max_tokens=3)
+    assert one.choices[0].text == want(engine, "by ids", None, 3)
+
+
 def test_text_parts_join_with_newlines(served: Served) -> None:
     parts = [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]
     reply = served.client.chat.completions.create(
@@ -307,7 +327,11 @@ def test_unknown_model_is_404(served: Served) -> None:
         ({"top_p": 0}, "top_p"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"seed": -1}, "seed"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": [True]}, "prompt"),
+        ({"prompt": ["a", "b", "c"], "n": 6}, "n"),
         ({"prompt": ""}, "prompt"),
         ({"n": 0}, "n"),
         ({"n": 17}, "n"),

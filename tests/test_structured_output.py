@@ -70,7 +70,7 @@ def served(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathF
 
 def completion(served: Served, **fields: Any) -> Any:
     return served.openai.completions.create(
-        model="", prompt=PROMPT, **{"max_tokens": TOKENS, **fields}
+        model="", **{"prompt": PROMPT, "max_tokens": TOKENS, **fields}
     )
 
 
@@ -223,3 +223,33 @@ def test_logit_bias_stop_token_ids_and_ignore_eos(served: Served) -> None:
                          extra_body={"ignore_eos": True})  # fmt: skip
     assert goes_on.usage is not None and goes_on.usage.completion_tokens == 6
     assert goes_on.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"logit_bias": {"100000": 5}}, "logit_bias"),
+        ({"stop_token_ids": [100000]}, "stop_token_ids"),
+        ({"prompt": [1, 2, 100000]}, "prompt"),
+        ({"prompt": [[1, 2], list(range(2, 300))]}, "prompt"),  # past the context
+    ],
+)
+def test_token_ids_outside_the_model_are_400_at_once(
+    served: Served, fields: dict, param: str
+) -> None:
+    body = {"model": "", "prompt": PROMPT, "max_tokens": 4, **fields}
+    reply = httpx2.post(f"{served.url}/v1/completions", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param
+    if param != "prompt":
+        with pytest.raises(InvalidArgument, match=param):
+            served.grpc.generate(PROMPT, max_new_tokens=4, **{
+                "logit_bias": {100000: 5.0}} if param == "logit_bias" else {
+                "stop_token_ids": [100000]})  # fmt: skip
+
+
+def test_token_id_prompts_answer_as_their_text_does(served: Served) -> None:
+    ids = served.grpc.tokenize(PROMPT)
+    by_text = completion(served, max_tokens=8, temperature=0)
+    by_ids = completion(served, max_tokens=8, temperature=0, prompt=ids)
+    assert by_ids.choices[0].text == by_text.choices[0].text

@@ -180,10 +180,11 @@ class Engine(Protocol):
 
     def decode(self, token_ids: list[int]) -> str: ...
 
-    def check_output_format(self, fmt: OutputFormat) -> None:
-        """Compile `fmt` for this model's vocabulary (cached); InvalidRequest when it cannot be
-        (a bad schema, regex or grammar). Front ends call it before submitting, so that the
-        loop never compiles."""
+    def check_input(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Raise InvalidRequest for what this model cannot serve: a prompt too long or with
+        token ids outside the vocabulary, options naming such ids, an output format that does
+        not compile (compiled here once, then cached). Front ends call it before submitting,
+        so that the error comes at once and the loop never compiles."""
         ...
 
     def step(self, plan: StepPlan) -> list[TokenEvent]: ...

@@ -21,7 +21,7 @@ import torch
 
 from loraplex.adapters.errors import AdapterError, InvalidAdapter
 from loraplex.server.engine import gguf_lora_slots, grammar
-from loraplex.server.engine.api import OutputFormat, SequenceRequest, StepPlan, TokenEvent
+from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.gguf_adapters import AdapterHandles
 from loraplex.server.engine.gguf_lora_slots import LoraSlots, PoolError
 from loraplex.server.engine.gguf_runtime import (
@@ -31,7 +31,14 @@ from loraplex.server.engine.gguf_runtime import (
     TokenSlot,
     llama_library,
 )
-from loraplex.server.engine.rows import ModelInfo, Row, advance_all, check_request, error_event
+from loraplex.server.engine.rows import (
+    ModelInfo,
+    Row,
+    advance_all,
+    check_input,
+    check_request,
+    error_event,
+)
 from loraplex.server.errors import InvalidRequest
 
 GroupKey = tuple[str, int, float] | None  # (adapter id, version, scale); None is the base
@@ -118,9 +125,8 @@ class GGUFEngine:
     def decode(self, token_ids: list[int]) -> str:
         return b"".join(self._runtime.piece(t) for t in token_ids).decode("utf-8", "replace")
 
-    def check_output_format(self, fmt: OutputFormat) -> None:
-        assert self._model.grammars is not None
-        self._model.grammars.check(fmt)
+    def check_input(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        check_input(prompt_ids, sampling, self._model)
 
     def running(self) -> list[str]:
         return list(self._sequences)

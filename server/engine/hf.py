@@ -24,7 +24,7 @@ from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter
 from loraplex.server.device import pick_device, torch_threads
 from loraplex.server.engine import grammar
-from loraplex.server.engine.api import OutputFormat, SequenceRequest, StepPlan, TokenEvent
+from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf_model import LoadedBase, load_base
 from loraplex.server.engine.kv_cache import (
@@ -35,7 +35,14 @@ from loraplex.server.engine.kv_cache import (
 )
 from loraplex.server.engine.merge import MergeState, can_merge
 from loraplex.server.engine.routing import RoutingContext
-from loraplex.server.engine.rows import ModelInfo, Row, advance_all, check_request, error_event
+from loraplex.server.engine.rows import (
+    ModelInfo,
+    Row,
+    advance_all,
+    check_input,
+    check_request,
+    error_event,
+)
 from loraplex.server.engine.slots import AdapterSlots, SlotsBusy
 from loraplex.server.errors import InvalidRequest
 
@@ -137,9 +144,8 @@ class HFEngine:
     def decode(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def check_output_format(self, fmt: OutputFormat) -> None:
-        assert self.model_info.grammars is not None
-        self.model_info.grammars.check(fmt)
+    def check_input(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        check_input(prompt_ids, sampling, self.model_info)
 
     def running(self) -> list[str]:
         return [s.request.seq_id for s in self._sequences]

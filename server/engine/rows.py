@@ -47,23 +47,23 @@ def check_request(
         raise InvalidRequest("seq_id", f"{request.seq_id!r} is already running")
     if len(running) >= capacity:
         raise InvalidRequest("seq_id", f"the batch is full ({capacity} sequences)")
-    if not request.prompt_ids:
-        raise InvalidRequest("prompt_ids", "the prompt is empty")
-    if len(request.prompt_ids) >= model.max_context:
-        raise InvalidRequest(
-            "prompt_ids", f"{len(request.prompt_ids)} tokens do not fit {model.max_context}"
-        )
-    if any(not 0 <= t < model.vocab_size for t in request.prompt_ids):
-        raise InvalidRequest("prompt_ids", f"token ids must be in [0, {model.vocab_size})")
     scale = request.adapter.scale if request.adapter else 1.0
     if not abs(scale) < float("inf"):
         raise InvalidRequest("adapter.scale", f"must be finite, got {scale}")
-    check_options(request.sampling, model)
+    check_input(request.prompt_ids, request.sampling, model)
 
 
-def check_options(params: SamplingParams, model: ModelInfo) -> None:
-    """The model-dependent checks of decoding options: token ids, the output format."""
-    for field, ids in (("logit_bias", [t for t, _ in params.logit_bias]),
+def check_input(prompt_ids: list[int], params: SamplingParams, model: ModelInfo) -> None:
+    """What depends on the model: the prompt's length and token ids, the token ids options
+    name, the output format (compiled once, then cached)."""
+    if not prompt_ids:
+        raise InvalidRequest("prompt_ids", "the prompt is empty")
+    if len(prompt_ids) >= model.max_context:
+        raise InvalidRequest(
+            "prompt_ids", f"{len(prompt_ids)} tokens do not fit {model.max_context}"
+        )
+    for field, ids in (("prompt_ids", prompt_ids),
+                       ("logit_bias", [t for t, _ in params.logit_bias]),
                        ("stop_token_ids", params.stop_token_ids)):  # fmt: skip
         if any(not 0 <= t < model.vocab_size for t in ids):
             raise InvalidRequest(field, f"token ids must be in [0, {model.vocab_size})")
