@@ -56,6 +56,12 @@ class GenerateConfig(ClientConfig):
     logprobs: bool = Field(
         default=False, description="also print each token's id and log-probability (to stderr)"
     )
+    json_schema: Path | None = Field(
+        default=None, description="a JSON schema file the output must validate against"
+    )
+    json_object: bool = Field(default=False, description="the output is one JSON object")
+    regex: str | None = Field(default=None, description="a regex the output matches in full")
+    lark: Path | None = Field(default=None, description="a Lark grammar file for the output")
 
 
 class AdaptersConfig(ClientConfig):
@@ -89,8 +95,18 @@ GENERATE_OPTIONS = ("adapter", "scale", "max_new_tokens", "temperature", "top_k"
                     "logprobs")  # fmt: skip
 
 
+def _output_format(config: GenerateConfig) -> dict[str, Any]:
+    """The structured-output options, files read."""
+    return {
+        "json_schema": config.json_schema.read_text() if config.json_schema else None,
+        "json_object": config.json_object,
+        "regex": config.regex,
+        "lark": config.lark.read_text() if config.lark else None,
+    }
+
+
 def _generate(config: GenerateConfig) -> int:
-    options = {k: getattr(config, k) for k in GENERATE_OPTIONS}
+    options = {k: getattr(config, k) for k in GENERATE_OPTIONS} | _output_format(config)
     with config.client() as client:
         if not config.stream:
             result = client.generate(config.prompt, stop=config.stop, **options)

@@ -253,3 +253,19 @@ def test_token_id_prompts_answer_as_their_text_does(served: Served) -> None:
     by_text = completion(served, max_tokens=8, temperature=0)
     by_ids = completion(served, max_tokens=8, temperature=0, prompt=ids)
     assert by_ids.choices[0].text == by_text.choices[0].text
+
+
+def test_generate_command_takes_a_schema_file_and_a_regex(
+    served: Served, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loraplex.server.cli import main
+
+    schema_file = tmp_path / "pet.json"
+    schema_file.write_text(json.dumps(SCHEMA))
+    argv = ["generate", PROMPT, "--server", served.process.target, "--max-new-tokens", "160"]
+    assert (
+        main([*argv, "--json-schema", str(schema_file), "--temperature", "1", "--seed", "4"]) == 0
+    )
+    jsonschema.validate(json.loads(capsys.readouterr().out), SCHEMA)
+    assert main([*argv, "--regex", REGEX]) == 0
+    assert re.fullmatch(REGEX, capsys.readouterr().out.removesuffix("\n"))
