@@ -1,0 +1,1 @@
+"""loraplex as replicas on Ray Serve, with adapter-affinity routing (`loraplex fleet`)."""
