@@ -44,6 +44,7 @@ BENCH_SUITES = {
     "load": "a seeded multi-adapter workload against a live server, swept; JSON, table, plots",
     "readme": "the README's load figures: saturation sweep, then 70% load against baselines",
     "peers": "loraplex against vLLM's CPU build and llama-server, same load (when installed)",
+    "fleet": "replicas on Ray Serve: overhead, adapter placement against Ray's own router",
     "grammar": "the structured-output libraries (llguidance, xgrammar) on the default vocabulary",
     "soak": "a long mixed run with adapter churn: failures, RSS growth and leaks (20 min)",
 }

@@ -62,8 +62,10 @@ def build(config: FleetConfig) -> Any:
     if config.router == "affinity":
         options["request_router_config"] = {"request_router_class": ROUTER}
     replica: Any = serve.deployment(LoraplexReplica, **options)
+    # The server's admission queue holds all that Serve may send it at once (requests wait
+    # there before the loop admits them into the batch), so a replica never refuses one.
     serve_args = [*config.serve_args, "--max-batch-sequences", str(config.max_batch_sequences),
-                  "--max-queue", str(config.max_queue)]  # fmt: skip
+                  "--max-queue", str(config.max_ongoing)]  # fmt: skip
     ingress: Any = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0})  # fmt: skip
     bound = replica.bind(serve_args, config.max_resident_adapters, config.registry)
@@ -86,6 +88,11 @@ def start(config: FleetConfig, address: str | None = None, num_cpus: int | None 
         http_options={"host": "127.0.0.1", "port": 0},
         grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]},
     )
+    deploy(config)
+
+
+def deploy(config: FleetConfig) -> None:
+    """Deploy the application as `config` says, replacing the running one (fresh replicas)."""
     serve.run(build(config), name=APP, route_prefix="/")
 
 

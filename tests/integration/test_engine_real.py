@@ -26,10 +26,11 @@ NEW_TOKENS = 10
 # Greedy tokens must match exactly; log-probabilities within this. NF4 multiplies in bf16
 # (on CPUs that have it), and torch runs a batch's bf16 matmuls through other kernels than one
 # row's: 2e-3 apart on AVX2 CPUs, up to 0.047 on CPUs with AMX-BF16, whose tile kernels round
-# otherwise, and 0.115 on an AVX512-BF16 CPU for one token of a VeRA row in this 10-row batch
-# (the same with the rows grouped or gathered; VeRA's large weights amplify the base's
-# rounding). Every adapter moves the base's log-probabilities by more than this (checked).
-LOGPROB_TOLERANCE = 0.15
+# otherwise, and 0.115 and 0.164 on two AMD EPYCs with AVX512-BF16 for one token of a VeRA
+# row in this 10-row batch (the same with the rows grouped or gathered; VeRA's large weights
+# amplify the base's rounding). Every adapter moves the base's log-probabilities by more
+# than this (checked).
+LOGPROB_TOLERANCE = 0.2
 
 
 def test_real_nf4_mixed_batch_matches_peft(

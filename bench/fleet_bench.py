@@ -1,0 +1,270 @@
+"""`loraplex bench fleet`: a fleet of loraplex replicas on Ray Serve, measured live.
+
+    loraplex bench fleet [--model PATH --adapter-roots DIR] [--rounds 3] [--out FILE]
+
+Run it inside a loopback-only network namespace (Serve's gRPC proxy listens on every
+interface):  unshare -n sh -c 'ip link set lo up && loraplex bench fleet'
+
+Parts, each in the one Ray session:
+1. overhead: one replica; the same streamed requests sent to its `loraplex serve` directly
+   and through Serve's proxy and ingress, in alternating rounds: TTFT added, throughput ratio
+   (targets: <= 10 ms, >= 0.95);
+2. placement: two replicas and a seeded Zipf trace over the adapters, routed by adapter
+   affinity and then by Ray's stock router (fresh replicas each): cold adapter loads, and
+   adapters resident on both replicas while neither holds its maximum (target: affinity
+   <= 0.4x stock's cold loads, and no such duplicates);
+3. a full holder: with the replica holding an adapter at its `max_ongoing_requests`, how
+   long a request for that adapter takes to start on the other one (target: <= 100 ms more
+   than a cold request on an idle replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from loraplex.clients import AsyncClient, Client
+
+PROXY = "127.0.0.1:9000"
+
+
+@dataclass(frozen=True)
+class Sent:
+    adapter_id: str
+    ttft_s: float
+    total_s: float
+    tokens: int
+
+
+def zipf_trace(adapters: list[str], n: int, seed: int, alpha: float = 1.1) -> list[str]:
+    weights = 1.0 / np.arange(1, len(adapters) + 1) ** alpha
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(adapters))  # which adapter is the most popular: seeded too
+    picks = rng.choice(len(adapters), size=n, p=weights / weights.sum())
+    return [adapters[order[i]] for i in picks]
+
+
+async def run_trace(
+    target: str, adapters: list[str], concurrency: int, new_tokens: int, prompt: str = "Hi"
+) -> list[Sent]:
+    """Closed-loop clients streaming one request each at a time, in trace order."""
+    queue = list(enumerate(adapters))
+    sent: list[Sent] = []
+    async with AsyncClient(target, timeout=300) as client:
+
+        async def worker() -> None:
+            while queue:
+                _, adapter_id = queue.pop(0)
+                sent.append(await send(client, adapter_id, new_tokens, prompt))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return sent
+
+
+async def send(
+    client: AsyncClient, adapter_id: str, new_tokens: int, prompt: str,
+    running: asyncio.Event | None = None,
+) -> Sent:  # fmt: skip
+    """One streamed request; `running` is set at its first token."""
+    started = time.perf_counter()
+    first, tokens = None, 0
+    async for chunk in client.stream(prompt, adapter=adapter_id, max_new_tokens=new_tokens):
+        if chunk.token_ids and first is None:
+            first = time.perf_counter()
+            if running is not None:
+                running.set()
+        tokens += len(chunk.token_ids)
+    end = time.perf_counter()
+    return Sent(adapter_id, (first or end) - started, end - started, tokens)
+
+
+def adapter_loads(metrics_ports: Sequence[int]) -> int:
+    """Adapter loads so far, summed over the replicas' loraplex servers."""
+    total = 0.0
+    for port in metrics_ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+            text = reply.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "loraplex_adapter_load_seconds_count":
+                    total += sample.value
+    return int(total)
+
+
+class DuplicateWatch:
+    """Polls every replica's resident adapters; counts adapters resident on two replicas
+    while neither holds its maximum."""
+
+    def __init__(self, targets: list[str], max_resident: int, period_s: float = 0.2) -> None:
+        self.targets, self.max_resident, self.period_s = targets, max_resident, period_s
+        self.duplicates: set[str] = set()
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> DuplicateWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        clients = [Client(t, timeout=30) for t in self.targets]
+        while not self._stop.wait(self.period_s):
+            held = [{a.adapter_id for a in c.list_adapters() if a.resident} for c in clients]
+            self.polls += 1
+            for i, mine in enumerate(held):
+                for theirs in held[i + 1 :]:
+                    if len(mine) < self.max_resident and len(theirs) < self.max_resident:
+                        self.duplicates |= mine & theirs
+        for client in clients:
+            client.close()
+
+
+def placement(config: Any, adapters: list[str], requests: int, seed: int) -> dict[str, Any]:
+    """The Zipf trace through the proxy, on the fleet `config` describes: cold loads and
+    duplicates seen."""
+    from loraplex.server.fleet.registry import Registry
+
+    replicas = Registry.named(config.registry).replicas()
+    ports = [port for _, port in replicas.values()]
+    before = adapter_loads(ports)
+    trace = zipf_trace(adapters, requests, seed)
+    with DuplicateWatch([t for t, _ in replicas.values()], config.max_resident_adapters) as watch:
+        sent = asyncio.run(run_trace(PROXY, trace, concurrency=4, new_tokens=4))
+    return {"router": config.router, "requests": len(sent),
+            "cold_loads": adapter_loads(ports) - before,
+            "duplicates": sorted(watch.duplicates), "polls": watch.polls}  # fmt: skip
+
+
+def resident(target: str) -> set[str]:
+    with Client(target, timeout=30) as client:
+        return {a.adapter_id for a in client.list_adapters() if a.resident}
+
+
+def full_holder(config: Any, adapter_id: str, cold_id: str) -> dict[str, Any]:
+    """Fill the replica holding `adapter_id` to its max_ongoing_requests, then time one more
+    request for it, and one for `cold_id` sent straight to the other replica's server."""
+    from loraplex.server.fleet.registry import Registry
+
+    targets = [t for t, _ in Registry.named(config.registry).replicas().values()]
+    with Client(PROXY, timeout=120) as client:
+        client.generate("Hi", adapter=adapter_id, max_new_tokens=1)
+    holder = next(t for t in targets if adapter_id in resident(t))
+    other = next(t for t in targets if t != holder)
+
+    async def probe() -> tuple[Sent, Sent]:
+        async with AsyncClient(PROXY, timeout=300) as client, AsyncClient(other) as direct:
+            running = [asyncio.Event() for _ in range(config.max_ongoing)]
+            fill = [asyncio.ensure_future(send(client, adapter_id, 200, "Hi", event))
+                    for event in running]  # fmt: skip
+            # a full batch decoding and the rest queued behind it: the holder is at its
+            # max_ongoing_requests (the queued ones start only as the batch finishes)
+            while sum(e.is_set() for e in running) < config.max_batch_sequences:
+                await asyncio.sleep(0.01)
+            routed = await send(client, adapter_id, 1, "Hi")
+            cold = await send(direct, cold_id, 1, "Hi")
+            await asyncio.gather(*fill)
+            return routed, cold
+
+    routed, cold = asyncio.run(probe())
+    return {"served_by_other": adapter_id in resident(other), "ttft_s": routed.ttft_s,
+            "cold_ttft_s": cold.ttft_s, "added_s": routed.ttft_s - cold.ttft_s}  # fmt: skip
+
+
+def overhead(config: Any, rounds: int, requests: int) -> dict[str, Any]:
+    """One replica's server sent the same requests directly and through the fleet."""
+    from loraplex.server.fleet.registry import Registry
+
+    ((target, _),) = Registry.named(config.registry).replicas().values()
+    results: dict[str, list[tuple[float, float]]] = {"direct": [], "fleet": []}
+    for round_ in range(rounds):
+        order = ("direct", "fleet") if round_ % 2 == 0 else ("fleet", "direct")
+        for path in order:
+            started = time.perf_counter()
+            where = target if path == "direct" else PROXY
+            sent = asyncio.run(run_trace(where, [""] * requests, concurrency=4, new_tokens=16))
+            wall = time.perf_counter() - started
+            ttft = statistics.median(s.ttft_s for s in sent)
+            results[path].append((sum(s.tokens for s in sent) / wall, ttft))
+    ratios = [f[0] / d[0] for f, d in zip(results["fleet"], results["direct"], strict=True)]
+    added = [f[1] - d[1] for f, d in zip(results["fleet"], results["direct"], strict=True)]
+    return {"throughput_ratio": statistics.median(ratios), "ttft_added_s": statistics.median(added),
+            "rounds": results}  # fmt: skip
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="loraplex bench fleet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--model", default="", help="base model (default: the default model)")
+    add("--adapter-roots", default="", help="adapters for the trace (default: made here)")
+    add("--serve-args", default="", help="more `loraplex serve` flags for each replica")
+    add("--parts", default="overhead,placement,holder", help="which parts to run")
+    add("--max-resident-adapters", type=int, default=4)
+    add("--requests", type=int, default=160, help="requests in the placement trace")
+    add("--rounds", type=int, default=3, help="overhead rounds (alternating order)")
+    add("--seed", type=int, default=0)
+    add("--out", type=Path, default=None, help="also write the figures here as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    from loraplex.server.fleet import app
+
+    args = parse(argv)
+    roots = Path(args.adapter_roots) if args.adapter_roots else default_adapters()
+    adapters = sorted(p.name for p in roots.iterdir() if (p / "adapter_config.json").is_file())
+    serve_args = [*(["--model", args.model] if args.model else []),
+                  "--adapter-roots", str(roots), "--log-level", "warning",
+                  *args.serve_args.split()]  # fmt: skip
+    base = app.FleetConfig(replicas=2, max_resident_adapters=args.max_resident_adapters,
+                           max_batch_sequences=4, max_queue=4, serve_args=serve_args,
+                           replica_cpus=0.5)  # fmt: skip
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = {}
+    app.start(replace(base, replicas=1, registry="fleet-bench-one"), num_cpus=2)
+    try:
+        if "overhead" in parts:
+            results["overhead"] = overhead(replace(base, replicas=1, registry="fleet-bench-one"),
+                                           args.rounds, 32)  # fmt: skip
+        if parts & {"placement", "holder"}:
+            affinity = replace(base, registry="fleet-bench-affinity")
+            app.deploy(affinity)
+            if "placement" in parts:
+                results["affinity"] = placement(affinity, adapters, args.requests, args.seed)
+            if "holder" in parts:
+                results["full_holder"] = full_holder(affinity, adapters[-1], adapters[-2])
+        if "placement" in parts:
+            stock = replace(base, router="ray", registry="fleet-bench-stock")
+            app.deploy(stock)
+            results["stock"] = placement(stock, adapters, args.requests, args.seed)
+            results["cold_load_ratio"] = (results["affinity"]["cold_loads"]
+                                          / max(results["stock"]["cold_loads"], 1))  # fmt: skip
+    finally:
+        app.stop(base)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(results))
+    return results
+
+
+def default_adapters() -> Path:
+    raise SystemExit("give --adapter-roots: a folder of adapters for the model")

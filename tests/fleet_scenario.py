@@ -1,0 +1,95 @@
+"""The fleet end to end, in one Ray session: run by tests/test_fleet.py inside a loopback-only
+network namespace (Serve's gRPC proxy listens on every interface), writing what it saw as
+JSON for the tests to judge.
+
+    python tests/fleet_scenario.py OUT.json MODEL_DIR ADAPTER_ROOT
+
+1. Two replicas with bearer tokens: tokens checked at the ingress; the same greedy tokens
+   through the fleet as from a replica's server directly; streaming; errors keep their
+   status; adapter commands reach every replica; ListAdapters merges the replicas'.
+2. The Zipf placement trace and a full holder, routed by adapter affinity (bench code).
+3. The same trace with Ray's stock router.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from loraplex.bench.fleet_bench import PROXY, full_holder, placement, resident
+from loraplex.clients import Client
+from loraplex.clients.errors import LoraplexClientError
+from loraplex.clients.security import Security
+from loraplex.server.auth import parse_tokens
+from loraplex.server.fleet import app
+from loraplex.server.fleet.registry import Registry
+
+GENERATE_TOKEN = "generate-token-0123456789"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+
+def error_name(call: Any) -> str:
+    try:
+        call()
+    except LoraplexClientError as err:
+        return type(err).__name__
+    return "none"
+
+
+def checks(config: app.FleetConfig) -> dict[str, Any]:
+    targets = [t for t, _ in Registry.named(config.registry).replicas().values()]
+    seen: dict[str, Any] = {"replicas": len(targets)}
+    with Client(PROXY, timeout=120) as anonymous:
+        seen["no_token"] = error_name(lambda: anonymous.generate("Hi", max_new_tokens=2))
+    user = Client(PROXY, timeout=120, security=Security(token=GENERATE_TOKEN))
+    admin = Client(PROXY, timeout=120, security=Security(token=ADMIN_TOKEN))
+    fleet = user.generate("Hello there", adapter="a00", max_new_tokens=8)
+    holder = next(t for t in targets if "a00" in resident(t))
+    with Client(holder, timeout=120) as direct:
+        alone = direct.generate("Hello there", adapter="a00", max_new_tokens=8)
+    seen["same_tokens"] = fleet.token_ids == alone.token_ids
+    streamed = list(user.stream("Hello there", adapter="a00", max_new_tokens=8))
+    seen["stream_same"] = [t for c in streamed for t in c.token_ids] == alone.token_ids
+    seen["base_tokens"] = len(user.generate("Hello", max_new_tokens=3).token_ids)
+    seen["unknown_adapter"] = error_name(lambda: user.generate("Hi", adapter="nope"))
+    seen["load_as_user"] = error_name(lambda: user.load_adapter("a05"))
+    admin.load_adapter("a05")
+    seen["loaded_on"] = sum("a05" in resident(t) for t in targets)
+    listed = {a.adapter_id: a for a in admin.list_adapters()}
+    seen["listed_resident"] = sorted(i for i, a in listed.items() if a.resident)
+    admin.unload_adapter("a05")
+    seen["after_unload_on"] = sum("a05" in resident(t) for t in targets)
+    user.close()
+    admin.close()
+    return seen
+
+
+def main(out: Path, model: str, root: Path) -> None:
+    adapters = sorted(p.name for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    serve_args = ["--model", model, "--quantization", "fp32", "--adapter-roots", str(root),
+                  "--log-level", "warning"]  # fmt: skip
+    tokens = parse_tokens(f"generate {GENERATE_TOKEN}\nadmin {ADMIN_TOKEN}\n", "scenario")
+    config = app.FleetConfig(replicas=2, max_resident_adapters=4, max_batch_sequences=4,
+                             max_queue=4, serve_args=serve_args, replica_cpus=0.5,
+                             tokens=tokens, registry="scenario-checks")  # fmt: skip
+    results: dict[str, Any] = {}
+    app.start(config, num_cpus=2)
+    try:
+        results["checks"] = checks(config)
+        affinity = replace(config, tokens={}, registry="scenario-affinity")
+        app.deploy(affinity)
+        results["affinity"] = placement(affinity, adapters, requests=160, seed=0)
+        results["full_holder"] = full_holder(affinity, adapters[-1], adapters[-2])
+        stock = replace(affinity, router="ray", registry="scenario-stock")
+        app.deploy(stock)
+        results["stock"] = placement(stock, adapters, requests=160, seed=0)
+    finally:
+        app.stop(config)
+    out.write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
