@@ -217,7 +217,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--model", default="", help="base model (default: the default model)")
     add("--adapter-roots", default="", help="adapters for the trace (default: made here)")
     add("--serve-args", default="", help="more `loraplex serve` flags for each replica")
-    add("--parts", default="overhead,placement,holder", help="which parts to run")
+    add("--parts", default="simulation,overhead,placement,holder", help="which parts to run")
     add("--max-resident-adapters", type=int, default=4)
     add("--requests", type=int, default=160, help="requests in the placement trace")
     add("--rounds", type=int, default=3, help="overhead rounds (alternating order)")
@@ -230,6 +230,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from loraplex.server.fleet import app
 
     args = parse(argv)
+    parts = set(args.parts.split(","))
+    results: dict[str, Any] = {}
+    if "simulation" in parts:
+        results["simulation"] = simulation(args.seed)
+        parts.discard("simulation")
+        if not parts:
+            print(json.dumps(results, indent=2))
+            return results
     roots = Path(args.adapter_roots) if args.adapter_roots else default_adapters()
     adapters = sorted(p.name for p in roots.iterdir() if (p / "adapter_config.json").is_file())
     serve_args = [*(["--model", args.model] if args.model else []),
@@ -238,8 +246,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = app.FleetConfig(replicas=2, max_resident_adapters=args.max_resident_adapters,
                            max_batch_sequences=4, max_queue=4, serve_args=serve_args,
                            replica_cpus=0.5)  # fmt: skip
-    parts = set(args.parts.split(","))
-    results: dict[str, Any] = {}
     app.start(replace(base, replicas=1, registry="fleet-bench-one"), num_cpus=2)
     try:
         if "overhead" in parts:
@@ -264,6 +270,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.out:
         args.out.write_text(json.dumps(results))
     return results
+
+
+def simulation(seed: int) -> list[dict[str, float]]:
+    """Cold loads per 1000 requests in the seeded simulation, by fleet size (32 adapters
+    resident per replica, Zipf 1.1 over the adapters, 10,000 requests)."""
+    from loraplex.server.fleet.simulate import table
+
+    rows = table([4, 8, 16, 32, 64], [256, 1024, 4096], max_resident=32, requests=10_000,
+                 seed=seed)  # fmt: skip
+    print(f"{'replicas':>8} {'adapters':>8} {'affinity':>9} {'stock':>9}  cold loads / 1000")
+    for row in rows:
+        print(f"{row['replicas']:>8} {row['adapters']:>8} {row['affinity']:>9.1f} "
+              f"{row['stock']:>9.1f}")  # fmt: skip
+    return rows
 
 
 def default_adapters() -> Path:

@@ -13,6 +13,7 @@ from loraplex.adapters.trainer import cli as trainer_cli
 from loraplex.clients.cli import add_adapters_parser, add_drain_parser, add_generate_parser
 from loraplex.server.config import ConfigError, ModelConfig, add_config_arguments, config_from_args
 from loraplex.server.errors import LoraplexError
+from loraplex.server.fleet.cli import add_fleet_parser
 from loraplex.server.serve import add_serve_parser
 
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapter_actions = add_adapters_parser(commands)
     trainer_cli.add_export_gguf(adapter_actions)
     add_drain_parser(commands)
+    add_fleet_parser(commands)
     _add_model_commands(commands)
     trainer_cli.add_train_adapter(commands)
     trainer_cli.add_eval_adapter(commands)
