@@ -7,6 +7,7 @@ rest share the label "other", so a flood of adapter ids cannot blow up the serie
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -59,6 +60,26 @@ class _AdapterResidency(Collector):
             "Bytes held by resident adapters",
             value=sum(a.nbytes for a in resident),
         )
+
+
+class _LoraRequestsInfo(Collector):
+    """vLLM's `lora_requests_info`, for gateways that route by adapter (the Kubernetes
+    inference gateway reads it): the adapters running and waiting, as comma-separated label
+    values, and how many adapters fit; the value is the time of the reading."""
+
+    def __init__(self, in_flight: Callable[[], tuple[set[str], set[str]]], max_lora: int) -> None:
+        self._in_flight = in_flight
+        self._max_lora = max_lora
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        running, waiting = self._in_flight()
+        family = GaugeMetricFamily(
+            "lora_requests_info", "Adapters running and waiting (vLLM's series)",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )  # fmt: skip
+        labels = [",".join(sorted(running)), ",".join(sorted(waiting)), str(self._max_lora)]
+        family.add_metric(labels, time.time())
+        yield family
 
 
 class Metrics:
@@ -116,6 +137,11 @@ class Metrics:
                       registry=self.registry)  # fmt: skip
         for name in resources():
             gauge.labels(name).set_function(_reader(resources, name))
+
+    def watch_lora_requests(
+        self, in_flight: Callable[[], tuple[set[str], set[str]]], max_lora: int
+    ) -> None:
+        self.registry.register(_LoraRequestsInfo(in_flight, max_lora))
 
     def watch_scheduler(self, counts: Callable[[], tuple[int, int]]) -> None:
         """Read (running, waiting) from the scheduler at scrape time."""

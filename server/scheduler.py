@@ -237,6 +237,16 @@ class Scheduler:
         with self._lock:
             return len(self._running), self._backlog()
 
+    def adapters_in_flight(self) -> tuple[set[str], set[str]]:
+        """The adapter ids of the running requests and of the waiting ones (not the base)."""
+        with self._lock:
+            running = {h.adapter_key for h in self._running.values()}
+            waiting = {h.adapter_key for h in self._waiting}
+            waiting |= {i.adapter_key for i in self._inbox if isinstance(i, RequestHandle)}
+            waiting |= {a.item.adapter_key for a in self._awaiting
+                        if isinstance(a.item, RequestHandle)}  # fmt: skip
+        return running - {""}, waiting - {""}
+
     def running_requests(self) -> list[RequestHandle]:
         with self._lock:
             return list(self._running.values())

@@ -351,6 +351,7 @@ def start(
     store.events = metrics
     scheduler = Scheduler(engine, store, scheduler_limits(config), observer=metrics)
     metrics.watch_scheduler(scheduler.counts)
+    metrics.watch_lora_requests(scheduler.adapters_in_flight, config.max_resident_adapters)
     health_servicer = _health()
     drain_requested = threading.Event()
 

@@ -466,6 +466,31 @@ def test_a_full_queue_is_429_and_draining_is_503(fresh: Served) -> None:
     waiting.join()
 
 
+def test_lora_requests_info_names_running_and_waiting_adapters(fresh: Served) -> None:
+    """vLLM's series, which adapter-aware gateways read."""
+
+    def info() -> dict[str, str]:
+        samples = scrape(fresh.server.metrics_port)
+        (labels,) = [dict(k[1]) for k in samples if k[0] == "lora_requests_info"]
+        return labels
+
+    assert info() == {"running_lora_adapters": "", "waiting_lora_adapters": "",
+                      "max_lora": "64"}  # fmt: skip
+    fresh.engine.gate = threading.Event()  # steps wait: one request runs, one waits
+    ask = fresh.client.completions.create
+    running = threading.Thread(target=lambda: ask(model="a", prompt="r", max_tokens=2))
+    running.start()
+    wait_for(lambda: fresh.server.scheduler.counts() == (1, 0))
+    waiting = threading.Thread(target=lambda: ask(model="b", prompt="w", max_tokens=2))
+    waiting.start()
+    wait_for(lambda: fresh.server.scheduler.counts() == (1, 1))
+    assert info() == {"running_lora_adapters": "a", "waiting_lora_adapters": "b",
+                      "max_lora": "64"}  # fmt: skip
+    fresh.engine.gate.set()
+    running.join()
+    waiting.join()
+
+
 def test_health_is_open_and_200_while_serving(served: Served) -> None:
     reply = httpx2.get(f"{served.url}/health", timeout=30)
     assert reply.status_code == 200 and reply.json() == {"status": "serving"}
