@@ -215,7 +215,11 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add("--model", default="", help="base model (default: the default model)")
-    add("--adapter-roots", default="", help="adapters for the trace (default: made here)")
+    add(
+        "--adapter-roots",
+        default="",
+        help="a folder of adapters for the model (all parts but the simulation need it)",
+    )
     add("--serve-args", default="", help="more `loraplex serve` flags for each replica")
     add("--parts", default="simulation,overhead,placement,holder", help="which parts to run")
     add("--max-resident-adapters", type=int, default=4)
@@ -230,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from loraplex.server.fleet import app
 
     args = parse(argv)
+    if args.parts != "simulation" and not args.adapter_roots:
+        raise SystemExit("loraplex bench fleet: give --adapter-roots, a folder of adapters")
     parts = set(args.parts.split(","))
     results: dict[str, Any] = {}
     if "simulation" in parts:
@@ -238,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not parts:
             print(json.dumps(results, indent=2))
             return results
-    roots = Path(args.adapter_roots) if args.adapter_roots else default_adapters()
+    roots = Path(args.adapter_roots)
     adapters = sorted(p.name for p in roots.iterdir() if (p / "adapter_config.json").is_file())
     serve_args = [*(["--model", args.model] if args.model else []),
                   "--adapter-roots", str(roots), "--log-level", "warning",
@@ -284,7 +290,3 @@ def simulation(seed: int) -> list[dict[str, float]]:
         print(f"{row['replicas']:>8} {row['adapters']:>8} {row['affinity']:>9.1f} "
               f"{row['stock']:>9.1f}")  # fmt: skip
     return rows
-
-
-def default_adapters() -> Path:
-    raise SystemExit("give --adapter-roots: a folder of adapters for the model")

@@ -24,6 +24,7 @@ import importlib.util
 import json
 import statistics
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,28 +66,34 @@ FORMATS: dict[str, tuple[str, Any, str]] = {
 }  # fmt: skip
 
 
-class Library:
+class Library(ABC):
     """One structured-output library behind the calls the bench times."""
 
     name = ""
 
+    @abstractmethod
     def setup(self, tokenizer: Any, vocab_size: int) -> None:
-        raise NotImplementedError
+        """Build the library's tables for this tokenizer."""
 
+    @abstractmethod
     def compile(self, kind: str, spec: Any) -> Any:
-        raise NotImplementedError
+        """The compiled form of one output format."""
 
+    @abstractmethod
     def matcher(self, compiled: Any) -> Any:
-        raise NotImplementedError
+        """A fresh matcher for a compiled format."""
 
+    @abstractmethod
     def fill(self, matcher: Any, bitmask: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Write the next token's mask into row 0 of `bitmask`."""
 
+    @abstractmethod
     def accept(self, matcher: Any, token: int) -> bool:
-        raise NotImplementedError
+        """Advance the matcher past `token`; whether it was allowed."""
 
+    @abstractmethod
     def apply(self, logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Set the masked-out logits to -inf, in place."""
 
 
 class LLGuidance(Library):

@@ -252,11 +252,11 @@ def completion_generations(
             "logprobs", f"must be between 0 and {MAX_COMPLETION_LOGPROBS}, got {top}"
         )
     params = sampling(request, DEFAULT_COMPLETION_TOKENS, limit, top is not None, top or 0)
-    prompts = completion_prompts(request.prompt)
-    if len(prompts) * choices(request) > MAX_CHOICES:
+    prompts, n = completion_prompts(request.prompt), choices(request)
+    if len(prompts) * n > MAX_CHOICES:
         raise InvalidRequest("n", f"prompts times n must be at most {MAX_CHOICES}")
     base = Generation(sampling=params, adapter_id=adapter_id, adapter_scale=_scale(request),
-                      choices=choices(request))  # fmt: skip
+                      choices=n)  # fmt: skip
     return [
         replace(base, prompt=p) if isinstance(p, str) else replace(base, prompt_ids=p)
         for p in prompts

@@ -50,6 +50,8 @@ def checks(config: app.FleetConfig) -> dict[str, Any]:
     holder = next(t for t in targets if "a00" in resident(t))
     with Client(holder, timeout=120) as direct:
         alone = direct.generate("Hello there", adapter="a00", max_new_tokens=8)
+        seen["same_tokenize"] = user.tokenize("Hello there") == direct.tokenize("Hello there")
+        seen["same_info"] = user.server_info() == direct.server_info()
     seen["same_tokens"] = fleet.token_ids == alone.token_ids
     streamed = list(user.stream("Hello there", adapter="a00", max_new_tokens=8))
     seen["stream_same"] = [t for c in streamed for t in c.token_ids] == alone.token_ids

@@ -123,6 +123,7 @@ def test_the_fleet_serves_as_one_server(scenario: dict[str, Any]) -> None:
     checks = scenario["checks"]
     assert checks["replicas"] == 2
     assert checks["same_tokens"] and checks["stream_same"] and checks["base_tokens"] == 3
+    assert checks["same_tokenize"] and checks["same_info"]
 
 
 def test_the_ingress_checks_tokens_and_errors_keep_their_status(scenario: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ SCHEMA = {
 REGEX = r"(yes|no) \d{2}"
 LARK = 'start: "ok " WORD\nWORD: /[a-z]{3}/'
 PROMPT = "The record says"
-TOKENS = 160  # enough for the random model to close every structure above
+TOKENS = 240  # room for the random model to close every structure above (context: 256)
 
 
 class Served:

@@ -113,6 +113,10 @@ class LoraplexReplica:
         async for message in self.stub.GenerateStream(request):
             yield message
 
+    async def call(self, method: str, request: Any) -> Any:
+        """A unary call that any replica can answer (Tokenize, GetServerInfo)."""
+        return await getattr(self.stub, method)(request)
+
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.registry.remove(self.replica_id)
@@ -182,10 +186,15 @@ class Ingress:
         return answered
 
     async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: Any) -> Any:
-        return (await self._each("Tokenize", request, grpc_context))[0]
+        return await self._any("Tokenize", request, grpc_context)
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, grpc_context: Any) -> Any:
-        return (await self._each("GetServerInfo", request, grpc_context))[0]
+        return await self._any("GetServerInfo", request, grpc_context)
+
+    async def _any(self, method: str, request: Any, grpc_context: Any) -> Any:
+        self._check(grpc_context, method)
+        with relayed(grpc_context):
+            return await self._to("").call.remote(method, request)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context: Any) -> Any:
         """Each adapter once: resident or pinned where any replica has it so, its uses
@@ -231,8 +240,3 @@ def _rpc_error(err: BaseException | None) -> grpc.aio.AioRpcError | None:
             return err
         err = err.__cause__ or getattr(err, "cause", None)
     return None
-
-
-def metrics_ports(registry: str) -> dict[str, int]:
-    """Each replica's loraplex metrics port, by replica id (for benches and tests)."""
-    return {rid: port for rid, (_, port) in Registry.named(registry).replicas().items()}
