@@ -141,10 +141,11 @@ def placement(config: Any, adapters: list[str], requests: int, seed: int) -> dic
     from loraplex.server.fleet.registry import Registry
 
     replicas = Registry.named(config.registry).replicas()
-    ports = [port for _, port in replicas.values()]
+    ports = [r.metrics_port for r in replicas.values()]
     before = adapter_loads(ports)
     trace = zipf_trace(adapters, requests, seed)
-    with DuplicateWatch([t for t, _ in replicas.values()], config.max_resident_adapters) as watch:
+    targets = [r.grpc for r in replicas.values()]
+    with DuplicateWatch(targets, config.max_resident_adapters) as watch:
         sent = asyncio.run(run_trace(PROXY, trace, concurrency=4, new_tokens=4))
     return {"router": config.router, "requests": len(sent),
             "cold_loads": adapter_loads(ports) - before,
@@ -161,7 +162,7 @@ def full_holder(config: Any, adapter_id: str, cold_id: str) -> dict[str, Any]:
     request for it, and one for `cold_id` sent straight to the other replica's server."""
     from loraplex.server.fleet.registry import Registry
 
-    targets = [t for t, _ in Registry.named(config.registry).replicas().values()]
+    targets = [r.grpc for r in Registry.named(config.registry).replicas().values()]
     with Client(PROXY, timeout=120) as client:
         client.generate("Hi", adapter=adapter_id, max_new_tokens=1)
     holder = next(t for t in targets if adapter_id in resident(t))
@@ -190,7 +191,8 @@ def overhead(config: Any, rounds: int, requests: int) -> dict[str, Any]:
     """One replica's server sent the same requests directly and through the fleet."""
     from loraplex.server.fleet.registry import Registry
 
-    ((target, _),) = Registry.named(config.registry).replicas().values()
+    (replica,) = Registry.named(config.registry).replicas().values()
+    target = replica.grpc
     results: dict[str, list[tuple[float, float]]] = {"direct": [], "fleet": []}
     for round_ in range(rounds):
         order = ("direct", "fleet") if round_ % 2 == 0 else ("fleet", "direct")
@@ -250,8 +252,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "--adapter-roots", str(roots), "--log-level", "warning",
                   *args.serve_args.split()]  # fmt: skip
     base = app.FleetConfig(replicas=2, max_resident_adapters=args.max_resident_adapters,
-                           max_batch_sequences=4, max_queue=4, serve_args=serve_args,
-                           replica_cpus=0.5)  # fmt: skip
+                           max_batch_sequences=4, max_queue=4,
+                           serve_args=serve_args)  # fmt: skip
     app.start(replace(base, replicas=1, registry="fleet-bench-one"), num_cpus=2)
     try:
         if "overhead" in parts:

@@ -31,6 +31,15 @@ class Role(enum.IntEnum):
     ADMIN = 2
 
 
+# the HTTP API's paths as ADMIN_METHODS are gRPC's: the role each needs (None: open);
+# paths not named need GENERATE
+HTTP_ROLES: dict[str, Role | None] = {
+    "/health": None,
+    "/v1/load_lora_adapter": Role.ADMIN,
+    "/v1/unload_lora_adapter": Role.ADMIN,
+}
+
+
 def load_tokens(path: Path | None, environ: Mapping[str, str] = os.environ) -> dict[str, Role]:
     """Token digests by role, from the file and the environment; empty means auth is off."""
     tokens: dict[str, Role] = {}

@@ -69,22 +69,29 @@ class Guard:
         await self.app(scope, _replay(body, receive), send)
 
     def _refusal(self, scope: Scope) -> JSONResponse | None:
-        needed = self.roles.get(scope["path"], Role.GENERATE)
-        if not self.tokens or needed is None:
-            return None
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        role = role_of(self.tokens, header)
-        if role is None:
-            refusal = error_response(
-                401, "authentication_error",
-                "a valid token is required: send the header 'Authorization: Bearer TOKEN'",
-                code="invalid_api_key",
-            )  # fmt: skip
-            refusal.headers["www-authenticate"] = "Bearer"
-            return refusal
-        if role < needed:
-            return error_response(403, "permission_error", "this call needs an admin token")
+        return refusal(self.tokens, self.roles, scope)
+
+
+def refusal(
+    tokens: Mapping[str, Role], roles: Mapping[str, Role | None], scope: Scope
+) -> JSONResponse | None:
+    """The reply to a request whose bearer token its path does not allow; None when allowed."""
+    needed = roles.get(scope["path"], Role.GENERATE)
+    if not tokens or needed is None:
         return None
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    role = role_of(tokens, header)
+    if role is None:
+        reply = error_response(
+            401, "authentication_error",
+            "a valid token is required: send the header 'Authorization: Bearer TOKEN'",
+            code="invalid_api_key",
+        )  # fmt: skip
+        reply.headers["www-authenticate"] = "Bearer"
+        return reply
+    if role < needed:
+        return error_response(403, "permission_error", "this call needs an admin token")
+    return None
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

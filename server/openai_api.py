@@ -30,7 +30,7 @@ from starlette.types import ASGIApp
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.paths import resolve_adapter_dir
 from loraplex.server import convert
-from loraplex.server.auth import Role
+from loraplex.server.auth import HTTP_ROLES, Role
 from loraplex.server.engine.api import TokenEvent
 from loraplex.server.errors import Cancelled, InvalidRequest, LoraplexError
 from loraplex.server.frontend import Frontend, Generation
@@ -47,11 +47,6 @@ from loraplex.server.scheduler import RequestHandle
 
 T = TypeVar("T")
 _END = object()
-ROLES: dict[str, Role | None] = {
-    "/health": None,
-    "/v1/load_lora_adapter": Role.ADMIN,
-    "/v1/unload_lora_adapter": Role.ADMIN,
-}
 
 
 class LoadLoraRequest(BaseModel):
@@ -328,7 +323,7 @@ def build_app(api: OpenAIApi, tokens: Mapping[str, Role], max_body_bytes: int) -
     app.add_exception_handler(RequestValidationError, _invalid_body)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(Exception, _typed_error)  # a 500 in OpenAI's shape, logged
-    return Guard(app, tokens, ROLES, max_body_bytes)
+    return Guard(app, tokens, HTTP_ROLES, max_body_bytes)
 
 
 async def _typed_error(request: Request, err: Exception) -> Response:

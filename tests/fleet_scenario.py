@@ -4,9 +4,10 @@ JSON for the tests to judge.
 
     python tests/fleet_scenario.py OUT.json MODEL_DIR ADAPTER_ROOT
 
-1. Two replicas with bearer tokens: tokens checked at the ingress; the same greedy tokens
+1. Two replicas with bearer tokens: tokens checked by the replicas; the same greedy tokens
    through the fleet as from a replica's server directly; streaming; errors keep their
-   status; adapter commands reach every replica; ListAdapters merges the replicas'.
+   status; adapter commands reach every replica; ListAdapters merges the replicas'. The
+   same over the OpenAI HTTP API with the official client.
 2. The Zipf placement trace and a full holder, routed by adapter affinity (bench code).
 3. The same trace with Ray's stock router.
 """
@@ -19,16 +20,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from openai import APIStatusError, OpenAI
+
 from loraplex.bench.fleet_bench import PROXY, full_holder, placement, resident
 from loraplex.clients import Client
 from loraplex.clients.errors import LoraplexClientError
 from loraplex.clients.security import Security
 from loraplex.server.auth import parse_tokens
 from loraplex.server.fleet import app
-from loraplex.server.fleet.registry import Registry
+from loraplex.server.fleet.registry import Registry, ReplicaAddress
 
 GENERATE_TOKEN = "generate-token-0123456789"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
+HTTP_PORT = 8000  # free: the scenario runs in a network namespace of its own
 
 
 def error_name(call: Any) -> str:
@@ -40,7 +44,7 @@ def error_name(call: Any) -> str:
 
 
 def checks(config: app.FleetConfig) -> dict[str, Any]:
-    targets = [t for t, _ in Registry.named(config.registry).replicas().values()]
+    targets = [r.grpc for r in Registry.named(config.registry).replicas().values()]
     seen: dict[str, Any] = {"replicas": len(targets)}
     with Client(PROXY, timeout=120) as anonymous:
         seen["no_token"] = error_name(lambda: anonymous.generate("Hi", max_new_tokens=2))
@@ -66,7 +70,54 @@ def checks(config: app.FleetConfig) -> dict[str, Any]:
     seen["after_unload_on"] = sum("a05" in resident(t) for t in targets)
     user.close()
     admin.close()
+    seen.update(http_checks(Registry.named(config.registry).replicas()))
     return seen
+
+
+def http_checks(replicas: dict[str, ReplicaAddress]) -> dict[str, Any]:
+    """The OpenAI API through Serve's HTTP proxy, with the official client."""
+    fleet_url = f"http://127.0.0.1:{HTTP_PORT}/v1"
+    user = OpenAI(base_url=fleet_url, api_key=GENERATE_TOKEN, max_retries=0)
+    admin = OpenAI(base_url=fleet_url, api_key=ADMIN_TOKEN, max_retries=0)
+    seen: dict[str, Any] = {}
+    asked = {"prompt": "Hello there", "max_tokens": 8, "temperature": 0.0}
+    fleet = user.completions.create(model="a07", **asked)  # type: ignore[call-overload]
+    holders = [r for r in replicas.values() if "a07" in resident(r.grpc)]
+    seen["http_a07_holders"] = len(holders)
+    direct = OpenAI(base_url=f"{holders[0].http}/v1", api_key="unused", max_retries=0)
+    seen["http_same_text"] = fleet.choices[0].text == direct.completions.create(
+        model="a07", **asked
+    ).choices[0].text  # type: ignore[call-overload]
+    streamed = user.completions.create(model="a07", stream=True, **asked)  # type: ignore[call-overload]
+    seen["http_stream_same"] = "".join(c.choices[0].text for c in streamed if c.choices) == (
+        fleet.choices[0].text
+    )
+    seen["http_a07_holders_after"] = sum("a07" in resident(r.grpc) for r in replicas.values())
+    # the tiny model's tokenizer has no chat template: the server's 400 comes back as it is
+    seen["http_chat"] = http_error(lambda: user.chat.completions.create(
+        model="a07", messages=[{"role": "user", "content": "Hi"}], max_tokens=4))  # fmt: skip
+    seen["http_models"] = sorted(m.id for m in user.models.list())
+    seen["http_no_token"] = http_error(lambda: OpenAI(base_url=fleet_url, api_key="wrong",
+                                       max_retries=0).models.list())  # fmt: skip
+    seen["http_unknown_adapter"] = http_error(
+        lambda: user.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    )
+    load = {"lora_name": "a06"}
+    seen["http_load_as_user"] = http_error(lambda: user.post("/load_lora_adapter", body=load,
+                                                             cast_to=object))  # fmt: skip
+    admin.post("/load_lora_adapter", body=load, cast_to=object)
+    seen["http_loaded_on"] = sum("a06" in resident(r.grpc) for r in replicas.values())
+    admin.post("/unload_lora_adapter", body=load, cast_to=object)
+    seen["http_after_unload_on"] = sum("a06" in resident(r.grpc) for r in replicas.values())
+    return seen
+
+
+def http_error(call: Any) -> int:
+    try:
+        call()
+    except APIStatusError as err:
+        return err.status_code
+    return 200
 
 
 def main(out: Path, model: str, root: Path) -> None:
@@ -75,8 +126,9 @@ def main(out: Path, model: str, root: Path) -> None:
                   "--log-level", "warning"]  # fmt: skip
     tokens = parse_tokens(f"generate {GENERATE_TOKEN}\nadmin {ADMIN_TOKEN}\n", "scenario")
     config = app.FleetConfig(replicas=2, max_resident_adapters=4, max_batch_sequences=4,
-                             max_queue=4, serve_args=serve_args, replica_cpus=0.5,
-                             tokens=tokens, registry="scenario-checks")  # fmt: skip
+                             max_queue=4, serve_args=serve_args, replica_cpus=1,
+                             tokens=tokens, http_port=HTTP_PORT,
+                             registry="scenario-checks")  # fmt: skip
     results: dict[str, Any] = {}
     app.start(config, num_cpus=2)
     try:

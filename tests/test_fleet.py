@@ -126,7 +126,7 @@ def test_the_fleet_serves_as_one_server(scenario: dict[str, Any]) -> None:
     assert checks["same_tokenize"] and checks["same_info"]
 
 
-def test_the_ingress_checks_tokens_and_errors_keep_their_status(scenario: dict[str, Any]) -> None:
+def test_the_replicas_check_tokens_and_errors_keep_their_status(scenario: dict[str, Any]) -> None:
     checks = scenario["checks"]
     assert checks["no_token"] == "Unauthenticated"
     assert checks["load_as_user"] == "PermissionDenied"
@@ -144,6 +144,17 @@ def test_affinity_keeps_each_adapter_on_one_replica(scenario: dict[str, Any]) ->
     assert affinity["requests"] == 160 and affinity["polls"] > 0
     assert affinity["duplicates"] == []
     assert scenario["stock"]["requests"] == 160 and scenario["stock"]["cold_loads"] > 0
+
+
+def test_the_openai_api_through_the_fleet(scenario: dict[str, Any]) -> None:
+    checks = scenario["checks"]
+    assert checks["http_a07_holders"] == 1 and checks["http_a07_holders_after"] == 1
+    assert checks["http_same_text"] and checks["http_stream_same"]
+    assert checks["http_chat"] == 400
+    assert {"a00", "a07"} <= set(checks["http_models"])
+    assert checks["http_no_token"] == 401 and checks["http_load_as_user"] == 403
+    assert checks["http_unknown_adapter"] == 404
+    assert checks["http_loaded_on"] == 2 and checks["http_after_unload_on"] == 0
 
 
 def test_a_full_holder_sends_the_request_to_the_other_replica(scenario: dict[str, Any]) -> None:

@@ -1,9 +1,10 @@
-"""Build and start the fleet: Ray, Serve's gRPC proxy with loraplex's own service, the
-ingress and the replicas (server/fleet/deployments.py), routed by adapter affinity."""
+"""Build and start the fleet: Ray, Serve's gRPC proxy with loraplex's own service, and the
+replicas (server/fleet/deployments.py), routed by adapter affinity."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,12 +14,28 @@ from ray import serve
 from ray.serve.config import AutoscalingConfig
 
 from loraplex.server.auth import Role
-from loraplex.server.fleet.deployments import Ingress, LoraplexReplica
+from loraplex.server.fleet.deployments import APP, DEPLOYMENT, LoraplexReplica
 from loraplex.server.fleet.registry import Registry
 
-APP = "loraplex"
 SERVICER = "loraplex.proto.v1.loraplex_pb2_grpc.add_LoraplexServicer_to_server"
-ROUTER = "loraplex.server.fleet.router:AdapterAffinityRouter"
+ROUTERS = {
+    "affinity": "loraplex.server.fleet.router:AdapterAffinityRouter",
+    "ray": "loraplex.server.fleet.router:StockRouter",
+}
+
+
+# Serve's own throughput settings (as its RAY_SERVE_THROUGHPUT_OPTIMIZED mode sets them, less
+# direct ingress, which would bypass the router): the proxy reaches replicas over gRPC
+# rather than Ray actor calls, and user code and routers run on their process's main loop.
+# Each streamed token crosses the proxy and a replica, and on a small machine their CPU time
+# is the engine's: this halves it (`loraplex bench fleet`, docs/measurements.md).
+SERVE_ENV = {
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+    "RAY_SERVE_PROXY_USE_GRPC": "1",
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+}
 
 
 @dataclass
@@ -30,9 +47,11 @@ class FleetConfig:
     max_queue: int = 64  # per replica; `serve --max-queue`
     serve_args: list[str] = field(default_factory=list)  # more `loraplex serve` flags
     grpc_port: int = 9000
+    http_port: int = 8000  # the OpenAI HTTP API, through Serve's HTTP proxy
+    http_host: str = "127.0.0.1"
     router: Literal["affinity", "ray"] = "affinity"  # "ray": Serve's stock router
     tokens: dict[str, Role] = field(default_factory=dict)
-    replica_cpus: float = 1.0
+    replica_cpus: float = 0.0  # Ray CPUs per replica; 0: this machine's, shared out
     registry: str = "loraplex-fleet-registry"
 
     @property
@@ -40,14 +59,30 @@ class FleetConfig:
         """Requests a replica takes at once: a full batch plus its queue."""
         return self.max_batch_sequences + self.max_queue
 
+    @property
+    def cpus_per_replica(self) -> float:
+        if self.replica_cpus > 0:
+            return self.replica_cpus
+        return max(1, (os.cpu_count() or 1) // max(self.replicas, self.max_replicas))
+
+    @property
+    def server_args(self) -> list[str]:
+        """`loraplex serve` flags for each replica's server: its threads as many as the CPUs
+        Ray gives the replica (Ray's workers run with OMP_NUM_THREADS=1 otherwise), a queue
+        that holds all that Serve may send at once, so a replica never refuses a request."""
+        threads = [] if "--threads" in self.serve_args else [
+            "--threads", str(max(1, math.ceil(self.cpus_per_replica)))]  # fmt: skip
+        return [*self.serve_args, *threads, "--max-batch-sequences",
+                str(self.max_batch_sequences), "--max-queue", str(self.max_ongoing)]  # fmt: skip
+
 
 def build(config: FleetConfig) -> Any:
-    """The Serve application (ingress bound to the replica deployment)."""
+    """The Serve application: the replica deployment, its own ingress."""
     Registry.create(config.registry)
     options: dict[str, Any] = {
-        "name": "LoraplexReplica",
+        "name": DEPLOYMENT,
         "max_ongoing_requests": config.max_ongoing,
-        "ray_actor_options": {"num_cpus": config.replica_cpus},
+        "ray_actor_options": {"num_cpus": config.cpus_per_replica},
         "graceful_shutdown_timeout_s": 60,
     }
     if config.max_replicas > config.replicas:
@@ -59,33 +94,29 @@ def build(config: FleetConfig) -> Any:
         )
     else:
         options["num_replicas"] = config.replicas
-    if config.router == "affinity":
-        options["request_router_config"] = {"request_router_class": ROUTER}
+    options["request_router_config"] = {"request_router_class": ROUTERS[config.router]}
     replica: Any = serve.deployment(LoraplexReplica, **options)
-    # The server's admission queue holds all that Serve may send it at once (requests wait
-    # there before the loop admits them into the batch), so a replica never refuses one.
-    serve_args = [*config.serve_args, "--max-batch-sequences", str(config.max_batch_sequences),
-                  "--max-queue", str(config.max_ongoing)]  # fmt: skip
-    ingress: Any = serve.deployment(Ingress, name="Ingress", max_ongoing_requests=100_000,
-                               ray_actor_options={"num_cpus": 0})  # fmt: skip
-    bound = replica.bind(serve_args, config.max_resident_adapters, config.registry)
-    return ingress.bind(bound, config.tokens, config.registry)
+    return replica.bind(
+        config.server_args, config.max_resident_adapters, config.tokens, config.registry
+    )
 
 
 def start(config: FleetConfig, address: str | None = None, num_cpus: int | None = None) -> None:
     """Start (or join, with `address`) Ray, then the proxy and the application; returns once
     every replica serves."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in SERVE_ENV.items():  # Serve's processes started here inherit them
+        os.environ.setdefault(name, value)
     if not ray.is_initialized():
-        cpus = num_cpus or max(
-            int(config.replica_cpus * max(config.replicas, config.max_replicas)), 1
-        )
+        replicas = max(config.replicas, config.max_replicas)
+        cpus = num_cpus or max(math.ceil(config.cpus_per_replica * replicas), 1)
         ray.init(address=address or "local", num_cpus=None if address else cpus,
                  include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": SERVE_ENV},
                  object_store_memory=None if address else 256 << 20)  # fmt: skip
     serve.start(
         proxy_location="HeadOnly",
-        http_options={"host": "127.0.0.1", "port": 0},
+        http_options={"host": config.http_host, "port": config.http_port},
         grpc_options={"port": config.grpc_port, "grpc_servicer_functions": [SERVICER]},
     )
     deploy(config)

@@ -1,13 +1,14 @@
-"""The fleet's Serve deployments: an ingress that reads a request's adapter id, and replicas
-that each supervise one unchanged `loraplex serve` process on 127.0.0.1.
+"""The fleet's Serve deployment: replicas that each supervise one unchanged `loraplex serve`
+process on 127.0.0.1 and are themselves the application's ingress.
 
 The engine needs its process's main thread and one OpenMP pool, so a replica forwards gRPC
-calls to a server process of its own rather than hosting the engine in Ray's worker. The
-ingress sets `multiplexed_model_id` from the request's `adapter_id` (base-model requests
-carry none, so any replica takes them), which the affinity router reads; each replica
-notes the ids it has served in Serve's multiplexing LRU, sized like its
-`--max-resident-adapters`, which tells Serve what it holds, while loraplex's adapter store
-still decides what is loaded and evicted.
+calls to a server process of its own rather than hosting the engine in Ray's worker.
+Serve's gRPC proxy hands each call straight to a replica: the affinity router reads the
+request's `adapter_id` in the proxy (router.py), so no ingress hop sits between the proxy
+and the replica that holds the adapter. Each replica notes the ids it has served in Serve's
+multiplexing LRU, sized like its `--max-resident-adapters`, which tells Serve what it
+holds, while loraplex's adapter store still decides what is loaded and evicted. Adapter
+commands go from the replica that took them to every replica's server.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
+import aiohttp
 import grpc
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 
 from loraplex.proto.v1 import loraplex_pb2 as pb
 from loraplex.proto.v1 import loraplex_pb2_grpc as pb_grpc
-from loraplex.server.auth import ADMIN_METHODS, Role, role_of
-from loraplex.server.fleet.registry import Registry
+from loraplex.server.auth import ADMIN_METHODS, HTTP_ROLES, Role, role_of
+from loraplex.server.fleet import http_relay
+from loraplex.server.fleet.http_relay import HttpRequest, ReplyHead
+from loraplex.server.fleet.registry import Registry, ReplicaAddress
+from loraplex.server.http_guard import refusal
 
+APP = "loraplex"
+DEPLOYMENT = "LoraplexReplica"
 START_TIMEOUT_S = 600
 PR_SET_PDEATHSIG = 1
 
@@ -52,20 +61,25 @@ def _end_with_parent() -> None:
 
 
 class LoraplexReplica:
-    """One `loraplex serve` process, its gRPC calls forwarded."""
+    """One `loraplex serve` process, its gRPC calls forwarded; bearer tokens are checked
+    here, since Serve's proxy checks none."""
 
-    def __init__(self, serve_args: list[str], max_adapters: int, registry: str) -> None:
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.target = f"127.0.0.1:{self.port}"
+    def __init__(
+        self, serve_args: list[str], max_adapters: int, tokens: Mapping[str, Role], registry: str
+    ) -> None:
+        self.tokens = dict(tokens)
+        self.port, self.metrics_port, http_port = _free_port(), _free_port(), _free_port()
+        self.target, self.http_url = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{http_port}"
         # the server's output, for when it fails to start; kept after the replica ends
         self._log = tempfile.NamedTemporaryFile(  # noqa: SIM115
             prefix="loraplex-replica-", suffix=".log", delete=False
         )
         command = [sys.executable, "-m", "loraplex.server.cli", "serve", *serve_args,
                    "--host", "127.0.0.1", "--port", str(self.port),
-                   "--metrics-port", str(self.metrics_port),
+                   "--metrics-port", str(self.metrics_port), "--http-port", str(http_port),
                    "--max-resident-adapters", str(max_adapters)]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("OMP_NUM_THREADS", None)  # Ray's 1 for its workers; the server gets --threads
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=env, preexec_fn=_end_with_parent)  # fmt: skip
         self._wait_until_serving()
@@ -73,7 +87,10 @@ class LoraplexReplica:
         self.stub = pb_grpc.LoraplexStub(self.channel)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.registry = Registry.named(registry)
-        self.registry.add(self.replica_id, self.target, self.metrics_port)
+        address = ReplicaAddress(self.target, self.http_url, self.metrics_port)
+        self.registry.add(self.replica_id, address)
+        self.base_model = ""  # the server's name for its base model, asked at the first use
+        self._session: aiohttp.ClientSession | None = None  # made in the serving loop
 
         @serve.multiplexed(max_num_models_per_replica=max_adapters)
         async def note(adapter_id: str) -> str:
@@ -97,75 +114,38 @@ class LoraplexReplica:
                 time.sleep(0.25)
         raise RuntimeError(f"loraplex serve did not start in {START_TIMEOUT_S} s")
 
-    async def _noted(self) -> None:
-        adapter_id = serve.get_multiplexed_model_id()
-        if adapter_id:
-            await self._note(adapter_id)
-
-    async def Generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
-        await self._noted()
-        return await self.stub.Generate(request)
-
-    async def GenerateStream(
-        self, request: pb.GenerateStreamRequest
-    ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        await self._noted()
-        async for message in self.stub.GenerateStream(request):
-            yield message
-
-    async def call(self, method: str, request: Any) -> Any:
-        """A unary call that any replica can answer (Tokenize, GetServerInfo)."""
-        return await getattr(self.stub, method)(request)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.registry.remove(self.replica_id)
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-
-class Ingress:
-    """Serve's gRPC proxy hands loraplex's calls here: generation goes to a replica chosen
-    by adapter, adapter commands to every replica. Bearer tokens are checked here, since
-    Serve's proxy checks none."""
-
-    def __init__(self, replicas: Any, tokens: Mapping[str, Role], registry: str) -> None:
-        self.replicas = replicas
-        self.tokens = dict(tokens)
-        self.registry = Registry.named(registry)
-
     def _check(self, grpc_context: Any, method: str) -> None:
-        if not self.tokens:
-            return
-        metadata = dict(grpc_context.invocation_metadata())
-        role = role_of(self.tokens, str(metadata.get("authorization", "")))
-        needed = Role.ADMIN if method in ADMIN_METHODS else Role.GENERATE
-        if role is None:
-            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-            raise PermissionError("a valid token is required: 'authorization: Bearer TOKEN'")
-        if role < needed:
-            grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
-            raise PermissionError(f"{method} needs an admin token")
+        if self.tokens:
+            check_token(self.tokens, grpc_context, method)
 
-    def _to(self, adapter_id: str, stream: bool = False) -> Any:
-        return self.replicas.options(multiplexed_model_id=adapter_id, stream=stream)
+    # ---- on this replica ------------------------------------------------------------------
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> Any:
         self._check(grpc_context, "Generate")
+        if request.adapter_id:
+            await self._note(request.adapter_id)
         with relayed(grpc_context):
-            return await self._to(request.adapter_id).Generate.remote(request)
+            return await self.stub.Generate(request)
 
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, grpc_context: Any
     ) -> AsyncIterator[Any]:
         self._check(grpc_context, "GenerateStream")
+        if request.adapter_id:
+            await self._note(request.adapter_id)
         with relayed(grpc_context):
-            async for message in self._to(request.adapter_id, True).GenerateStream.remote(request):
+            async for message in self.stub.GenerateStream(request):
                 yield message
+
+    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: Any) -> Any:
+        self._check(grpc_context, "Tokenize")
+        with relayed(grpc_context):
+            return await self.stub.Tokenize(request)
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, grpc_context: Any) -> Any:
+        self._check(grpc_context, "GetServerInfo")
+        with relayed(grpc_context):
+            return await self.stub.GetServerInfo(request)
 
     # ---- on every replica -----------------------------------------------------------------
 
@@ -174,27 +154,18 @@ class Ingress:
         self._check(grpc_context, method)
 
         async def call(target: str) -> Any:
+            if target == self.target:
+                return await getattr(self.stub, method)(request)
             async with grpc.aio.insecure_channel(target) as channel:
                 return await getattr(pb_grpc.LoraplexStub(channel), method)(request)
 
-        targets = [t for t, _ in (await self.registry.replicas_async()).values()]
+        targets = [r.grpc for r in (await self.registry.replicas_async()).values()]
         replies = await asyncio.gather(*(call(t) for t in targets), return_exceptions=True)
         answered = [r for r in replies if not isinstance(r, BaseException)]
         if not answered:
             with relayed(grpc_context):
                 raise replies[0] if replies else RuntimeError("the fleet has no replicas")
         return answered
-
-    async def Tokenize(self, request: pb.TokenizeRequest, grpc_context: Any) -> Any:
-        return await self._any("Tokenize", request, grpc_context)
-
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, grpc_context: Any) -> Any:
-        return await self._any("GetServerInfo", request, grpc_context)
-
-    async def _any(self, method: str, request: Any, grpc_context: Any) -> Any:
-        self._check(grpc_context, method)
-        with relayed(grpc_context):
-            return await self._to("").call.remote(method, request)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, grpc_context: Any) -> Any:
         """Each adapter once: resident or pinned where any replica has it so, its uses
@@ -219,24 +190,91 @@ class Ingress:
     async def PinAdapter(self, request: pb.PinAdapterRequest, grpc_context: Any) -> Any:
         return (await self._each("PinAdapter", request, grpc_context))[0]
 
+    # ---- the OpenAI HTTP API --------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        refused = refusal(self.tokens, HTTP_ROLES, request.scope)
+        if refused is not None:
+            return refused
+        query = f"?{request.url.query}" if request.url.query else ""
+        http = HttpRequest(request.method, request.url.path + query,
+                           http_relay.relayed_headers(request.headers.items()),
+                           await request.body())  # fmt: skip
+        if request.url.path in http_relay.EVERY_REPLICA_PATHS:
+            return await self._http_everywhere(http)
+        adapter = ""
+        if request.url.path in http_relay.ROUTED_PATHS:
+            adapter = http_relay.requested_model(http.body)
+            adapter = "" if adapter == await self._base_model() else adapter
+        reply: AsyncIterator[Any]
+        if adapter:  # through Serve again, now that the router can see the adapter
+            handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
+            streamed = handle.options(multiplexed_model_id=adapter, stream=True)
+            reply = streamed.relay_http.remote(http)  # type: ignore[assignment]
+        else:
+            reply = self.relay_http(http)
+        head = await anext(reply)
+        return StreamingResponse(reply, status_code=head.status, headers=dict(head.headers))
+
+    async def relay_http(self, request: HttpRequest) -> AsyncIterator[ReplyHead | bytes]:
+        adapter_id = serve.get_multiplexed_model_id()
+        if adapter_id:
+            await self._note(adapter_id)
+        async for part in http_relay.relay(self._http(), self.http_url, request):
+            yield part
+
+    async def _http_everywhere(self, request: HttpRequest) -> Response:
+        """Every replica's server's reply; the first success is returned, else the first
+        failure."""
+        urls = [r.http for r in (await self.registry.replicas_async()).values()]
+        replies = await asyncio.gather(*(http_relay.whole(self._http(), u, request)
+                                         for u in urls), return_exceptions=True)  # fmt: skip
+        answered = [r for r in replies if not isinstance(r, BaseException)]
+        if not answered:
+            failed = [r for r in replies if isinstance(r, BaseException)]
+            raise failed[0] if failed else RuntimeError("the fleet has no replicas")
+        head, body = min(answered, key=lambda r: r[0].status >= 400)
+        return Response(body, status_code=head.status, headers=dict(head.headers))
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        return self._session
+
+    async def _base_model(self) -> str:
+        if not self.base_model:
+            self.base_model = (await self.stub.GetServerInfo(pb.GetServerInfoRequest())).model
+        return self.base_model
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.registry.remove(self.replica_id)
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def check_token(tokens: Mapping[str, Role], grpc_context: Any, method: str) -> None:
+    metadata = dict(grpc_context.invocation_metadata())
+    role = role_of(tokens, str(metadata.get("authorization", "")))
+    needed = Role.ADMIN if method in ADMIN_METHODS else Role.GENERATE
+    if role is None:
+        grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        raise PermissionError("a valid token is required: 'authorization: Bearer TOKEN'")
+    if role < needed:
+        grpc_context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+        raise PermissionError(f"{method} needs an admin token")
+
 
 @contextlib.contextmanager
 def relayed(grpc_context: Any) -> Iterator[None]:
-    """A replica's gRPC error keeps its status code on the way out of the ingress."""
+    """The server's gRPC error keeps its status code on the way out of the replica."""
     try:
         yield
-    except Exception as err:
-        cause = _rpc_error(err)
-        if cause is not None:
-            grpc_context.set_code(cause.code())
-            grpc_context.set_details(cause.details() or "")
+    except grpc.aio.AioRpcError as err:
+        grpc_context.set_code(err.code())
+        grpc_context.set_details(err.details() or "")
         raise
-
-
-def _rpc_error(err: BaseException | None) -> grpc.aio.AioRpcError | None:
-    """The loraplex server's error inside what Ray raised (Ray wraps it as the cause)."""
-    while err is not None:
-        if isinstance(err, grpc.aio.AioRpcError):
-            return err
-        err = err.__cause__ or getattr(err, "cause", None)
-    return None
