@@ -7,12 +7,12 @@ interface):  unshare -n sh -c 'ip link set lo up && loraplex bench fleet'
 
 Parts, each in the one Ray session:
 1. overhead: one replica; the same streamed requests sent to its `loraplex serve` directly
-   and through Serve's proxy and ingress, in alternating rounds: TTFT added, throughput ratio
+   and through Serve's proxy, in alternating rounds: TTFT added, throughput ratio
    (targets: <= 10 ms, >= 0.95);
-2. placement: two replicas and a seeded Zipf trace over the adapters, routed by adapter
-   affinity and then by Ray's stock router (fresh replicas each): cold adapter loads, and
-   adapters resident on both replicas while neither holds its maximum (target: affinity
-   <= 0.4x stock's cold loads, and no such duplicates);
+2. placement: two replicas and a seeded Zipf trace over the adapters per seed, routed by
+   adapter affinity and by Ray's stock router (fresh replicas each): cold adapter loads
+   summed over the seeds, and adapters resident on both replicas while neither holds its
+   maximum (target: affinity <= 0.4x stock's cold loads, and no such duplicates);
 3. a full holder: with the replica holding an adapter at its `max_ongoing_requests`, how
    long a request for that adapter takes to start on the other one (target: <= 100 ms more
    than a cold request on an idle replica).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import threading
 import time
@@ -135,7 +136,9 @@ class DuplicateWatch:
             client.close()
 
 
-def placement(config: Any, adapters: list[str], requests: int, seed: int) -> dict[str, Any]:
+def placement(
+    config: Any, adapters: list[str], requests: int, seed: int, clients: int = 4
+) -> dict[str, Any]:
     """The Zipf trace through the proxy, on the fleet `config` describes: cold loads and
     duplicates seen."""
     from loraplex.server.fleet.registry import Registry
@@ -146,7 +149,7 @@ def placement(config: Any, adapters: list[str], requests: int, seed: int) -> dic
     trace = zipf_trace(adapters, requests, seed)
     targets = [r.grpc for r in replicas.values()]
     with DuplicateWatch(targets, config.max_resident_adapters) as watch:
-        sent = asyncio.run(run_trace(PROXY, trace, concurrency=4, new_tokens=4))
+        sent = asyncio.run(run_trace(PROXY, trace, concurrency=clients, new_tokens=4))
     return {"router": config.router, "requests": len(sent),
             "cold_loads": adapter_loads(ports) - before,
             "duplicates": sorted(watch.duplicates), "polls": watch.polls}  # fmt: skip
@@ -224,8 +227,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     add("--serve-args", default="", help="more `loraplex serve` flags for each replica")
     add("--parts", default="simulation,overhead,placement,holder", help="which parts to run")
-    add("--max-resident-adapters", type=int, default=4)
-    add("--requests", type=int, default=160, help="requests in the placement trace")
+    add("--max-resident-adapters", type=int, default=8, help="per replica")
+    add("--requests", type=int, default=800, help="requests in each placement trace")
+    add("--seeds", default="0,1,2", help="placement traces, one per seed, for each router")
+    add("--clients", type=int, default=4, help="closed-loop clients sending the trace")
     add("--rounds", type=int, default=3, help="overhead rounds (alternating order)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=None, help="also write the figures here as JSON")
@@ -254,30 +259,46 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = app.FleetConfig(replicas=2, max_resident_adapters=args.max_resident_adapters,
                            max_batch_sequences=4, max_queue=4,
                            serve_args=serve_args)  # fmt: skip
-    app.start(replace(base, replicas=1, registry="fleet-bench-one"), num_cpus=2)
+    # Ray CPUs for two deployments at once: Serve starts a new one before it stops the old
+    cpus = 2 * (os.cpu_count() or 1)
+    app.start(replace(base, replicas=1, registry="fleet-bench-one"), num_cpus=cpus)
     try:
         if "overhead" in parts:
             results["overhead"] = overhead(replace(base, replicas=1, registry="fleet-bench-one"),
                                            args.rounds, 32)  # fmt: skip
-        if parts & {"placement", "holder"}:
-            affinity = replace(base, registry="fleet-bench-affinity")
-            app.deploy(affinity)
-            if "placement" in parts:
-                results["affinity"] = placement(affinity, adapters, args.requests, args.seed)
-            if "holder" in parts:
-                results["full_holder"] = full_holder(affinity, adapters[-1], adapters[-2])
         if "placement" in parts:
-            stock = replace(base, router="ray", registry="fleet-bench-stock")
-            app.deploy(stock)
-            results["stock"] = placement(stock, adapters, args.requests, args.seed)
-            results["cold_load_ratio"] = (results["affinity"]["cold_loads"]
-                                          / max(results["stock"]["cold_loads"], 1))  # fmt: skip
+            seeds = [int(s) for s in args.seeds.split(",")]
+            results["placement"] = placements(base, adapters, args.requests, seeds, args.clients)
+        if "holder" in parts:
+            affinity = replace(base, registry="fleet-bench-holder")
+            app.deploy(affinity)
+            results["full_holder"] = full_holder(affinity, adapters[-1], adapters[-2])
     finally:
         app.stop(base)
     print(json.dumps(results, indent=2))
     if args.out:
         args.out.write_text(json.dumps(results))
     return results
+
+
+def placements(
+    base: Any, adapters: list[str], requests: int, seeds: list[int], clients: int
+) -> dict[str, Any]:
+    """The placement trace once per seed and router, each on fresh replicas: cold loads
+    summed over the seeds, and their ratio."""
+    from loraplex.server.fleet import app
+
+    runs: dict[str, list[dict[str, Any]]] = {"affinity": [], "ray": []}
+    for seed in seeds:
+        for router, seen in runs.items():
+            config = replace(base, router=router, registry=f"fleet-bench-{router}-{seed}")
+            app.deploy(config)  # a new registry name: a new version, fresh replicas
+            seen.append({"seed": seed, **placement(config, adapters, requests, seed, clients)})
+            print(f"placement seed {seed} {router}: {seen[-1]['cold_loads']} cold loads, "
+                  f"duplicates {seen[-1]['duplicates']}", flush=True)  # fmt: skip
+    cold = {router: sum(r["cold_loads"] for r in seen) for router, seen in runs.items()}
+    return {"cold_loads": cold, "cold_load_ratio": cold["affinity"] / max(cold["ray"], 1),
+            "runs": runs}  # fmt: skip
 
 
 def simulation(seed: int) -> list[dict[str, float]]:

@@ -8,7 +8,8 @@ JSON for the tests to judge.
    through the fleet as from a replica's server directly; streaming; errors keep their
    status; adapter commands reach every replica; ListAdapters merges the replicas'. The
    same over the OpenAI HTTP API with the official client.
-2. The Zipf placement trace and a full holder, routed by adapter affinity (bench code).
+2. The Zipf placement trace (the fleet has room for every adapter) and a full holder,
+   routed by adapter affinity (bench code).
 3. The same trace with Ray's stock router.
 """
 
@@ -32,6 +33,7 @@ from loraplex.server.fleet.registry import Registry, ReplicaAddress
 
 GENERATE_TOKEN = "generate-token-0123456789"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
+TRACE = 800  # requests in the placement trace
 HTTP_PORT = 8000  # free: the scenario runs in a network namespace of its own
 
 
@@ -85,9 +87,9 @@ def http_checks(replicas: dict[str, ReplicaAddress]) -> dict[str, Any]:
     holders = [r for r in replicas.values() if "a07" in resident(r.grpc)]
     seen["http_a07_holders"] = len(holders)
     direct = OpenAI(base_url=f"{holders[0].http}/v1", api_key="unused", max_retries=0)
-    seen["http_same_text"] = fleet.choices[0].text == direct.completions.create(
-        model="a07", **asked
-    ).choices[0].text  # type: ignore[call-overload]
+    seen["http_same_text"] = (
+        fleet.choices[0].text == direct.completions.create(model="a07", **asked).choices[0].text
+    )  # type: ignore[call-overload]
     streamed = user.completions.create(model="a07", stream=True, **asked)  # type: ignore[call-overload]
     seen["http_stream_same"] = "".join(c.choices[0].text for c in streamed if c.choices) == (
         fleet.choices[0].text
@@ -125,7 +127,7 @@ def main(out: Path, model: str, root: Path) -> None:
     serve_args = ["--model", model, "--quantization", "fp32", "--adapter-roots", str(root),
                   "--log-level", "warning"]  # fmt: skip
     tokens = parse_tokens(f"generate {GENERATE_TOKEN}\nadmin {ADMIN_TOKEN}\n", "scenario")
-    config = app.FleetConfig(replicas=2, max_resident_adapters=4, max_batch_sequences=4,
+    config = app.FleetConfig(replicas=2, max_resident_adapters=8, max_batch_sequences=4,
                              max_queue=4, serve_args=serve_args, replica_cpus=1,
                              tokens=tokens, http_port=HTTP_PORT,
                              registry="scenario-checks")  # fmt: skip
@@ -135,11 +137,11 @@ def main(out: Path, model: str, root: Path) -> None:
         results["checks"] = checks(config)
         affinity = replace(config, tokens={}, registry="scenario-affinity")
         app.deploy(affinity)
-        results["affinity"] = placement(affinity, adapters, requests=160, seed=0)
+        results["affinity"] = placement(affinity, adapters, requests=TRACE, seed=0)
         results["full_holder"] = full_holder(affinity, adapters[-1], adapters[-2])
         stock = replace(affinity, router="ray", registry="scenario-stock")
         app.deploy(stock)
-        results["stock"] = placement(stock, adapters, requests=160, seed=0)
+        results["stock"] = placement(stock, adapters, requests=TRACE, seed=0)
     finally:
         app.stop(config)
     out.write_text(json.dumps(results))

@@ -95,6 +95,9 @@ def build(config: FleetConfig) -> Any:
     else:
         options["num_replicas"] = config.replicas
     options["request_router_config"] = {"request_router_class": ROUTERS[config.router]}
+    if config.router == "affinity":
+        options["request_router_config"]["request_router_kwargs"] = {
+            "batch": config.max_batch_sequences}  # fmt: skip
     replica: Any = serve.deployment(LoraplexReplica, **options)
     return replica.bind(
         config.server_args, config.max_resident_adapters, config.tokens, config.registry

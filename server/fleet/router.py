@@ -25,8 +25,13 @@ from loraplex.server.fleet.affinity import RECENT_PLACEMENT_S, AffinityPolicy, R
 
 
 class AdapterAffinityRouter(RequestRouter):
-    def initialize_state(self, memory_s: float = RECENT_PLACEMENT_S, **_: Any) -> None:
+    def initialize_state(
+        self, memory_s: float = RECENT_PLACEMENT_S, batch: int = 0, **_: Any
+    ) -> None:
+        """`batch`: the sequences a replica's server runs at once (0: unknown, spill to any
+        replica with room)."""
         self.policy = AffinityPolicy(memory_s)
+        self.batch = batch
 
     async def choose_replicas(
         self,
@@ -39,8 +44,17 @@ class AdapterAffinityRouter(RequestRouter):
         pending_request.routing_context.should_backoff = True
         adapter_id = requested_adapter(pending_request)
         by_view = {_view(r): r for r in candidate_replicas}
-        ranks = self.policy.rank(adapter_id, list(by_view), time.monotonic())
+        ranks = self.policy.rank(adapter_id, list(by_view), time.monotonic(), self._idle())
         return [[by_view[v] for v in rank] for rank in ranks]
+
+    def _idle(self) -> set[ReplicaID] | None:
+        """Replicas with a free batch slot, as far as Serve's cached queue lengths say (a
+        replica with none cached counts: Serve probes it before sending it anything)."""
+        if not self.batch:
+            return None
+        cache = self.replica_queue_len_cache
+        lengths = {r: cache.get(r) for r in self.curr_replicas}
+        return {r for r, length in lengths.items() if length is None or length < self.batch // 2}
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
