@@ -213,3 +213,33 @@ def test_dpo_from_init_adapter_uses_it_as_reference(
     saved = load_file(str(dpo.adapter_dir / "adapter_model.safetensors"))
     assert saved.keys() == sft_weights.keys()
     assert any(not torch.equal(saved[k], sft_weights[k]) for k in saved)
+
+
+def test_eval_steps_score_the_eval_rows_during_training(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    config = make_config(tiny_checkpoints["llama"], tmp_path / "evals", tmp_path / "cache",
+                         eval_split=0.1, eval_steps=1, logging_steps=1)  # fmt: skip
+    result = train.run(config)
+    evaluated = [entry["step"] for entry in result.history if "eval_loss" in entry]
+    assert evaluated[:3] == [1, 2, 3]
+
+
+def test_packing_fills_the_sequences(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """Packed, each step trains on more tokens of the same short rows."""
+    tokens = {}
+    for packing in (False, True):
+        config = make_config(tiny_checkpoints["llama"], tmp_path / f"packed-{packing}",
+                             tmp_path / "cache", packing=packing, logging_steps=1,
+                             max_length=512)  # fmt: skip
+        history = train.run(config).history
+        tokens[packing] = max(entry.get("num_tokens", 0) for entry in history)
+    assert tokens[True] > 1.5 * tokens[False] > 0, tokens
+
+
+def test_packing_and_report_to_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--packing is for SFT only"):
+        make_config(tmp_path, tmp_path / "o", tmp_path / "c", method="dpo", packing=True)
+    config = make_config(tmp_path, tmp_path / "o", tmp_path / "c", report_to="tensorboard, wandb")
+    args = train._trl_args(config, torch.device("cpu"), has_eval=False)
+    assert args.report_to == ["tensorboard", "wandb"] and args.eval_strategy == "no"

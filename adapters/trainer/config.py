@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from loraplex.server.config import ModelConfig
 
@@ -90,6 +90,27 @@ class TrainConfig(BaseModelConfig):
     )
     resume: bool = Field(default=False, description="resume from the latest checkpoint")
     logging_steps: int = Field(default=10, ge=1, description="log the loss every N steps")
+    eval_steps: int = Field(
+        default=0, ge=0,
+        description="score the eval rows every N steps (0: once, after training)",
+    )  # fmt: skip
+    report_to: str = Field(
+        default="none",
+        description="where the training logs also go, comma-separated: none, tensorboard, "
+        "wandb, mlflow, ... (transformers' report_to; the integration must be installed)",
+    )
+    packing: bool = Field(
+        default=False,
+        description="SFT: pack several examples into each --max-length sequence (fewer, "
+        "fuller batches on short rows; the loss still covers completions only)",
+    )
+
+    @model_validator(mode="after")
+    def _packing_is_for_sft(self) -> TrainConfig:
+        if self.packing and self.method != "sft":
+            raise ValueError("--packing is for SFT only: DPO compares whole chosen/rejected rows")
+        return self
+
     progress: bool = Field(default=True, description="show progress bars")
 
 

@@ -49,6 +49,7 @@ class TrainResult:
     train_seconds: float
     peak_rss_mb: float
     model: Any  # the trained PeftModel, still in memory
+    history: list[dict[str, float]]  # the trainer's log: losses, eval losses, by step
 
 
 def run(config: TrainConfig) -> TrainResult:
@@ -69,7 +70,8 @@ def run(config: TrainConfig) -> TrainResult:
     meta = _metadata(config, base, dataset, trainer, metrics, seconds, peak_rss_mb)
     save = functools.partial(_save, trainer.model, dtype=config.save_dtype)
     output.write_adapter(target, save, meta, config.overwrite)
-    return TrainResult(target, metrics, seconds, peak_rss_mb, trainer.model)
+    history = list(trainer.state.log_history)
+    return TrainResult(target, metrics, seconds, peak_rss_mb, trainer.model, history)
 
 
 def _resume_point(config: TrainConfig, checkpoint_dir: Path) -> str | None:
@@ -174,8 +176,9 @@ def _trl_args(config: TrainConfig, device: torch.device, has_eval: bool) -> Any:
         "logging_steps": config.logging_steps,
         "save_strategy": "steps" if config.save_steps else "no",
         "save_steps": config.save_steps or 500,
-        "eval_strategy": "no",
-        "report_to": "none",
+        "eval_strategy": "steps" if has_eval and config.eval_steps else "no",
+        "eval_steps": config.eval_steps or None,
+        "report_to": [name.strip() for name in config.report_to.split(",") if name.strip()],
         "disable_tqdm": not config.progress,
         "bf16": compute_dtype(device) == torch.bfloat16,
         "use_cpu": device.type == "cpu",
@@ -188,7 +191,7 @@ def _trl_args(config: TrainConfig, device: torch.device, has_eval: bool) -> Any:
         return DPOConfig(**common, beta=config.beta, loss_type=[config.loss_type])
     from trl import SFTConfig
 
-    return SFTConfig(**common, completion_only_loss=True, packing=False)
+    return SFTConfig(**common, completion_only_loss=True, packing=config.packing)
 
 
 def checkpoint_dir(config: TrainConfig) -> Path:
