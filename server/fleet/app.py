@@ -66,12 +66,19 @@ class FleetConfig:
         return max(1, (os.cpu_count() or 1) // max(self.replicas, self.max_replicas))
 
     @property
+    def server_threads(self) -> int:
+        """The server's threads: the replica's CPUs but one, which Serve's proxy and the
+        replica's relay use for every streamed token (an OpenMP pool on every core stalls
+        whenever they run: on 2 cores, 2 threads gave 0.94x of direct throughput and 17 ms
+        more TTFT, 1 thread 0.99x and 10 ms; docs/measurements.md)."""
+        return max(1, math.ceil(self.cpus_per_replica) - 1)
+
+    @property
     def server_args(self) -> list[str]:
-        """`loraplex serve` flags for each replica's server: its threads as many as the CPUs
-        Ray gives the replica (Ray's workers run with OMP_NUM_THREADS=1 otherwise), a queue
-        that holds all that Serve may send at once, so a replica never refuses a request."""
-        threads = [] if "--threads" in self.serve_args else [
-            "--threads", str(max(1, math.ceil(self.cpus_per_replica)))]  # fmt: skip
+        """`loraplex serve` flags for each replica's server: its threads (Ray's workers run
+        with OMP_NUM_THREADS=1 otherwise), a queue that holds all that Serve may send at
+        once, so a replica never refuses a request."""
+        threads = [] if "--threads" in self.serve_args else ["--threads", str(self.server_threads)]
         return [*self.serve_args, *threads, "--max-batch-sequences",
                 str(self.max_batch_sequences), "--max-queue", str(self.max_ongoing)]  # fmt: skip
 

@@ -40,8 +40,9 @@ def add_fleet_parser(commands: argparse._SubParsersAction) -> None:
     add("--router", choices=["affinity", "ray"], default="affinity",
         help="affinity: loraplex's router; ray: Serve's stock one (for comparison)")  # fmt: skip
     add("--replica-cpus", type=float, default=0.0,
-        help="Ray CPUs each replica reserves, and its server's threads (default: this "
-             "machine's CPUs shared out among --max-replicas or --replicas)")  # fmt: skip
+        help="Ray CPUs each replica reserves; its server runs a thread fewer, at least "
+             "one (default: this machine's CPUs shared out among --max-replicas or "
+             "--replicas)")  # fmt: skip
     add("--auth-tokens-file", type=Path, default=None, help="as `loraplex serve` takes it")
     add("--address", default=None, help="an existing Ray cluster (default: start one here)")
     add("serve_args", nargs=argparse.REMAINDER, help="-- then `loraplex serve` flags")
