@@ -231,6 +231,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--requests", type=int, default=800, help="requests in each placement trace")
     add("--seeds", default="0,1,2", help="placement traces, one per seed, for each router")
     add("--clients", type=int, default=4, help="closed-loop clients sending the trace")
+    add("--max-batch-sequences", type=int, default=4, help="per replica (the fleet's: 16)")
+    add("--max-queue", type=int, default=4, help="per replica, beyond a batch (the fleet's: 64)")
     add("--rounds", type=int, default=3, help="overhead rounds (alternating order)")
     add("--seed", type=int, default=0)
     add("--out", type=Path, default=None, help="also write the figures here as JSON")
@@ -257,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "--adapter-roots", str(roots), "--log-level", "warning",
                   *args.serve_args.split()]  # fmt: skip
     base = app.FleetConfig(replicas=2, max_resident_adapters=args.max_resident_adapters,
-                           max_batch_sequences=4, max_queue=4,
-                           serve_args=serve_args)  # fmt: skip
+                           max_batch_sequences=args.max_batch_sequences,
+                           max_queue=args.max_queue, serve_args=serve_args)  # fmt: skip
     # Ray CPUs for two deployments at once: Serve starts a new one before it stops the old
     cpus = 2 * (os.cpu_count() or 1)
     app.start(replace(base, replicas=1, registry="fleet-bench-one"), num_cpus=cpus)
