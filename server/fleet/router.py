@@ -74,18 +74,17 @@ class StockRouter(PowerOfTwoChoicesRequestRouter):
         self, pending_request: PendingRequest, *, is_retry: bool = False
     ) -> RunningReplica:
         # before Serve indexes the request by model id (private in ray 2.60, which is pinned)
-        pending_request.metadata.multiplexed_model_id = requested_adapter(pending_request)
+        requested_adapter(pending_request)
         return await super()._choose_replica_for_request(pending_request, is_retry=is_retry)
 
 
 def requested_adapter(request: PendingRequest) -> str:
     """The adapter a request names: the multiplexed model id a handle set, else the
     `adapter_id` of the loraplex message Serve's gRPC proxy forwards (pickled by the proxy
-    itself, in this process)."""
-    if request.metadata.multiplexed_model_id:
-        return str(request.metadata.multiplexed_model_id)
-    if request.args and isinstance(request.args[0], bytes):
+    itself, in this process), kept as the request's multiplexed model id so that the next
+    call (each routing round, then on_request_routed) reads it without unpickling again."""
+    if not request.metadata.multiplexed_model_id and request.args:
         with contextlib.suppress(Exception):  # another kind of request: it names none
             message = pickle.loads(request.args[0]).user_request_proto
-            return str(getattr(message, "adapter_id", ""))
-    return ""
+            request.metadata.multiplexed_model_id = str(getattr(message, "adapter_id", ""))
+    return str(request.metadata.multiplexed_model_id)
