@@ -31,7 +31,12 @@ class DecodeFailed(LoraplexError):
 class RuntimeConfig:
     n_ctx_per_seq: int = 2048  # llama.cpp may round it up; LlamaRuntime.n_ctx_per_seq is exact
     n_seq_max: int = 8
-    n_batch: int = 512
+    # llama.cpp's own defaults, as llama-server runs: one llama_decode call takes a step's
+    # prompts whole (up to n_batch tokens), so llama.cpp cuts its ubatches (n_ubatch tokens,
+    # an equal share of every sequence with a per-sequence KV cache) seeing every prompt,
+    # instead of calls cut at fixed token counts that split prompts across calls
+    n_batch: int = 2048
+    n_ubatch: int = 512
     n_threads: int | None = None  # None: every core this process may use
     n_gpu_layers: int | None = None  # None: all layers when llama.cpp can offload, else none
     flash_attn: bool | None = None  # None: llama.cpp decides per device
@@ -119,7 +124,8 @@ class LlamaRuntime:
     def _new_context(self, config: RuntimeConfig) -> Any:
         params = llama.llama_context_default_params()
         params.n_ctx = config.n_ctx_per_seq * config.n_seq_max
-        params.n_batch = params.n_ubatch = config.n_batch
+        params.n_batch = config.n_batch
+        params.n_ubatch = min(config.n_ubatch, config.n_batch)
         params.n_seq_max = config.n_seq_max
         # logits are read for each sequence's last token only; the default (n_batch rows of a
         # 262k vocabulary) would reserve ~0.5 GiB of output buffer
