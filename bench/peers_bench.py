@@ -190,7 +190,9 @@ def _prepare(model: str, scratch: Path) -> Files:
     return Files(source.path, checkpoint, peft_root, gguf_loras, [s.adapter_id for s in specs])
 
 
-def traces(args: argparse.Namespace, adapter_ids: list[str], round_index: int = 0) -> dict[str, Trace]:
+def traces(
+    args: argparse.Namespace, adapter_ids: list[str], round_index: int = 0
+) -> dict[str, Trace]:
     """The three loads of one round: prompts of the same lengths, but each load its own, so no
     server meets a prompt it has seen. llama-server's slots keep a finished prompt's KV cells
     and reuse them for a request that starts the same way, even under another adapter: with the
