@@ -54,6 +54,12 @@ def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     """Parse and validate the adapter in `path` against `base`."""
     config = _read_config(adapter_id, path)
     peft_type = str(config.get("peft_type", "")).upper()
+    if str(config.get("task_type", "")).upper() == "SEQ_CLS":
+        raise InvalidAdapter(
+            adapter_id,
+            "it is a reward model (a sequence classifier, task_type SEQ_CLS): it scores text "
+            "for training and `eval-adapter`, and generates nothing",
+        )
     if peft_type not in ("LORA", "VERA"):
         raise InvalidAdapter(adapter_id, f"peft_type {peft_type!r} is not supported (LORA or VERA)")
     problem = unsupported_field(config)

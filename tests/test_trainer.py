@@ -24,7 +24,11 @@ from loraplex.server.engine.api import SamplingParams, SequenceRequest
 from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 
-DATA = {"sft": TASKS["json-extract"].path("train"), "dpo": TASKS["concise"].path("train")}
+DATA = {
+    "sft": TASKS["json-extract"].path("train"),
+    "dpo": TASKS["concise"].path("train"),
+    "reward": TASKS["concise"].path("train"),
+}
 ADAPTER_KEYS = ("lora_A", "lora_B", "vera_lambda", "vera_A", "vera_B")
 
 

@@ -42,7 +42,11 @@ class TrainConfig(BaseModelConfig):
         description="address of a running loraplex server to load the new adapter into "
         "(the output directory must lie in one of its adapter roots)",
     )
-    method: Literal["sft", "dpo"] = Field(default="sft", description="training method")
+    method: Literal["sft", "dpo", "reward"] = Field(
+        default="sft",
+        description="training method: sft, dpo, or reward (a reward model: a scalar head "
+        "trained on preference pairs; eval-adapter reports its pairwise accuracy)",
+    )
     adapter_type: Literal["lora", "vera"] = Field(default="lora", description="adapter type")
     rank: int = Field(default=8, ge=1, description="adapter rank")
     alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
@@ -108,7 +112,10 @@ class TrainConfig(BaseModelConfig):
     @model_validator(mode="after")
     def _packing_is_for_sft(self) -> TrainConfig:
         if self.packing and self.method != "sft":
-            raise ValueError("--packing is for SFT only: DPO compares whole chosen/rejected rows")
+            raise ValueError(
+                "--packing is for SFT only: DPO and reward models compare whole chosen/rejected "
+                "rows"
+            )
         return self
 
     progress: bool = Field(default=True, description="show progress bars")
@@ -122,8 +129,9 @@ class EvalConfig(BaseModelConfig):
     adapter: Path | None = Field(default=None, description="adapter directory to score")
     task: str | None = Field(default=None, description="built-in task whose test split to use")
     data: Path | None = Field(default=None, description="held-out JSONL (instead of --task)")
-    method: Literal["sft", "dpo"] | None = Field(
-        default=None, description="sft or dpo scoring (default: from the task or adapter)"
+    method: Literal["sft", "dpo", "reward"] | None = Field(
+        default=None,
+        description="sft, dpo or reward scoring (default: from the adapter's card or the task)",
     )
     limit: int = Field(default=0, ge=0, description="score only the first N rows (0: all)")
     max_new_tokens: int = Field(default=40, ge=1, description="generation length")

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from loraplex.server.errors import LoraplexError
 
-Method = Literal["sft", "dpo"]
+Method = Literal["sft", "dpo", "reward"]
+PAIRED = ("dpo", "reward")  # methods whose rows are preference pairs
 Row = dict[str, Any]
 ROLES = {"system", "user", "assistant"}
 
@@ -46,7 +47,7 @@ def _parse_row(line: str, method: Method, where: str) -> Row:
         raise DatasetError(f"{where}: not valid JSON ({err.msg})") from None
     if not isinstance(row, dict):
         raise DatasetError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
-    if method == "dpo":
+    if method in PAIRED:
         return _check_strings(row, ("prompt", "chosen", "rejected"), where)
     if "messages" in row:
         return _messages_to_completion(row["messages"], where)

@@ -3,7 +3,8 @@
 SFT: exact match of the first generated line against the completion, adapter vs base
 (greedy decoding, the same prompts). DPO: preference accuracy of the implicit reward
 beta * (log p_adapter - log p_base) of chosen over rejected, and the preferred trait
-(conciseness: words generated) adapter vs base.
+(conciseness: words generated) adapter vs base. Reward model: held-out pairwise accuracy
+(chosen rewarded above rejected) and the mean reward margin (reward.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from peft import PeftModel
 from tqdm import tqdm
 
 from loraplex.adapters.trainer import data as data_mod
+from loraplex.adapters.trainer import reward
 from loraplex.adapters.trainer.base import load_base, load_tokenizer, pick_device, resolve_base
 from loraplex.adapters.trainer.config import EvalConfig
 from loraplex.adapters.trainer.output import read_metadata
@@ -50,6 +52,12 @@ def run(config: EvalConfig) -> dict[str, Any]:
     base = resolve_base(config)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(base.checkpoint)
+    if method == "reward":
+        scored = reward.load_reward_model(
+            base.checkpoint, config.adapter, config.quantization, device, tokenizer
+        )
+        scores = reward.pairwise_accuracy(scored, tokenizer, rows, config.batch_size, True)
+        return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **scores}
     model = PeftModel.from_pretrained(
         load_base(base.checkpoint, config.quantization, device), config.adapter
     ).eval()
@@ -71,8 +79,8 @@ def _rows(config: EvalConfig) -> tuple[str, list[data_mod.Row]]:
         method = method or TASKS[config.task].method
     else:
         raise data_mod.DatasetError("give --task NAME or --data FILE.jsonl")
-    if method not in ("sft", "dpo"):
-        raise data_mod.DatasetError("cannot tell sft from dpo scoring; pass --method")
+    if method not in ("sft", "dpo", "reward"):
+        raise data_mod.DatasetError("cannot tell sft, dpo or reward scoring; pass --method")
     rows = data_mod.load_rows(path, method)
     return method, rows[: config.limit] if config.limit else rows
 

@@ -13,8 +13,10 @@ ALL_LINEAR = "all-linear"
 
 
 def adapter_config(config: TrainConfig) -> PeftConfig:
-    """A fresh LoRA or VeRA config; by default every linear layer except the LM head."""
+    """A fresh LoRA or VeRA config; by default every linear layer except the output head. A
+    reward model's task type (SEQ_CLS) makes PEFT train and save its scalar head in full."""
     targets: Any = config.target_modules or ALL_LINEAR
+    task_type = "SEQ_CLS" if config.method == "reward" else "CAUSAL_LM"
     if config.adapter_type == "vera":
         # VeRA has no alpha; its shared projections are saved with the adapter so that the
         # result does not depend on this machine's random number generator.
@@ -24,7 +26,7 @@ def adapter_config(config: TrainConfig) -> PeftConfig:
             vera_dropout=config.dropout,
             projection_prng_key=config.seed,
             save_projection=True,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
     return LoraConfig(
         r=config.rank,
@@ -33,7 +35,7 @@ def adapter_config(config: TrainConfig) -> PeftConfig:
         target_modules=targets,
         lora_dropout=config.dropout,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 

@@ -1,9 +1,11 @@
-"""`train-adapter`: QLoRA SFT or DPO through TRL's trainers, written as one PEFT adapter.
+"""`train-adapter`: QLoRA SFT, DPO or a reward model through TRL's trainers, written as one PEFT
+adapter.
 
 TRL does the work: SFTTrainer with prompt/completion rows trains on the completion only,
 DPOTrainer with a `peft_config` uses the base with the adapter disabled as its reference,
 and with an already-trained PeftModel (`--init-adapter`) it copies that adapter into a
-frozen `ref` adapter. Nothing here is a hand-written training loop.
+frozen `ref` adapter, and RewardTrainer trains a scalar head beside the adapter (reward.py).
+Nothing here is a hand-written training loop.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from loraplex.adapters.trainer.base import (
     resolve_base,
 )
 from loraplex.adapters.trainer.config import TrainConfig
+from loraplex.adapters.trainer.reward import head_in_compute_dtype, load_reward_base
 from loraplex.adapters.trainer.tasks import TASKS
 
 
@@ -124,7 +127,8 @@ def _data_files(config: TrainConfig) -> tuple[Path, Path | None]:
     task = TASKS.get(config.task)
     if task is None:
         raise data_mod.DatasetError(f"unknown task {config.task!r}; known: {', '.join(TASKS)}")
-    if task.method != config.method:
+    pairs_for_reward = config.method == "reward" and task.method == "dpo"
+    if task.method != config.method and not pairs_for_reward:
         raise data_mod.DatasetError(f"task {task.name} is a {task.method} task; use --method")
     return task.path("train"), config.eval_data
 
@@ -132,7 +136,11 @@ def _data_files(config: TrainConfig) -> tuple[Path, Path | None]:
 def build_trainer(config: TrainConfig, dataset: TrainData, base: BaseInfo, device: Any) -> Any:
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(base.checkpoint)
-    model: Any = load_base(base.checkpoint, config.quantization, device)
+    model: Any = (
+        load_reward_base(base.checkpoint, config.quantization, device, tokenizer.pad_token_id)
+        if config.method == "reward"
+        else load_base(base.checkpoint, config.quantization, device)
+    )
     peft_config = None
     if config.init_adapter is not None:
         model = peft_setup.load_trainable(model, config.init_adapter)
@@ -145,11 +153,15 @@ def build_trainer(config: TrainConfig, dataset: TrainData, base: BaseInfo, devic
         from trl import DPOTrainer
 
         trainer_cls: Any = DPOTrainer
+    elif config.method == "reward":
+        from trl import RewardTrainer
+
+        trainer_cls = RewardTrainer
     else:
         from trl import SFTTrainer
 
         trainer_cls = SFTTrainer
-    return trainer_cls(
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -157,6 +169,9 @@ def build_trainer(config: TrainConfig, dataset: TrainData, base: BaseInfo, devic
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if config.method == "reward":
+        head_in_compute_dtype(trainer.model, compute_dtype(device))
+    return trainer
 
 
 def _trl_args(config: TrainConfig, device: torch.device, has_eval: bool) -> Any:
@@ -189,6 +204,10 @@ def _trl_args(config: TrainConfig, device: torch.device, has_eval: bool) -> Any:
         from trl import DPOConfig
 
         return DPOConfig(**common, beta=config.beta, loss_type=[config.loss_type])
+    if config.method == "reward":
+        from trl import RewardConfig
+
+        return RewardConfig(**common)
     from trl import SFTConfig
 
     return SFTConfig(**common, completion_only_loss=True, packing=config.packing)
