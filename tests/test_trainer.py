@@ -28,6 +28,7 @@ DATA = {
     "sft": TASKS["json-extract"].path("train"),
     "dpo": TASKS["concise"].path("train"),
     "reward": TASKS["concise"].path("train"),
+    "grpo": TASKS["concise"].path("train"),
 }
 ADAPTER_KEYS = ("lora_A", "lora_B", "vera_lambda", "vera_A", "vera_B")
 

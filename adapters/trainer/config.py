@@ -42,10 +42,12 @@ class TrainConfig(BaseModelConfig):
         description="address of a running loraplex server to load the new adapter into "
         "(the output directory must lie in one of its adapter roots)",
     )
-    method: Literal["sft", "dpo", "reward"] = Field(
+    method: Literal["sft", "dpo", "reward", "grpo"] = Field(
         default="sft",
-        description="training method: sft, dpo, or reward (a reward model: a scalar head "
-        "trained on preference pairs; eval-adapter reports its pairwise accuracy)",
+        description="training method: sft, dpo, reward (a reward model: a scalar head "
+        "trained on preference pairs; eval-adapter reports its pairwise accuracy), or grpo "
+        "(reinforcement learning against --reward-model and/or rule rewards, with a KL "
+        "penalty of --beta to the base)",
     )
     adapter_type: Literal["lora", "vera"] = Field(default="lora", description="adapter type")
     rank: int = Field(default=8, ge=1, description="adapter rank")
@@ -81,7 +83,27 @@ class TrainConfig(BaseModelConfig):
         description="auto: paged 8-bit AdamW on CUDA, 8-bit AdamW (bitsandbytes) on CPU",
     )
     seed: int = Field(default=0, description="seed for data order, init and dropout")
-    beta: float = Field(default=0.1, gt=0, description="DPO beta")
+    beta: float = Field(
+        default=0.1, ge=0, description="DPO beta; GRPO: weight of the KL penalty to the base"
+    )
+    reward_model: Path | None = Field(
+        default=None, description="GRPO: a reward model adapter (train-adapter --method reward)"
+    )
+    reward: list[str] = Field(
+        default_factory=list,
+        description="GRPO: a reward NAME[=WEIGHT], repeat the flag; names: model (the "
+        "--reward-model), exact (first line equals the row's reference), json (first line is "
+        "JSON, valid against the row's schema if any), line (stops by itself after one line), "
+        "length (at most --max-words words); weights sum the rewards (default: model)",
+    )
+    num_generations: int = Field(
+        default=4, ge=2, description="GRPO: completions per prompt (a group)"
+    )
+    max_completion_length: int = Field(
+        default=32, ge=1, description="GRPO: new tokens per completion"
+    )
+    temperature: float = Field(default=1.0, gt=0, description="GRPO: sampling temperature")
+    max_words: int = Field(default=10, ge=1, description="GRPO: the length reward's word limit")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         default="sigmoid", description="DPO loss"
     )
@@ -110,6 +132,24 @@ class TrainConfig(BaseModelConfig):
     )
 
     @model_validator(mode="after")
+    def _grpo_has_rewards_and_whole_groups(self) -> TrainConfig:
+        if self.method != "grpo":
+            return self
+        if self.batch_size % self.num_generations:
+            raise ValueError(
+                f"GRPO: --batch-size ({self.batch_size}) counts completions and must be a "
+                f"multiple of --num-generations ({self.num_generations})"
+            )
+        if not self.reward and self.reward_model is None:
+            raise ValueError("GRPO needs a reward: give --reward-model DIR or --reward NAME")
+        if self.eval_data is not None or self.eval_split:
+            raise ValueError(
+                "GRPO adapters are scored after training (eval-adapter), not during it: "
+                "drop --eval-data and --eval-split"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _packing_is_for_sft(self) -> TrainConfig:
         if self.packing and self.method != "sft":
             raise ValueError(
@@ -129,9 +169,15 @@ class EvalConfig(BaseModelConfig):
     adapter: Path | None = Field(default=None, description="adapter directory to score")
     task: str | None = Field(default=None, description="built-in task whose test split to use")
     data: Path | None = Field(default=None, description="held-out JSONL (instead of --task)")
-    method: Literal["sft", "dpo", "reward"] | None = Field(
+    method: Literal["sft", "dpo", "reward", "grpo"] | None = Field(
         default=None,
-        description="sft, dpo or reward scoring (default: from the adapter's card or the task)",
+        description="sft, dpo, reward or grpo scoring (default: from the adapter's card or the "
+        "task)",
+    )
+    reward_model: Path | None = Field(
+        default=None,
+        description="a reward model adapter: also report the mean reward of the adapter's and "
+        "the base's greedy answers (a GRPO adapter: default, its training reward model)",
     )
     limit: int = Field(default=0, ge=0, description="score only the first N rows (0: all)")
     max_new_tokens: int = Field(default=40, ge=1, description="generation length")

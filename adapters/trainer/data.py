@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from loraplex.server.errors import LoraplexError
 
-Method = Literal["sft", "dpo", "reward"]
+Method = Literal["sft", "dpo", "reward", "grpo"]
 PAIRED = ("dpo", "reward")  # methods whose rows are preference pairs
 Row = dict[str, Any]
 ROLES = {"system", "user", "assistant"}
@@ -49,9 +49,25 @@ def _parse_row(line: str, method: Method, where: str) -> Row:
         raise DatasetError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     if method in PAIRED:
         return _check_strings(row, ("prompt", "chosen", "rejected"), where)
+    if method == "grpo":
+        return _prompt_row(row, where)
     if "messages" in row:
         return _messages_to_completion(row["messages"], where)
     return _check_strings(row, ("prompt", "completion"), where)
+
+
+def _prompt_row(row: Row, where: str) -> Row:
+    """A GRPO row: its prompt, the reference answer the exact reward compares with (the row's
+    `reference`, else its SFT `completion` or DPO `chosen`) and its JSON `schema`, if any."""
+    if "messages" in row:
+        row = _messages_to_completion(row["messages"], where)
+    _check_strings(row, ("prompt",), where)
+    reference = next((row[k] for k in ("reference", "completion", "chosen") if k in row), "")
+    if not isinstance(reference, str):
+        raise DatasetError(f"{where}: the reference answer must be a string")
+    schema = row.get("schema", "")
+    return {"prompt": row["prompt"], "reference": reference,
+            "schema": schema if isinstance(schema, str) else json.dumps(schema)}  # fmt: skip
 
 
 def _check_strings(row: Row, keys: tuple[str, ...], where: str) -> Row:

@@ -4,7 +4,9 @@ SFT: exact match of the first generated line against the completion, adapter vs 
 (greedy decoding, the same prompts). DPO: preference accuracy of the implicit reward
 beta * (log p_adapter - log p_base) of chosen over rejected, and the preferred trait
 (conciseness: words generated) adapter vs base. Reward model: held-out pairwise accuracy
-(chosen rewarded above rejected) and the mean reward margin (reward.py).
+(chosen rewarded above rejected) and the mean reward margin (reward.py). With a reward model
+(`--reward-model`, or a GRPO adapter's own): the mean reward of the adapter's and the base's
+greedy answers to the held-out prompts; GRPO adapters also get the conciseness scores.
 """
 
 from __future__ import annotations
@@ -64,8 +66,49 @@ def run(config: EvalConfig) -> dict[str, Any]:
     scorer = Scorer(
         model, tokenizer, config.batch_size, config.max_new_tokens, stop_at_newline=method == "sft"
     )
-    scores = score_dpo(scorer, rows, config.beta) if method == "dpo" else score_sft(scorer, rows)
+    scores = _method_scores(scorer, rows, method, config.beta)
+    judge = config.reward_model or _training_reward_model(config.adapter, method)
+    if judge is not None:
+        scored = reward.load_reward_model(
+            base.checkpoint, judge, config.quantization, device, tokenizer
+        )
+        scores.update(score_rewards(scorer, rows, scored))
     return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **scores}
+
+
+def _method_scores(
+    scorer: Scorer, rows: list[data_mod.Row], method: str, beta: float
+) -> dict[str, Any]:
+    if method == "dpo":
+        return score_dpo(scorer, rows, beta)
+    if method == "sft":
+        return score_sft(scorer, rows)
+    prompts = [row["prompt"] for row in rows]  # grpo: what its rewards asked for, in words
+    with_adapter = [word_count(t) for t in generate(scorer, prompts, True)]
+    return trait_scores(with_adapter, [word_count(t) for t in generate(scorer, prompts, False)])
+
+
+def _training_reward_model(adapter: Path, method: str) -> Path | None:
+    """A GRPO adapter's reward model, as its card records it (when that path still exists)."""
+    if method != "grpo":
+        return None
+    recorded = read_metadata(adapter).get("hyperparameters", {}).get("reward_model")
+    return Path(recorded) if recorded and Path(recorded).is_dir() else None
+
+
+def score_rewards(scorer: Scorer, rows: list[data_mod.Row], judge: Any) -> dict[str, Any]:
+    """Mean reward of the adapter's and the base's greedy answers under the reward model
+    `judge` (the text it reads: prompt + answer + EOS, as it was trained)."""
+    prompts = [row["prompt"] for row in rows]
+    tok = scorer.tokenizer
+    result: dict[str, Any] = {}
+    for label, adapter in (("adapter", True), ("base", False)):
+        answers = generate(scorer, prompts, adapter)
+        texts = [reward.reward_text(p, a, tok) for p, a in zip(prompts, answers, strict=True)]
+        scored = reward.rewards(judge, tok, texts, scorer.batch_size)
+        result[f"{label}_mean_reward"] = sum(scored) / len(scored)
+    result["reward_gain"] = result["adapter_mean_reward"] - result["base_mean_reward"]
+    return result
 
 
 def _rows(config: EvalConfig) -> tuple[str, list[data_mod.Row]]:
@@ -79,8 +122,8 @@ def _rows(config: EvalConfig) -> tuple[str, list[data_mod.Row]]:
         method = method or TASKS[config.task].method
     else:
         raise data_mod.DatasetError("give --task NAME or --data FILE.jsonl")
-    if method not in ("sft", "dpo", "reward"):
-        raise data_mod.DatasetError("cannot tell sft, dpo or reward scoring; pass --method")
+    if method not in ("sft", "dpo", "reward", "grpo"):
+        raise data_mod.DatasetError("cannot tell sft, dpo, reward or grpo scoring; pass --method")
     rows = data_mod.load_rows(path, method)
     return method, rows[: config.limit] if config.limit else rows
 

@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 
 from loraplex.adapters.trainer import data as data_mod
-from loraplex.adapters.trainer import output, peft_setup
+from loraplex.adapters.trainer import grpo, output, peft_setup
 from loraplex.adapters.trainer.base import (
     BaseInfo,
     compute_dtype,
@@ -128,7 +128,8 @@ def _data_files(config: TrainConfig) -> tuple[Path, Path | None]:
     if task is None:
         raise data_mod.DatasetError(f"unknown task {config.task!r}; known: {', '.join(TASKS)}")
     pairs_for_reward = config.method == "reward" and task.method == "dpo"
-    if task.method != config.method and not pairs_for_reward:
+    prompts_for_grpo = config.method == "grpo"  # any task's prompts, its answers as references
+    if task.method != config.method and not (pairs_for_reward or prompts_for_grpo):
         raise data_mod.DatasetError(f"task {task.name} is a {task.method} task; use --method")
     return task.path("train"), config.eval_data
 
@@ -148,6 +149,8 @@ def build_trainer(config: TrainConfig, dataset: TrainData, base: BaseInfo, devic
         peft_config = peft_setup.adapter_config(config)
     train_ds = Dataset.from_list(dataset.train)
     eval_ds = Dataset.from_list(dataset.eval) if dataset.eval else None
+    if config.method == "grpo":
+        return _grpo_trainer(config, base, device, tokenizer, model, peft_config, train_ds)
     args = _trl_args(config, device, bool(dataset.eval))
     if config.method == "dpo":
         from trl import DPOTrainer
@@ -174,7 +177,40 @@ def build_trainer(config: TrainConfig, dataset: TrainData, base: BaseInfo, devic
     return trainer
 
 
+def _grpo_trainer(
+    config: TrainConfig, base: BaseInfo, device: torch.device, tokenizer: Any, model: Any,
+    peft_config: Any, train_ds: Dataset,
+) -> Any:  # fmt: skip
+    from trl import GRPOTrainer
+
+    functions, weights = grpo.reward_functions(config, base, device, tokenizer)
+    common = _common_args(config, device, has_eval=False)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=functions,
+        args=grpo.grpo_args(config, common, weights),
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+
+
 def _trl_args(config: TrainConfig, device: torch.device, has_eval: bool) -> Any:
+    common = _common_args(config, device, has_eval)
+    if config.method == "dpo":
+        from trl import DPOConfig
+
+        return DPOConfig(**common, beta=config.beta, loss_type=[config.loss_type])
+    if config.method == "reward":
+        from trl import RewardConfig
+
+        return RewardConfig(**common)
+    from trl import SFTConfig
+
+    return SFTConfig(**common, completion_only_loss=True, packing=config.packing)
+
+
+def _common_args(config: TrainConfig, device: torch.device, has_eval: bool) -> dict[str, Any]:
     common: dict[str, Any] = {
         "output_dir": str(checkpoint_dir(config)),
         "num_train_epochs": config.epochs,
@@ -200,17 +236,7 @@ def _trl_args(config: TrainConfig, device: torch.device, has_eval: bool) -> Any:
         "max_length": config.max_length,
         "dataset_num_proc": None,
     }
-    if config.method == "dpo":
-        from trl import DPOConfig
-
-        return DPOConfig(**common, beta=config.beta, loss_type=[config.loss_type])
-    if config.method == "reward":
-        from trl import RewardConfig
-
-        return RewardConfig(**common)
-    from trl import SFTConfig
-
-    return SFTConfig(**common, completion_only_loss=True, packing=config.packing)
+    return common
 
 
 def checkpoint_dir(config: TrainConfig) -> Path:
@@ -251,7 +277,7 @@ def _metadata(
     hyper = config.model_dump(
         exclude={"config", "cache_dir", "output", "overwrite", "push", "progress", "resume"}
     )
-    return {
+    card = {
         "format": 1,
         "id": _output_dir(config).name,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -276,3 +302,6 @@ def _metadata(
             "trl": trl.__version__,
         },
     }
+    if config.method == "grpo":  # the reward/KL curve of the run
+        card["curve"] = grpo.curve(trainer.state.log_history)
+    return card
