@@ -38,7 +38,9 @@ def add_eval_adapter(commands: argparse._SubParsersAction) -> None:
         help="score an adapter against its base on a held-out split",
         description="SFT: exact match of the first generated line, adapter vs base. DPO: "
         "preference accuracy of the implicit reward and the conciseness of generations. "
-        "Reward model: held-out pairwise accuracy (chosen rewarded above rejected).",
+        "Reward model: held-out pairwise accuracy (chosen rewarded above rejected). "
+        "--server ADDR: score the adapter as a running loraplex server (any backend) serves "
+        "it, by --metric.",
     )
     add_config_arguments(parser, EvalConfig, positional="adapter")
     parser.set_defaults(run=_eval)

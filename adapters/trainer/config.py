@@ -179,6 +179,18 @@ class EvalConfig(BaseModelConfig):
         description="a reward model adapter: also report the mean reward of the adapter's and "
         "the base's greedy answers (a GRPO adapter: default, its training reward model)",
     )
+    server: str | None = Field(
+        default=None,
+        description="score the adapter as this running loraplex server (HOST:PORT, any "
+        "backend) serves it, by its id (the adapter argument's last path part); the token "
+        "comes from $LORAPLEX_TOKEN",
+    )
+    metric: Literal["auto", "exact", "rouge", "json-schema", "reward"] = Field(
+        default="auto",
+        description="with --server: exact (first line), rouge (ROUGE-L F1 of the first "
+        "line), json-schema (first line is JSON valid against the row's schema) or reward "
+        "(--reward-model); auto: reward with a reward model, else exact for SFT",
+    )
     limit: int = Field(default=0, ge=0, description="score only the first N rows (0: all)")
     max_new_tokens: int = Field(default=40, ge=1, description="generation length")
     batch_size: int = Field(default=16, ge=1, description="rows per generation batch")

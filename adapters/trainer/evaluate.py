@@ -23,7 +23,7 @@ from peft import PeftModel
 from tqdm import tqdm
 
 from loraplex.adapters.trainer import data as data_mod
-from loraplex.adapters.trainer import reward
+from loraplex.adapters.trainer import reward, served_eval
 from loraplex.adapters.trainer.base import load_base, load_tokenizer, pick_device, resolve_base
 from loraplex.adapters.trainer.config import EvalConfig
 from loraplex.adapters.trainer.output import read_metadata
@@ -51,6 +51,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
     if config.adapter is None:
         raise data_mod.DatasetError("give the adapter directory to score")
     method, rows = _rows(config)
+    if config.server is not None:
+        result = served_eval.run(config, method, rows)
+        return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **result}
     base = resolve_base(config)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(base.checkpoint)
