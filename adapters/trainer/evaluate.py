@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Scorer:
     max_new_tokens: int = 40
     progress: bool = True
     stop_at_newline: bool = False  # SFT scores the first line only: stop generating there
+    answers: dict[tuple[bool, tuple[str, ...]], list[str]] = field(default_factory=dict)
 
     def use(self, adapter: bool) -> AbstractContextManager[Any]:
         return nullcontext() if adapter else self.model.disable_adapter()
@@ -212,7 +213,15 @@ def completion_logps(
 
 
 def generate(scorer: Scorer, prompts: list[str], adapter: bool) -> list[str]:
-    """Greedy continuations (special tokens dropped), batched with left padding."""
+    """Greedy continuations (special tokens dropped), batched with left padding; each set of
+    prompts is generated once per scorer (greedy answers do not change)."""
+    key = (adapter, tuple(prompts))
+    if key not in scorer.answers:
+        scorer.answers[key] = _generate_all(scorer, prompts, adapter)
+    return scorer.answers[key]
+
+
+def _generate_all(scorer: Scorer, prompts: list[str], adapter: bool) -> list[str]:
     outputs: list[str] = []
     label = "adapter" if adapter else "base"
     total = math.ceil(len(prompts) / scorer.batch_size)
