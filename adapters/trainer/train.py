@@ -1,11 +1,12 @@
-"""`train-adapter`: QLoRA SFT, DPO or a reward model through TRL's trainers, written as one PEFT
-adapter.
+"""`train-adapter`: QLoRA SFT, DPO, a reward model or GRPO through TRL's trainers, written as
+one PEFT adapter.
 
 TRL does the work: SFTTrainer with prompt/completion rows trains on the completion only,
 DPOTrainer with a `peft_config` uses the base with the adapter disabled as its reference,
 and with an already-trained PeftModel (`--init-adapter`) it copies that adapter into a
-frozen `ref` adapter, and RewardTrainer trains a scalar head beside the adapter (reward.py).
-Nothing here is a hand-written training loop.
+frozen `ref` adapter, RewardTrainer trains a scalar head beside the adapter (reward.py), and
+GRPOTrainer samples, scores and updates against loraplex's rewards (grpo.py). Nothing here is
+a hand-written training loop.
 """
 
 from __future__ import annotations
