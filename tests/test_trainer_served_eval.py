@@ -125,3 +125,21 @@ def test_an_unknown_adapter_id_fails_clearly(
     unknown = (checkpoint, adapter.parent / "missing", server)
     with pytest.raises(LoraplexClientError, match="missing"):
         evaluate.run(config(unknown, data, method="sft"))
+
+
+def test_served_stops_metric_counts_answers_ended_by_the_model(
+    served: tuple[Path, Path, ServerProcess], data: Path
+) -> None:
+    import torch
+
+    checkpoint, _, _ = served
+    result = evaluate.run(config(served, data, metric="stops", max_words=50))
+    tok = load_tokenizer(checkpoint)
+    base = load_base(checkpoint, "none", torch.device("cpu")).eval()
+    ended = 0
+    for prompt in prompts():
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = base.generate(**ids, max_new_tokens=TOKENS, do_sample=False)
+        ended += tok.eos_token_id in out[0, ids.input_ids.shape[1] :].tolist()
+    assert result["base_stops"] == ended / ROWS

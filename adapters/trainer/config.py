@@ -185,12 +185,14 @@ class EvalConfig(BaseModelConfig):
         "backend) serves it, by its id (the adapter argument's last path part); the token "
         "comes from $LORAPLEX_TOKEN",
     )
-    metric: Literal["auto", "exact", "rouge", "json-schema", "reward"] = Field(
+    metric: Literal["auto", "exact", "rouge", "json-schema", "reward", "stops"] = Field(
         default="auto",
         description="with --server: exact (first line), rouge (ROUGE-L F1 of the first "
-        "line), json-schema (first line is JSON valid against the row's schema) or reward "
-        "(--reward-model); auto: reward with a reward model, else exact for SFT",
+        "line), json-schema (first line is JSON valid against the row's schema), reward "
+        "(--reward-model) or stops (ended by itself within --max-words words); auto: reward "
+        "with a reward model, else exact for SFT",
     )
+    max_words: int = Field(default=10, ge=1, description="the stops metric's word limit")
     limit: int = Field(default=0, ge=0, description="score only the first N rows (0: all)")
     max_new_tokens: int = Field(default=40, ge=1, description="generation length")
     batch_size: int = Field(default=16, ge=1, description="rows per generation batch")

@@ -7,13 +7,16 @@ here against each row's reference (an SFT row's completion, a DPO row's chosen a
 - exact: the first line equals the reference's first line;
 - rouge: ROUGE-L F1 of the first lines (Google's rouge-score package);
 - json-schema: the first line is JSON (valid against the row's `schema`, if it has one);
-- reward: the mean reward of prompt + answer under `--reward-model`, scored on this machine.
+- reward: the mean reward of prompt + answer under `--reward-model`, scored on this machine;
+- stops: the answer ended by itself (the model's end-of-sequence token, no stop string) within
+  `--max-words` words.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,8 +27,14 @@ from loraplex.adapters.trainer import reward, rule_rewards
 from loraplex.adapters.trainer.base import load_tokenizer, pick_device, resolve_base
 from loraplex.adapters.trainer.config import EvalConfig
 
-METRICS = ("exact", "rouge", "json-schema", "reward")
+METRICS = ("exact", "rouge", "json-schema", "reward", "stops")
 Scores = Callable[[list[str], list[data_mod.Row]], list[float]]
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str  # "eos", "stop", "length" or "context"
 
 
 def run(config: EvalConfig, method: str, rows: list[data_mod.Row]) -> dict[str, Any]:
@@ -33,16 +42,20 @@ def run(config: EvalConfig, method: str, rows: list[data_mod.Row]) -> dict[str, 
     from loraplex.clients.client import Client
 
     metric = _metric(config, method)
-    score = _scorer(metric, config)
+    score = None if metric == "stops" else _scorer(metric, config)  # stops: finish reasons
     adapter_id = config.adapter.name if config.adapter is not None else ""
     prompts = [row["prompt"] for row in rows]
     result: dict[str, Any] = {"server": config.server, "metric": metric}
+    stop_at_line = metric not in ("reward", "stops")
     with Client(config.server or "", timeout=600) as client:
         for label, adapter in (("adapter", adapter_id), ("base", "")):
-            answers = _answers(client, prompts, adapter, config, stop_at_line=metric != "reward")
-            values = score(answers, rows)
+            answers = _answers(client, prompts, adapter, config, stop_at_line)
+            if score is None:
+                values = [_stopped(a, config.max_words) for a in answers]
+            else:
+                values = score([a.text for a in answers], rows)
             result[f"{label}_{metric}"] = sum(values) / len(values)
-            result[f"{label}_examples"] = answers[:3]
+            result[f"{label}_examples"] = [a.text for a in answers[:3]]
     result[f"{metric}_gain"] = result[f"adapter_{metric}"] - result[f"base_{metric}"]
     return result
 
@@ -57,17 +70,21 @@ def _metric(config: EvalConfig, method: str) -> str:
     raise data_mod.DatasetError(f"pick a --metric ({', '.join(METRICS)}) for a {method} adapter")
 
 
+def _stopped(answer: Answer, max_words: int) -> float:
+    return float(answer.finish_reason == "eos" and len(answer.text.split()) <= max_words)
+
+
 def _answers(
     client: Any, prompts: list[str], adapter: str, config: EvalConfig, stop_at_line: bool
-) -> list[str]:
+) -> list[Answer]:
     """Greedy answers, sent together so that the server batches them."""
 
-    def ask(prompt: str) -> str:
+    def ask(prompt: str) -> Answer:
         answer = client.generate(
             prompt, adapter=adapter, max_new_tokens=config.max_new_tokens, temperature=0.0,
             stop=["\n"] if stop_at_line else [],
         )  # fmt: skip
-        return str(answer.text)
+        return Answer(str(answer.text), str(answer.finish_reason))
 
     with ThreadPoolExecutor(max_workers=config.batch_size) as pool:
         return list(pool.map(ask, prompts))
