@@ -62,12 +62,18 @@ def _prompt_row(row: Row, where: str) -> Row:
     if "messages" in row:
         row = _messages_to_completion(row["messages"], where)
     _check_strings(row, ("prompt",), where)
-    reference = next((row[k] for k in ("reference", "completion", "chosen") if k in row), "")
+    reference = reference_answer(row)
     if not isinstance(reference, str):
         raise DatasetError(f"{where}: the reference answer must be a string")
     schema = row.get("schema", "")
     return {"prompt": row["prompt"], "reference": reference,
             "schema": schema if isinstance(schema, str) else json.dumps(schema)}  # fmt: skip
+
+
+def reference_answer(row: Row) -> Any:
+    """What a row says the right answer is: its `reference`, else its SFT `completion`, else
+    its DPO `chosen` answer ("" when it has none)."""
+    return next((row[k] for k in ("reference", "completion", "chosen") if k in row), "")
 
 
 def _check_strings(row: Row, keys: tuple[str, ...], where: str) -> Row:

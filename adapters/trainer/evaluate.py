@@ -27,6 +27,7 @@ from loraplex.adapters.trainer import reward, served_eval
 from loraplex.adapters.trainer.base import load_base, load_tokenizer, pick_device, resolve_base
 from loraplex.adapters.trainer.config import EvalConfig
 from loraplex.adapters.trainer.output import read_metadata
+from loraplex.adapters.trainer.rule_rewards import first_line
 from loraplex.adapters.trainer.tasks import TASKS
 
 CONCISE_WORDS = 8  # an answer of at most this many words counts as concise
@@ -53,31 +54,38 @@ def run(config: EvalConfig) -> dict[str, Any]:
         raise data_mod.DatasetError("give the adapter directory to score")
     method, rows = _rows(config)
     if config.server is not None:
-        result = served_eval.run(config, method, rows)
-        return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **result}
+        scores = served_eval.run(config, method, rows)
+    else:
+        scores = _local_scores(config, config.adapter, method, rows)
+    return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **scores}
+
+
+def _local_scores(
+    config: EvalConfig, adapter: Path, method: str, rows: list[data_mod.Row]
+) -> dict[str, Any]:
+    """Scores computed here, with transformers, on the base the adapter was trained for."""
     base = resolve_base(config)
     device = pick_device(config.device)
     tokenizer = load_tokenizer(base.checkpoint)
     if method == "reward":
         scored = reward.load_reward_model(
-            base.checkpoint, config.adapter, config.quantization, device, tokenizer
+            base.checkpoint, adapter, config.quantization, device, tokenizer
         )
-        scores = reward.pairwise_accuracy(scored, tokenizer, rows, config.batch_size, True)
-        return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **scores}
+        return reward.pairwise_accuracy(scored, tokenizer, rows, config.batch_size, True)
     model = PeftModel.from_pretrained(
-        load_base(base.checkpoint, config.quantization, device), config.adapter
+        load_base(base.checkpoint, config.quantization, device), adapter
     ).eval()
     scorer = Scorer(
         model, tokenizer, config.batch_size, config.max_new_tokens, stop_at_newline=method == "sft"
     )
     scores = _method_scores(scorer, rows, method, config.beta)
-    judge = config.reward_model or _training_reward_model(config.adapter, method)
+    judge = config.reward_model or _training_reward_model(adapter, method)
     if judge is not None:
         scored = reward.load_reward_model(
             base.checkpoint, judge, config.quantization, device, tokenizer
         )
         scores.update(score_rewards(scorer, rows, scored))
-    return {"adapter": str(config.adapter), "method": method, "rows": len(rows), **scores}
+    return scores
 
 
 def _method_scores(
@@ -104,12 +112,10 @@ def score_rewards(scorer: Scorer, rows: list[data_mod.Row], judge: Any) -> dict[
     """Mean reward of the adapter's and the base's greedy answers under the reward model
     `judge` (the text it reads: prompt + answer + EOS, as it was trained)."""
     prompts = [row["prompt"] for row in rows]
-    tok = scorer.tokenizer
     result: dict[str, Any] = {}
     for label, adapter in (("adapter", True), ("base", False)):
         answers = generate(scorer, prompts, adapter)
-        texts = [reward.reward_text(p, a, tok) for p, a in zip(prompts, answers, strict=True)]
-        scored = reward.rewards(judge, tok, texts, scorer.batch_size)
+        scored = reward.answer_rewards(judge, scorer.tokenizer, prompts, answers, scorer.batch_size)
         result[f"{label}_mean_reward"] = sum(scored) / len(scored)
     result["reward_gain"] = result["adapter_mean_reward"] - result["base_mean_reward"]
     return result
@@ -145,10 +151,6 @@ def score_sft(scorer: Scorer, rows: list[data_mod.Row]) -> dict[str, Any]:
         result["adapter_exact_match"] - result["base_exact_match"]
     )
     return result
-
-
-def first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
 
 
 def score_dpo(scorer: Scorer, rows: list[data_mod.Row], beta: float) -> dict[str, Any]:

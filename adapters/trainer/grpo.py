@@ -29,9 +29,7 @@ def model_reward(scorer: Any, tokenizer: Any) -> rule_rewards.RewardFunction:
     """A reward-model adapter as a TRL reward function: the reward of prompt + completion."""
 
     def reward_model(prompts: Sequence[str], completions: Sequence[str], **_: Any) -> list[float]:
-        pairs = zip(prompts, completions, strict=True)
-        texts = [reward.reward_text(p, c, tokenizer) for p, c in pairs]
-        return reward.rewards(scorer, tokenizer, texts)
+        return reward.answer_rewards(scorer, tokenizer, prompts, completions)
 
     return reward_model
 

@@ -12,6 +12,7 @@ EOS token, tokenized as plain text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +85,26 @@ def rewards(
     return scores
 
 
+def answer_rewards(
+    model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
+    batch_size: int = 16,
+) -> list[float]:  # fmt: skip
+    """The reward of each prompt + answer, read as the model was trained to read it."""
+    pairs = zip(prompts, answers, strict=True)
+    texts = [reward_text(prompt, answer, tokenizer) for prompt, answer in pairs]
+    return rewards(model, tokenizer, texts, batch_size)
+
+
 def pairwise_accuracy(
     model: Any, tokenizer: Any, rows: list[dict[str, str]], batch_size: int = 16,
     progress: bool = False,
 ) -> dict[str, float]:  # fmt: skip
     """Share of pairs whose chosen text the model rewards above the rejected one, and the mean
     reward margin."""
-    chosen = [reward_text(r["prompt"], r["chosen"], tokenizer) for r in rows]
-    rejected = [reward_text(r["prompt"], r["rejected"], tokenizer) for r in rows]
-    scored = rewards(model, tokenizer, chosen + rejected, batch_size, progress)
+    prompts = [r["prompt"] for r in rows]
+    answers = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    texts = [reward_text(p, a, tokenizer) for p, a in zip(prompts + prompts, answers, strict=True)]
+    scored = rewards(model, tokenizer, texts, batch_size, progress)
     margins = [c - r for c, r in zip(scored[: len(rows)], scored[len(rows) :], strict=True)]
     return {
         "pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),

@@ -28,7 +28,6 @@ from loraplex.adapters.trainer.base import load_tokenizer, pick_device, resolve_
 from loraplex.adapters.trainer.config import EvalConfig
 
 METRICS = ("exact", "rouge", "json-schema", "reward", "stops")
-Scores = Callable[[list[str], list[data_mod.Row]], list[float]]
 
 
 @dataclass(frozen=True)
@@ -37,23 +36,23 @@ class Answer:
     finish_reason: str  # "eos", "stop", "length" or "context"
 
 
+Scores = Callable[[list[Answer], list[data_mod.Row]], list[float]]
+
+
 def run(config: EvalConfig, method: str, rows: list[data_mod.Row]) -> dict[str, Any]:
     """Scores of the adapter (by its id: the directory's name) and of the base, served."""
     from loraplex.clients.client import Client
 
     metric = _metric(config, method)
-    score = None if metric == "stops" else _scorer(metric, config)  # stops: finish reasons
+    score = _scorer(metric, config)
     adapter_id = config.adapter.name if config.adapter is not None else ""
     prompts = [row["prompt"] for row in rows]
     result: dict[str, Any] = {"server": config.server, "metric": metric}
-    stop_at_line = metric not in ("reward", "stops")
+    stop_at_line = metric not in ("reward", "stops")  # these judge the whole answer
     with Client(config.server or "", timeout=600) as client:
         for label, adapter in (("adapter", adapter_id), ("base", "")):
             answers = _answers(client, prompts, adapter, config, stop_at_line)
-            if score is None:
-                values = [_stopped(a, config.max_words) for a in answers]
-            else:
-                values = score([a.text for a in answers], rows)
+            values = score(answers, rows)
             result[f"{label}_{metric}"] = sum(values) / len(values)
             result[f"{label}_examples"] = [a.text for a in answers[:3]]
     result[f"{metric}_gain"] = result[f"adapter_{metric}"] - result[f"base_{metric}"]
@@ -68,10 +67,6 @@ def _metric(config: EvalConfig, method: str) -> str:
     if method == "sft":
         return "exact"
     raise data_mod.DatasetError(f"pick a --metric ({', '.join(METRICS)}) for a {method} adapter")
-
-
-def _stopped(answer: Answer, max_words: int) -> float:
-    return float(answer.finish_reason == "eos" and len(answer.text.split()) <= max_words)
 
 
 def _answers(
@@ -92,24 +87,37 @@ def _answers(
 
 def _scorer(metric: str, config: EvalConfig) -> Scores:
     if metric == "exact":
-        return lambda answers, rows: rule_rewards.exact(answers, _references(rows))
+        return lambda answers, rows: rule_rewards.exact(_texts(answers), _references(rows))
     if metric == "rouge":
-        rouge = rouge_scorer.RougeScorer(["rougeL"])
-        return lambda answers, rows: [
-            rouge.score(rule_rewards.first_line(want), rule_rewards.first_line(got))[
-                "rougeL"
-            ].fmeasure
-            for got, want in zip(answers, _references(rows), strict=True)
-        ]
+        return _rouge
     if metric == "json-schema":
         return lambda answers, rows: rule_rewards.json_valid(
-            answers, [row.get("schema", "") for row in rows]
+            _texts(answers), [row.get("schema", "") for row in rows]
         )
+    if metric == "stops":
+        return lambda answers, _: [
+            float(a.finish_reason == "eos" and len(a.text.split()) <= config.max_words)
+            for a in answers
+        ]
     return _reward_scorer(config)
 
 
+def _texts(answers: list[Answer]) -> list[str]:
+    return [answer.text for answer in answers]
+
+
 def _references(rows: list[data_mod.Row]) -> list[str]:
-    return [str(row.get("completion", row.get("chosen", row.get("reference", "")))) for row in rows]
+    return [str(data_mod.reference_answer(row)) for row in rows]
+
+
+def _rouge(answers: list[Answer], rows: list[data_mod.Row]) -> list[float]:
+    """ROUGE-L F1 of each answer's first line against its reference's."""
+    rouge = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = zip(_texts(answers), _references(rows), strict=True)
+    return [
+        rouge.score(rule_rewards.first_line(want), rule_rewards.first_line(got))["rougeL"].fmeasure
+        for got, want in pairs
+    ]
 
 
 def _reward_scorer(config: EvalConfig) -> Scores:
@@ -122,9 +130,8 @@ def _reward_scorer(config: EvalConfig) -> Scores:
         base.checkpoint, config.reward_model, config.quantization, device, tokenizer
     )
 
-    def score(answers: list[str], rows: list[data_mod.Row]) -> list[float]:
-        pairs = zip(rows, answers, strict=True)
-        texts = [reward.reward_text(row["prompt"], answer, tokenizer) for row, answer in pairs]
-        return reward.rewards(judge, tokenizer, texts, config.batch_size)
+    def score(answers: list[Answer], rows: list[data_mod.Row]) -> list[float]:
+        prompts = [row["prompt"] for row in rows]
+        return reward.answer_rewards(judge, tokenizer, prompts, _texts(answers), config.batch_size)
 
     return score
