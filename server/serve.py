@@ -380,9 +380,10 @@ def start(
     server, port = _grpc_server(config, service, health_servicer, tokens)
     if loop_thread:
         scheduler.start()
-    server.start()
     http: HttpServer | None = None
     try:
+        # gRPC health turns SERVING when the gRPC server starts, so every other front end
+        # listens first: a client that waits for SERVING may then use any of them.
         http = _serve_http(config, frontend, tokens)
         metrics_port, stop_metrics = _serve_metrics(config, metrics)
     except ConfigError:
@@ -391,6 +392,7 @@ def start(
             http.stop()
         scheduler.stop()
         raise
+    server.start()
     return RunningServer(
         server, scheduler, health_servicer, port, metrics_port, stop_metrics, drain_requested,
         http,

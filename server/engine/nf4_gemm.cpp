@@ -2,10 +2,16 @@
 //
 // Each thread dequantizes a tile of 16 weight rows into a small bf16 buffer once, exactly as
 // bitsandbytes' dequantize_4bit does (code[nibble] * absmax in fp32, rounded to nearest
-// even: here once per block into a 16-entry table, then looked up), and multiplies every
-// input row by the tile with dpbf16 dot products. bitsandbytes' fused kernel instead decodes
-// the whole weight again for each input row, and dequantize-then-mm writes and reads the
-// whole bf16 weight; this reads the 4-bit weight once per call.
+// even: here once per block into a 16-entry table, then looked up), transposes it so that one
+// register holds one pair of columns of all 16 rows (the layout dpbf16 wants, outputs in
+// lanes), and multiplies: each input row's column pair is broadcast against that register, so
+// a row accumulates its 16 outputs in one register, with no horizontal sums and no reads of a
+// weight register per row. bitsandbytes' fused kernel instead decodes the whole weight again
+// for each input row, and dequantize-then-mm writes and reads the whole bf16 weight; this
+// reads the 4-bit weight once per call.
+//
+// A row's sums run in the same order whatever the batch holds (two accumulators per row, for
+// even and odd column pairs, added at the end), so its outputs do not depend on its batch.
 //
 // Plain layout: the weight [N, K] row-major as nibbles, element e in byte e / 2 (the high
 // nibble for even e), one fp32 absmax per `blocksize` consecutive elements. A dot product
@@ -18,14 +24,14 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <vector>
 
 namespace {
 
 constexpr int64_t kTile = 16;   // weight rows dequantized together
 constexpr int64_t kBlock = 64;  // columns per dequantization step: 32 bytes of nibbles
-constexpr int kRows = 4;        // input rows and weight rows per register block
+constexpr int kChains = 4;  // accumulators per input row
+constexpr int kRows = 16 / kChains;  // input rows per register block: 16 accumulators
 
 // Where each of a 64-column block's columns lands: the dequantized block is two registers of
 // (even, odd) bf16 pairs from unpacklo/unpackhi, which pair within 128-bit lanes.
@@ -41,16 +47,6 @@ std::array<int, kBlock> block_order() {
     return order;
 }
 
-uint16_t to_bf16(float value) {  // round to nearest even, as the vector conversions do
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof bits);
-    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu)) {
-        return static_cast<uint16_t>((bits >> 16) | 0x40u);  // NaN stays NaN
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
-
 // The input rows (bf16) with each 64-column block in block_order.
 std::vector<uint16_t> ordered_rows(const uint16_t* x, int64_t rows, int64_t k) {
     const auto order = block_order();
@@ -63,102 +59,128 @@ std::vector<uint16_t> ordered_rows(const uint16_t* x, int64_t rows, int64_t k) {
     return out;
 }
 
-// One weight row's k columns from flat element `first`, into `out` in block_order.
-void dequantize_row(const uint8_t* packed, const float* absmax, __m512 code, int64_t first,
-                    int64_t k, int64_t blocksize, uint16_t* out) {
-    const __m512i nibble = _mm512_set1_epi16(15);
-    for (int64_t c = 0; c < k; c += kBlock) {
-        const int64_t element = first + c;
-        const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(absmax[element / blocksize]));
-        const __m256bh rounded = _mm512_cvtneps_pbh(scaled);  // RNE, as bitsandbytes
-        const __m512i table = _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(rounded));
-        const __m512i bytes = _mm512_cvtepu8_epi16(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + element / 2)));
-        const __m512i even = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
-        const __m512i odd = _mm512_permutexvar_epi16(_mm512_and_si512(bytes, nibble), table);
-        _mm512_storeu_si512(out + c, _mm512_unpacklo_epi16(even, odd));
-        _mm512_storeu_si512(out + c + 32, _mm512_unpackhi_epi16(even, odd));
+// One 64-column block of a weight row, from flat element `element`: its 32 column pairs in
+// block_order, in two registers of 16.
+inline void dequantize_block(const uint8_t* packed, const float* absmax, __m512 code,
+                             int64_t element, int64_t blocksize, __m512i& low, __m512i& high) {
+    const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(absmax[element / blocksize]));
+    const __m256bh rounded = _mm512_cvtneps_pbh(scaled);  // RNE, as bitsandbytes
+    const __m512i table = _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(rounded));
+    const __m512i bytes = _mm512_cvtepu8_epi16(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + element / 2)));
+    const __m512i even = _mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
+    const __m512i odd =
+        _mm512_permutexvar_epi16(_mm512_and_si512(bytes, _mm512_set1_epi16(15)), table);
+    low = _mm512_unpacklo_epi16(even, odd);
+    high = _mm512_unpackhi_epi16(even, odd);
+}
+
+// Transposes 16 registers of 16 dwords in place, up to the order of the registers: register
+// o then holds, lane j, dword column_of[o] of input register j (transpose16_columns).
+void transpose16(__m512i (&r)[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
     }
-}
-
-inline __m512 dot_step(__m512 acc, const uint16_t* a, const uint16_t* b) {
-    const __m512i va = _mm512_loadu_si512(a), vb = _mm512_loadu_si512(b);
-    return _mm512_dpbf16_ps(acc, reinterpret_cast<const __m512bh&>(va),
-                            reinterpret_cast<const __m512bh&>(vb));
-}
-
-// Sums each of 16 registers at once: lane j of the result is the sum of the lanes of
-// acc[kSumOf[j]] (adds pair halves of two registers per instruction, as a transposition).
-__m512 sum16(__m512 (&acc)[16]) {
-    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int h = 0; h < 16; h += 8) {
+        for (int i = 0; i < 4; ++i) {
+            t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+            t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+        }
+    }
     for (int i = 0; i < 8; ++i) {
-        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[i], acc[i + 8], 0x44),
-                             _mm512_shuffle_f32x4(acc[i], acc[i + 8], 0xee));
+        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
     }
-    for (int i = 0; i < 4; ++i) {
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[i], t[i + 4], 0x88),
-                             _mm512_shuffle_f32x4(t[i], t[i + 4], 0xdd));
-    }
-    for (int i = 0; i < 2; ++i) {
-        v[i] = _mm512_add_ps(_mm512_shuffle_ps(u[i], u[i + 2], 0x44),
-                             _mm512_shuffle_ps(u[i], u[i + 2], 0xee));
-    }
-    return _mm512_add_ps(_mm512_shuffle_ps(v[0], v[1], 0x88), _mm512_shuffle_ps(v[0], v[1], 0xdd));
 }
 
-// Which register's sum each lane of sum16 holds, found by running it once.
-std::array<int, 16> sum16_order() {
-    __m512 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, sum16(acc));
-    std::array<int, 16> order{};
-    for (int j = 0; j < 16; ++j) order[j] = static_cast<int>(sums[j] / 16.0f);
-    return order;
+// Which input dword each register of transpose16 holds, found by running it once (and
+// checked: lane j must hold input register j, or outputs would land in the wrong columns).
+std::array<int, 16> transpose16_columns() {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) {
+        alignas(64) int32_t v[16];
+        for (int j = 0; j < 16; ++j) v[j] = 16 * i + j;
+        r[i] = _mm512_load_si512(v);
+    }
+    transpose16(r);
+    std::array<int, 16> column{};
+    for (int o = 0; o < 16; ++o) {
+        alignas(64) int32_t v[16];
+        _mm512_store_si512(v, r[o]);
+        column[o] = v[0] % 16;
+        for (int j = 0; j < 16; ++j) TORCH_CHECK(v[j] == 16 * j + column[o], "transpose16");
+    }
+    return column;
 }
-const std::array<int, 16> kSumOf = sum16_order();
 
-// Outputs [M0 .. M0 + R) x [tile rows N0 .. N0 + C): R * C dot products over k, sharing
-// loads; out[r][c] (kRows x kRows, the rest left at 0).
-template <int R, int C>
-void multiply_block(const uint16_t* x, const uint16_t* tile, int64_t k, float (&out)[kRows][kRows]) {
-    __m512 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t col = 0; col < k; col += 32) {
-        __m512i w[C];
-        for (int c = 0; c < C; ++c) w[c] = _mm512_loadu_si512(tile + c * k + col);
-        for (int r = 0; r < R; ++r) {
-            const __m512i xv = _mm512_loadu_si512(x + r * k + col);
-            for (int c = 0; c < C; ++c) {
-                acc[r * kRows + c] = _mm512_dpbf16_ps(acc[r * kRows + c],
-                                                      reinterpret_cast<const __m512bh&>(xv),
-                                                      reinterpret_cast<const __m512bh&>(w[c]));
+// Weight rows [first, first + count) as [k / 2][kTile] column pairs (rows past count: 0).
+void dequantize_tile(const uint8_t* packed, const float* absmax, __m512 code, int64_t first,
+                     int64_t count, int64_t k, int64_t blocksize, uint32_t* pairs) {
+    static const std::array<int, 16> column_of = transpose16_columns();
+    for (int64_t c = 0; c < k; c += kBlock) {
+        __m512i low[16], high[16];  // column pairs 0-15 and 16-31 of each row
+        for (int r = 0; r < kTile; ++r) {
+            if (r < count) {
+                dequantize_block(packed, absmax, code, (first + r) * k + c, blocksize, low[r],
+                                 high[r]);
+            } else {
+                low[r] = high[r] = _mm512_setzero_si512();
+            }
+        }
+        transpose16(low);
+        transpose16(high);
+        for (int o = 0; o < 16; ++o) {
+            _mm512_storeu_si512(pairs + (c / 2 + column_of[o]) * kTile, low[o]);
+            _mm512_storeu_si512(pairs + (c / 2 + 16 + column_of[o]) * kTile, high[o]);
+        }
+    }
+}
+
+// R input rows (column pairs as dwords, k / 2 a row) times the tile's pairs: the 16 outputs
+// of each row, rounded to bf16, into out[r * n ..] (the first `count` of them). Each row sums
+// column pair p into accumulator p % kChains (latency-bound chains otherwise), then the
+// accumulators in a fixed order.
+template <int R>
+void multiply_rows(const uint32_t* x, const uint32_t* pairs, int64_t k, uint16_t* out,
+                   int64_t n, int count) {
+    __m512 acc[R][kChains];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < kChains; ++c) acc[r][c] = _mm512_setzero_ps();
+    const int64_t half = k / 2;
+    for (int64_t p = 0; p < half; p += kChains) {
+        for (int c = 0; c < kChains; ++c) {
+            const __m512i w = _mm512_loadu_si512(pairs + (p + c) * kTile);
+            for (int r = 0; r < R; ++r) {
+                const __m512i xr = _mm512_set1_epi32(static_cast<int>(x[r * half + p + c]));
+                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], reinterpret_cast<const __m512bh&>(xr),
+                                             reinterpret_cast<const __m512bh&>(w));
             }
         }
     }
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, sum16(acc));
-    for (int j = 0; j < 16; ++j) out[kSumOf[j] / kRows][kSumOf[j] % kRows] = sums[j];
-}
-
-template <int R>
-void multiply_rows(const uint16_t* x, const uint16_t* tile, int64_t k, int columns,
-                   float (&out)[kRows][kRows]) {
-    switch (columns) {
-        case 1: return multiply_block<R, 1>(x, tile, k, out);
-        case 2: return multiply_block<R, 2>(x, tile, k, out);
-        case 3: return multiply_block<R, 3>(x, tile, k, out);
-        default: return multiply_block<R, kRows>(x, tile, k, out);
+    const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1u);
+    for (int r = 0; r < R; ++r) {
+        __m512 sum = acc[r][0];
+        for (int c = 1; c < kChains; ++c) sum = _mm512_add_ps(sum, acc[r][c]);
+        const __m256bh rounded = _mm512_cvtneps_pbh(sum);  // RNE
+        _mm256_mask_storeu_epi16(out + r * n, lanes, reinterpret_cast<const __m256i&>(rounded));
     }
 }
 
-void multiply(const uint16_t* x, int rows, const uint16_t* tile, int64_t k, int columns,
-              float (&out)[kRows][kRows]) {
-    switch (rows) {
-        case 1: return multiply_rows<1>(x, tile, k, columns, out);
-        case 2: return multiply_rows<2>(x, tile, k, columns, out);
-        case 3: return multiply_rows<3>(x, tile, k, columns, out);
-        default: return multiply_rows<kRows>(x, tile, k, columns, out);
+void multiply(const uint32_t* x, int rows, const uint32_t* pairs, int64_t k, uint16_t* out,
+              int64_t n, int count) {
+    switch (rows) {  // kRows at most
+        case 1: return multiply_rows<1>(x, pairs, k, out, n, count);
+        case 2: return multiply_rows<2>(x, pairs, k, out, n, count);
+        case 3: return multiply_rows<3>(x, pairs, k, out, n, count);
+        default: return multiply_rows<kRows>(x, pairs, k, out, n, count);
     }
 }
 
@@ -179,6 +201,7 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor absm
                 "weight and scales do not match [N, K]");
     const auto* raw = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     const std::vector<uint16_t> inputs = ordered_rows(raw, rows, k);
+    const auto* input_pairs = reinterpret_cast<const uint32_t*>(inputs.data());
     auto out = torch::empty({rows, n}, x.options());
     auto* result = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     const auto* weight = packed.data_ptr<uint8_t>();
@@ -186,24 +209,14 @@ torch::Tensor nf4_gemm(torch::Tensor x, torch::Tensor packed, torch::Tensor absm
     const __m512 table = _mm512_loadu_ps(code.data_ptr<float>());
     const int64_t tiles = (n + kTile - 1) / kTile;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        std::vector<uint16_t> buffer(kTile * k);
-        float block[kRows][kRows];
+        std::vector<uint32_t> pairs(kTile * k / 2);
         for (int64_t t = begin; t < end; ++t) {
             const int64_t first = t * kTile, count = std::min(kTile, n - first);
-            for (int64_t r = 0; r < count; ++r) {
-                dequantize_row(weight, scales, table, (first + r) * k, k, blocksize,
-                               buffer.data() + r * k);
-            }
+            dequantize_tile(weight, scales, table, first, count, k, blocksize, pairs.data());
             for (int64_t m = 0; m < rows; m += kRows) {
                 const int r_count = static_cast<int>(std::min<int64_t>(kRows, rows - m));
-                for (int64_t c = 0; c < count; c += kRows) {
-                    const int c_count = static_cast<int>(std::min<int64_t>(kRows, count - c));
-                    multiply(inputs.data() + m * k, r_count, buffer.data() + c * k, k, c_count,
-                             block);
-                    for (int i = 0; i < r_count; ++i)
-                        for (int j = 0; j < c_count; ++j)
-                            result[(m + i) * n + first + c + j] = to_bf16(block[i][j]);
-                }
+                multiply(input_pairs + m * k / 2, r_count, pairs.data(), k, result + m * n + first,
+                         n, static_cast<int>(count));
             }
         }
     });
