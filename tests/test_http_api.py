@@ -643,3 +643,46 @@ def test_https_with_the_grpc_tls_files(pki: dict[str, Path], mutual: bool) -> No
                 httpx2.get(f"{https}/health", verify=trusting(pki, False), timeout=5)
     finally:
         s.stop()
+
+
+def test_grpc_health_is_serving_only_once_the_http_api_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Clients (and test harnesses) wait for gRPC health SERVING, then use any front end."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_helpers import free_port
+
+    from loraplex.server import http_server
+
+    real_start = http_server.start_http
+
+    def slow_start(*args: object, **kwargs: object) -> http_server.HttpServer:
+        time.sleep(0.5)  # a slow HTTP start, as uvicorn's can be on a loaded machine
+        return real_start(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http_server, "start_http", slow_start)
+    grpc_port, http_port = free_port(), free_port()
+    started: list[Served] = []
+    thread = threading.Thread(
+        target=lambda: started.append(serve_http(port=grpc_port, http_port=http_port))
+    )
+    thread.start()
+    try:
+        serving = health_pb2.HealthCheckResponse.SERVING
+
+        def is_serving() -> bool:  # a channel per try: a failed one waits out a backoff
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=0.2)
+                except grpc.RpcError:
+                    return False
+                return bool(reply.status == serving)
+
+        wait_for(is_serving, within_s=30)
+        assert httpx2.get(f"http://127.0.0.1:{http_port}/v1/models").status_code == 200
+    finally:
+        thread.join()
+        for served in started:
+            served.stop()
