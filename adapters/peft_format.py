@@ -53,6 +53,29 @@ class BaseSpec:
 def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     """Parse and validate the adapter in `path` against `base`."""
     config = _read_config(adapter_id, path)
+    _check_kind(adapter_id, config)
+    return adapter_weights(adapter_id, config, _read_tensors(adapter_id, path, base), base)
+
+
+def adapter_weights(
+    adapter_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
+) -> AdapterWeights:
+    """An adapter's weights from its adapter_config.json fields and its saved tensors (as
+    PEFT names them), validated against `base`: a directory's, or a model's in memory."""
+    checked = validated(config)
+    if isinstance(checked, str):
+        raise InvalidAdapter(adapter_id, f"{CONFIG_FILE}: {checked}")
+    _check_kind(adapter_id, checked)
+    if str(checked.get("peft_type", "")).upper() == "LORA":
+        weights: AdapterWeights = _parse_lora(adapter_id, checked, tensors, base)
+    else:
+        weights = _parse_vera(adapter_id, checked, tensors, base)
+    refuse_overflowing(adapter_id, weights)
+    return weights
+
+
+def _check_kind(adapter_id: str, config: dict[str, Any]) -> None:
+    """Refuse reward models and PEFT types the engines cannot apply, saying what they are."""
     peft_type = str(config.get("peft_type", "")).upper()
     if str(config.get("task_type", "")).upper() == "SEQ_CLS":
         raise InvalidAdapter(
@@ -65,13 +88,6 @@ def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     problem = unsupported_field(config)
     if problem is not None:
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE}: {problem}")
-    tensors = _read_tensors(adapter_id, path, base)
-    if peft_type == "LORA":
-        weights: AdapterWeights = _parse_lora(adapter_id, config, tensors, base)
-    else:
-        weights = _parse_vera(adapter_id, config, tensors, base)
-    refuse_overflowing(adapter_id, weights)
-    return weights
 
 
 def _read_config(adapter_id: str, path: Path) -> dict[str, Any]:

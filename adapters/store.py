@@ -188,6 +188,17 @@ class AdapterStore:
             self._held.setdefault(key, _Held(adapter)).count += 1
             return AdapterRef(adapter_id, adapter.version, scale)
 
+    def install(self, adapter_id: str, weights: AdapterWeights) -> AdapterInfo:
+        """Make weights built in memory (not read from a root) the adapter's next version:
+        a trainer's policy, swapped in at every step without a write to disk. Sequences
+        holding an earlier version keep it until they end."""
+        if self._base is None:
+            raise InvalidAdapter(adapter_id, "no base model is attached to the adapter store")
+        adapter = self._install(adapter_id, "<memory>", weights)
+        self.events.adapter_loaded(adapter_id, 0.0)
+        with self._lock:
+            return self._info(adapter)
+
     def any_in_use(self) -> bool:
         """Whether any sequence holds a version: only then can a release make room."""
         with self._lock:
@@ -243,9 +254,17 @@ class AdapterStore:
         self._check_count_room(adapter_id)
         started = time.perf_counter()
         weights = self._read(adapter_id, path, base)
+        adapter = self._install(adapter_id, str(path), weights)
+        with self._lock:
+            self._fingerprints[(adapter_id, adapter.version)] = fingerprint
+        self.events.adapter_loaded(adapter_id, time.perf_counter() - started)
+        return adapter
+
+    def _install(self, adapter_id: str, source: str, weights: AdapterWeights) -> LoadedAdapter:
+        """Prepare `weights` and make them the adapter's current version, evicting for room."""
         with self._lock:  # only loads bump versions, and they run on one thread
             version = self._last_version.get(adapter_id, 0) + 1
-        adapter = LoadedAdapter(adapter_id, version, str(path), weights, tensors_nbytes(weights))
+        adapter = LoadedAdapter(adapter_id, version, source, weights, tensors_nbytes(weights))
         if self._prepare is not None:
             self._prepare(adapter)
         with self._lock:
@@ -258,8 +277,6 @@ class AdapterStore:
                 raise
             self._last_version[adapter_id] = version
             self._current[adapter_id] = adapter
-            self._fingerprints[(adapter_id, version)] = fingerprint
-        self.events.adapter_loaded(adapter_id, time.perf_counter() - started)
         return adapter
 
     def _make_room(self, incoming: LoadedAdapter) -> None:

@@ -104,6 +104,12 @@ class TrainConfig(BaseModelConfig):
     )
     temperature: float = Field(default=1.0, gt=0, description="GRPO: sampling temperature")
     max_words: int = Field(default=10, ge=1, description="GRPO: the length reward's word limit")
+    rollouts: Literal["engine", "trl"] = Field(
+        default="engine",
+        description="GRPO: who samples the completions: engine (loraplex's batched engine over "
+        "the trainer's own base, the policy adapter swapped in memory each step) or trl "
+        "(transformers' generate, as TRL does by default)",
+    )
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         default="sigmoid", description="DPO loss"
     )

@@ -9,6 +9,7 @@ logs the mean reward, each reward function's mean and the KL at every logging st
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,3 +114,15 @@ def grpo_args(config: TrainConfig, common: dict[str, Any], weights: list[float])
         beta=config.beta,
         reward_weights=weights,
     )
+
+
+def rollout_func(config: TrainConfig, base: BaseInfo, generation_batch: int) -> Any:
+    """loraplex's engine as TRL's rollout function (`--rollouts engine`), or None for TRL's
+    own generate."""
+    if config.rollouts == "trl":
+        return None
+    from loraplex.adapters.trainer.rollouts import EngineRollouts
+
+    # TRL warns that rollout_func is experimental; loraplex pins the TRL version it uses
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    return EngineRollouts(base.checkpoint, config.rank, generation_batch, config.seed)

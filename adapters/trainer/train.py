@@ -186,13 +186,15 @@ def _grpo_trainer(
 
     functions, weights = grpo.reward_functions(config, base, device, tokenizer)
     common = _common_args(config, device, has_eval=False)
+    args = grpo.grpo_args(config, common, weights)
     return GRPOTrainer(
         model=model,
         reward_funcs=functions,
-        args=grpo.grpo_args(config, common, weights),
+        args=args,
         train_dataset=train_ds,
         processing_class=tokenizer,
         peft_config=peft_config,
+        rollout_func=grpo.rollout_func(config, base, args.generation_batch_size),
     )
 
 

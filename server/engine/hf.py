@@ -15,18 +15,20 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
+from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import LoadedAdapter
 from loraplex.server.device import pick_device, torch_threads
-from loraplex.server.engine import grammar
+from loraplex.server.engine import grammar, packed_attention
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan, TokenEvent
 from loraplex.server.engine.config import EngineConfig
-from loraplex.server.engine.hf_model import LoadedBase, load_base
+from loraplex.server.engine.hf_model import LoadedBase, load_base, prepare_base
 from loraplex.server.engine.kv_cache import (
     NO_TOKEN,
     BatchKVCache,
@@ -135,6 +137,20 @@ class HFEngine:
                 max_resident_bytes=config.max_resident_bytes,
             )
         return cls(base, store, config, routing, device)
+
+    @classmethod
+    def around(
+        cls, model: PreTrainedModel, tokenizer: Any, config: EngineConfig, store: AdapterStore
+    ) -> HFEngine:
+        """An engine over a model that is already loaded (a trainer's base, for rollouts): its
+        modules become the engine's, over the same weight tensors, so no second copy of the
+        base is made. `config.checkpoint` and `config.quantization` are not read."""
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = next(model.parameters()).device
+        model.set_attn_implementation(packed_attention.register())
+        routing = RoutingContext()
+        return cls(prepare_base(model, tokenizer, config, routing), store, config, routing, device)
 
     # ---- Engine protocol ----------------------------------------------------------------
 

@@ -97,9 +97,19 @@ def load_base(config: EngineConfig, device: torch.device, routing: RoutingContex
         device_map={"": device},
         attn_implementation=packed_attention.register(),
         **quantization_kwargs(config, device),
-    ).eval()
-    model.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(config.checkpoint)
+    )
+    return prepare_base(model, AutoTokenizer.from_pretrained(config.checkpoint), config, routing)
+
+
+def prepare_base(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    config: EngineConfig,
+    routing: RoutingContext,
+) -> LoadedBase:
+    """Make a loaded model the engine's base: its decoder linears wrapped for per-row adapters
+    and the fast forwards installed, in new modules over the same weight tensors."""
+    model.eval().requires_grad_(False)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     layers = wrap_linears(model, routing, config.adapter_slots + 1, config.max_lora_rank, dtype)
     for layer in layers.values():
