@@ -47,6 +47,7 @@ BENCH_SUITES = {
     "peers": "loraplex against vLLM's CPU build and llama-server, same load (when installed)",
     "fleet": "replicas on Ray Serve: overhead, adapter placement against Ray's own router",
     "grammar": "the structured-output libraries (llguidance, xgrammar) on the default vocabulary",
+    "grpo": "GRPO rollouts on loraplex's engine against TRL's generate: seconds per step",
     "soak": "a long mixed run with adapter churn: failures, RSS growth and leaks (20 min)",
 }
 

@@ -77,6 +77,7 @@ class EngineRollouts:
         self.store = AdapterStore([], max_resident=2)
         self.engine: HFEngine | None = None
         self.calls = 0
+        self.full_length = False  # benchmarks: every completion runs to max_completion_length
 
     def __call__(self, prompts: list[str], trainer: Any) -> dict[str, list[Any]]:
         policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -117,6 +118,7 @@ class EngineRollouts:
             "min_p": trainer.min_p or 0.0,
             "repetition_penalty": trainer.repetition_penalty,
             "logprobs": True,
+            "ignore_eos": self.full_length,
         }
 
     def _sample(
