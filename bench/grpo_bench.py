@@ -35,7 +35,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--quantization", default="nf4", choices=["nf4", "int8", "none"])
     add("--rounds", type=int, default=2, help="rounds of both, alternating")
     add("--steps", type=int, default=3, help="GRPO steps per run (the first is warm-up)")
-    add("--prompts", type=int, default=2, help="prompts per step")
+    add("--prompts", type=int, default=1, help="prompts per step (groups of --num-generations)")
     add("--num-generations", type=int, default=8, help="completions per prompt")
     add("--max-completion-length", type=int, default=32, help="tokens per completion")
     add("--out", type=Path, default=ROOT / "bench/results/grpo")

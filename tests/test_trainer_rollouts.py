@@ -84,7 +84,7 @@ def test_rollouts_sample_what_the_peft_policy_computes_and_follow_its_updates(
 ) -> None:
     checkpoint = tiny_checkpoints["gemma3"]
     model, tokenizer = policy_model(checkpoint, kind), load_tokenizer(checkpoint)
-    rollouts = EngineRollouts(checkpoint, rank=8, batch_size=3, seed=0)
+    rollouts = EngineRollouts(checkpoint, rank=8, batch_size=3, seed=0, output_head="full")
     trainer = trainer_for(model, tokenizer)
     asked = prompts(4)  # more prompts than the batch holds: rows join as others end
     for update in range(2):
@@ -111,7 +111,7 @@ def test_the_engine_shares_the_trainers_base_tensors_and_leaves_its_model_alone(
     view = engine_view(model)
     assert not any("lora_" in name for name, _ in view.named_parameters())
     assert all(p.untyped_storage().data_ptr() in base_storage for p in view.parameters())
-    rollouts = EngineRollouts(checkpoint, rank=8, batch_size=2, seed=0)
+    rollouts = EngineRollouts(checkpoint, rank=8, batch_size=2, seed=0, output_head="full")
     rollouts(prompts(2), trainer_for(model, tokenizer))
     assert rollouts.engine is not None and rollouts.engine.model is not model.get_base_model()
     model.train()
@@ -146,7 +146,16 @@ def test_a_grpo_step_takes_its_completions_from_the_engine(
                          max_completion_length=NEW_TOKENS, logging_steps=1)  # fmt: skip
     dataset = train.load_data(config)
     trainer = train.build_trainer(config, dataset, resolve_base(config), torch.device("cpu"))
+    rollouts = trainer.rollout_func
+    assert isinstance(rollouts, EngineRollouts)
+    rollouts(prompts(2), trainer)  # builds the engine's view of the base
+    # TRL patched the model's forward with a closure over itself: the engine must not run it
+    policy_calls: list[int] = []
+    for module in trainer.model.modules():
+        module.register_forward_hook(lambda *_: policy_calls.append(1))
+    rollouts(prompts(2), trainer)
+    assert policy_calls == []
     trainer.train()
-    assert isinstance(trainer.rollout_func, EngineRollouts) and trainer.rollout_func.calls == 1
+    assert rollouts.calls == 3
     logged = next(e for e in trainer.state.log_history if "reward" in e)
     assert logged["completions/max_length"] <= NEW_TOKENS

@@ -25,7 +25,7 @@ from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
 from loraplex.adapters.weights import AdapterWeights
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan
-from loraplex.server.engine.config import EngineConfig
+from loraplex.server.engine.config import EngineConfig, OutputHead
 from loraplex.server.engine.hf import HFEngine
 
 POLICY = "grpo-policy"
@@ -34,13 +34,16 @@ MIN_ENGINE_RANK = 64  # the engine's rank limit: at least its default
 
 def engine_view(model: Any) -> Any:
     """The PEFT model's base as a model of its own: new modules over the same parameter and
-    buffer tensors, with PEFT's adapter layers replaced by the base layers they wrap."""
+    buffer tensors, with PEFT's adapter layers replaced by the base layers they wrap, and
+    their class's own forwards (TRL patches the model's `forward` with a closure over the
+    original model, which a copy would still call)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     base = model.get_base_model()
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     view = copy.deepcopy(base, shared)
     for name, module in list(view.named_modules()):
+        module.__dict__.pop("forward", None)
         if isinstance(module, BaseTunerLayer):
             parent, _, child = name.rpartition(".")
             setattr(view.get_submodule(parent), child, module.get_base_layer())
@@ -72,8 +75,18 @@ class _Completion:
 class EngineRollouts:
     """TRL's `rollout_func`: completions sampled by an HFEngine over the trainer's base."""
 
-    def __init__(self, checkpoint: Any, rank: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        checkpoint: Any,
+        rank: int,
+        batch_size: int,
+        seed: int,
+        output_head: OutputHead = "auto",
+    ) -> None:
+        """`output_head`: the engine's (EngineConfig.output_head); auto takes the int8 head
+        where it times faster, a quarter of the vocabulary's fp32 bytes."""
         self.checkpoint, self.rank, self.batch_size, self.seed = checkpoint, rank, batch_size, seed
+        self.output_head = output_head
         self.store = AdapterStore([], max_resident=2)
         self.engine: HFEngine | None = None
         self.calls = 0
@@ -101,7 +114,7 @@ class EngineRollouts:
             config = EngineConfig(
                 checkpoint=self.checkpoint,
                 adapter_mode="batched",  # merging would write into the trainer's base weights
-                output_head="full",  # the int8 head is a second copy of the vocabulary
+                output_head=self.output_head,
                 adapter_slots=1,
                 max_lora_rank=max(self.rank, MIN_ENGINE_RANK),
                 max_batch_size=self.batch_size,
