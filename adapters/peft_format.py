@@ -52,24 +52,31 @@ class BaseSpec:
 
 def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     """Parse and validate the adapter in `path` against `base`."""
-    config = _read_config(adapter_id, path)
-    _check_kind(adapter_id, config)
-    return adapter_weights(adapter_id, config, _read_tensors(adapter_id, path, base), base)
+    config = _read_config(adapter_id, path)  # validated
+    _check_kind(adapter_id, config)  # before reading tensors: say what a wrong kind is
+    return _parse(adapter_id, config, _read_tensors(adapter_id, path, base), base)
 
 
 def adapter_weights(
     adapter_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
 ) -> AdapterWeights:
     """An adapter's weights from its adapter_config.json fields and its saved tensors (as
-    PEFT names them), validated against `base`: a directory's, or a model's in memory."""
+    PEFT names them), validated as a directory's are: a model's adapter held in memory."""
     checked = validated(config)
     if isinstance(checked, str):
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE}: {checked}")
     _check_kind(adapter_id, checked)
-    if str(checked.get("peft_type", "")).upper() == "LORA":
-        weights: AdapterWeights = _parse_lora(adapter_id, checked, tensors, base)
+    return _parse(adapter_id, checked, tensors, base)
+
+
+def _parse(
+    adapter_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
+) -> AdapterWeights:
+    """The weights of a validated LoRA or VeRA config and its tensors."""
+    if str(config.get("peft_type", "")).upper() == "LORA":
+        weights: AdapterWeights = _parse_lora(adapter_id, config, tensors, base)
     else:
-        weights = _parse_vera(adapter_id, checked, tensors, base)
+        weights = _parse_vera(adapter_id, config, tensors, base)
     refuse_overflowing(adapter_id, weights)
     return weights
 

@@ -87,12 +87,12 @@ def rewards(
 
 def answer_rewards(
     model: Any, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str],
-    batch_size: int = 16,
+    batch_size: int = 16, progress: bool = False,
 ) -> list[float]:  # fmt: skip
     """The reward of each prompt + answer, read as the model was trained to read it."""
     pairs = zip(prompts, answers, strict=True)
     texts = [reward_text(prompt, answer, tokenizer) for prompt, answer in pairs]
-    return rewards(model, tokenizer, texts, batch_size)
+    return rewards(model, tokenizer, texts, batch_size, progress)
 
 
 def pairwise_accuracy(
@@ -103,8 +103,7 @@ def pairwise_accuracy(
     reward margin."""
     prompts = [r["prompt"] for r in rows]
     answers = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
-    texts = [reward_text(p, a, tokenizer) for p, a in zip(prompts + prompts, answers, strict=True)]
-    scored = rewards(model, tokenizer, texts, batch_size, progress)
+    scored = answer_rewards(model, tokenizer, prompts + prompts, answers, batch_size, progress)
     margins = [c - r for c, r in zip(scored[: len(rows)], scored[len(rows) :], strict=True)]
     return {
         "pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),

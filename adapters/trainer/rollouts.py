@@ -16,6 +16,7 @@ import copy
 import json
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ class EngineRollouts:
 
     def __init__(
         self,
-        checkpoint: Any,
+        checkpoint: Path,
         rank: int,
         batch_size: int,
         seed: int,

@@ -1,17 +1,18 @@
 // A few rows times a bitsandbytes NF4 weight in its plain layout, on AVX512-BF16 CPUs.
 //
-// Each thread dequantizes a tile of 16 weight rows into a small bf16 buffer once, exactly as
-// bitsandbytes' dequantize_4bit does (code[nibble] * absmax in fp32, rounded to nearest
-// even: here once per block into a 16-entry table, then looked up), transposes it so that one
-// register holds one pair of columns of all 16 rows (the layout dpbf16 wants, outputs in
-// lanes), and multiplies: each input row's column pair is broadcast against that register, so
-// a row accumulates its 16 outputs in one register, with no horizontal sums and no reads of a
-// weight register per row. bitsandbytes' fused kernel instead decodes the whole weight again
-// for each input row, and dequantize-then-mm writes and reads the whole bf16 weight; this
-// reads the 4-bit weight once per call.
+// Each thread takes a tile of 16 weight rows and, one 64-column block at a time, dequantizes
+// it in registers exactly as bitsandbytes' dequantize_4bit does (code[nibble] * absmax in
+// fp32, rounded to nearest even: here once per block into a 16-entry table, then looked up),
+// transposes it so that one register holds one pair of columns of all 16 rows (the layout
+// dpbf16 wants, outputs in lanes), and keeps the tile's pairs in a small buffer. Then each
+// input row's column pair is broadcast against a pair register, so a row accumulates its 16
+// outputs in registers, with no horizontal sums. bitsandbytes' fused kernel instead decodes
+// the whole weight again for each input row, and dequantize-then-mm writes and reads the whole
+// bf16 weight; this reads the 4-bit weight once per call.
 //
-// A row's sums run in the same order whatever the batch holds (two accumulators per row, for
-// even and odd column pairs, added at the end), so its outputs do not depend on its batch.
+// A row's sums run in the same order whatever the batch holds (kChains accumulators per row,
+// by column pair modulo kChains, added in a fixed order), so its outputs do not depend on its
+// batch.
 //
 // Plain layout: the weight [N, K] row-major as nibbles, element e in byte e / 2 (the high
 // nibble for even e), one fp32 absmax per `blocksize` consecutive elements. A dot product
