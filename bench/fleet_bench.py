@@ -74,6 +74,21 @@ async def run_trace(
     return sent
 
 
+async def run_open_loop(
+    target: str, adapters: list[str], rate: float, seed: int, new_tokens: int, prompt: str = "Hi"
+) -> list[Sent]:
+    """Requests arriving as a seeded Poisson process of `rate` a second, in trace order,
+    each sent at its arrival whatever is still running (as users arrive)."""
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(adapters))
+    async with AsyncClient(target, timeout=300) as client:
+        started = time.perf_counter()
+        tasks = []
+        for arrival, adapter_id in zip(np.cumsum(gaps), adapters, strict=True):
+            await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(send(client, adapter_id, new_tokens, prompt)))
+        return list(await asyncio.gather(*tasks))
+
+
 async def send(
     client: AsyncClient, adapter_id: str, new_tokens: int, prompt: str,
     running: asyncio.Event | None = None,
@@ -137,10 +152,12 @@ class DuplicateWatch:
 
 
 def placement(
-    config: Any, adapters: list[str], requests: int, seed: int, clients: int = 4
-) -> dict[str, Any]:
-    """The Zipf trace through the proxy, on the fleet `config` describes: cold loads and
-    duplicates seen."""
+    config: Any, adapters: list[str], requests: int, seed: int, clients: int = 4,
+    rate: float = 0.0,
+) -> dict[str, Any]:  # fmt: skip
+    """The Zipf trace through the proxy, on the fleet `config` describes, sent by `clients`
+    closed-loop clients or, given a `rate`, as Poisson arrivals: cold loads and duplicates
+    seen."""
     from loraplex.server.fleet.registry import Registry
 
     replicas = Registry.named(config.registry).replicas()
@@ -149,7 +166,10 @@ def placement(
     trace = zipf_trace(adapters, requests, seed)
     targets = [r.grpc for r in replicas.values()]
     with DuplicateWatch(targets, config.max_resident_adapters) as watch:
-        sent = asyncio.run(run_trace(PROXY, trace, concurrency=clients, new_tokens=4))
+        if rate > 0:
+            sent = asyncio.run(run_open_loop(PROXY, trace, rate, seed, new_tokens=4))
+        else:
+            sent = asyncio.run(run_trace(PROXY, trace, concurrency=clients, new_tokens=4))
     return {"router": config.router, "requests": len(sent),
             "cold_loads": adapter_loads(ports) - before,
             "duplicates": sorted(watch.duplicates), "polls": watch.polls}  # fmt: skip
@@ -231,6 +251,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--requests", type=int, default=800, help="requests in each placement trace")
     add("--seeds", default="0,1,2", help="placement traces, one per seed, for each router")
     add("--clients", type=int, default=4, help="closed-loop clients sending the trace")
+    add(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="send the trace as Poisson arrivals of this many a second instead of by clients",
+    )
     add("--max-batch-sequences", type=int, default=4, help="per replica (the fleet's: 16)")
     add("--max-queue", type=int, default=4, help="per replica, beyond a batch (the fleet's: 64)")
     add("--rounds", type=int, default=3, help="overhead rounds (alternating order)")
@@ -270,7 +296,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                            args.rounds, 32)  # fmt: skip
         if "placement" in parts:
             seeds = [int(s) for s in args.seeds.split(",")]
-            results["placement"] = placements(base, adapters, args.requests, seeds, args.clients)
+            results["placement"] = placements(
+                base, adapters, args.requests, seeds, args.clients, args.rate
+            )
         if "holder" in parts:
             affinity = replace(base, registry="fleet-bench-holder")
             app.deploy(affinity)
@@ -284,7 +312,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def placements(
-    base: Any, adapters: list[str], requests: int, seeds: list[int], clients: int
+    base: Any,
+    adapters: list[str],
+    requests: int,
+    seeds: list[int],
+    clients: int,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     """The placement trace once per seed and router, each on fresh replicas: cold loads
     summed over the seeds, and their ratio."""
@@ -295,7 +328,9 @@ def placements(
         for router, seen in runs.items():
             config = replace(base, router=router, registry=f"fleet-bench-{router}-{seed}")
             app.deploy(config)  # a new registry name: a new version, fresh replicas
-            seen.append({"seed": seed, **placement(config, adapters, requests, seed, clients)})
+            seen.append(
+                {"seed": seed, **placement(config, adapters, requests, seed, clients, rate)}
+            )
             print(f"placement seed {seed} {router}: {seen[-1]['cold_loads']} cold loads, "
                   f"duplicates {seen[-1]['duplicates']}", flush=True)  # fmt: skip
     cold = {router: sum(r["cold_loads"] for r in seen) for router, seen in runs.items()}
