@@ -20,6 +20,14 @@ class InvalidAdapter(AdapterError):
     """The adapter's files are unreadable, unsupported or do not fit the resident base model."""
 
 
+class AdapterSourceRefused(AdapterError):
+    """The adapter's source is outside the server's `--adapter-sources` allow-list."""
+
+
+class AdapterSourceUnavailable(AdapterError):
+    """The adapter's source cannot be reached now (no network, the hub offline)."""
+
+
 class AdapterInUse(AdapterError):
     """The adapter is used by running sequences and the caller asked not to wait."""
 

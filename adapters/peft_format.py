@@ -57,6 +57,16 @@ def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
     return _parse(adapter_id, config, _read_tensors(adapter_id, path, base), base)
 
 
+def check_files(adapter_id: str, path: Path) -> None:
+    """The checks that need no base: a supported, valid config and a well-formed safetensors
+    header (a download is checked so before it enters the cache)."""
+    _check_kind(adapter_id, _read_config(adapter_id, path))
+    try:
+        read_header(path / WEIGHTS_FILE)
+    except (HeaderError, OSError) as err:
+        raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE}: {err}") from None
+
+
 def adapter_weights(
     adapter_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
 ) -> AdapterWeights:

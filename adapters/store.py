@@ -103,6 +103,11 @@ class AdapterStore:
         self._read = read
         self._prepare = prepare
         self.events: StoreEvents = _Unheard()
+        # Where an id's folder is: the roots by default; the server sets its adapter sources,
+        # which also place downloaded adapters (adapters/sources.py).
+        self.locate: Callable[[str], Path] = lambda adapter_id: resolve_adapter_dir(
+            adapter_id, self.roots
+        )
         self._on_drop = on_drop or (lambda _adapter_id: None)
         self._lock = threading.Condition(threading.RLock())
         self._current: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
@@ -239,7 +244,7 @@ class AdapterStore:
 
     def _read_and_install(self, adapter_id: str, reuse_unchanged: bool) -> LoadedAdapter:
         """Read from disk (outside the state lock) and install as the current version."""
-        path = resolve_adapter_dir(adapter_id, self.roots)
+        path = self.locate(adapter_id)
         fingerprint = _fingerprint(path)
         with self._lock:
             current = self._current.get(adapter_id)
@@ -344,7 +349,7 @@ class AdapterStore:
     def _disk_info(self, adapter_id: str) -> AdapterInfo:
         """What the config file says about an adapter that is not loaded (best effort)."""
         try:
-            path = resolve_adapter_dir(adapter_id, self.roots)
+            path = self.locate(adapter_id)
             if not (path / CONFIG_FILE).is_file():
                 return AdapterInfo(adapter_id, 0, "LORA", 0, (), 0, False, False, 0, str(path))
             config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))

@@ -62,7 +62,7 @@ if [ "$(cat "$INSTALLED_PATCH" 2>/dev/null)" != "$PATCH_HASH" ]; then
 fi
 
 step "installing loraplex and its dependencies"
-"${PIP[@]}" --find-links "$LLAMA_WHEELS" -e ".[gguf,bench,dev,fleet]"
+"${PIP[@]}" --find-links "$LLAMA_WHEELS" -e ".[gguf,bench,dev,fleet,s3]"
 
 if ! has_gpu && .venv/bin/python -m pip list 2>/dev/null | grep -q '^nvidia-'; then
   echo "warning: CUDA packages were installed on a machine without a GPU" >&2

@@ -6,6 +6,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import jinja2
 
@@ -22,7 +23,12 @@ from loraplex.server.errors import InvalidRequest
 from loraplex.server.scheduler import Timings
 
 GenerationRequest = pb.GenerateRequest | pb.GenerateStreamRequest
-ADAPTER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+ID_PART = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+# a folder under the adapter roots (parts joined by '/'), or a hub id org/name[@revision]
+ADAPTER_ID = re.compile(rf"{ID_PART}(/{ID_PART}){{0,3}}(@[A-Za-z0-9_.][A-Za-z0-9_./-]{{0,99}})?")
+MAX_ADAPTER_ID_CHARS = 200
+MAX_ADAPTER_URL_CHARS = 1024
+ADAPTER_URL_SCHEMES = ("http", "https", "s3")
 MAX_REQUEST_ID_BYTES = 256
 DEFAULTS = SamplingParams()
 
@@ -32,14 +38,40 @@ class ChatTemplating(Protocol):
 
 
 def check_adapter_id(adapter_id: str, field: str = "adapter_id") -> str:
-    """Adapter ids name folders under the adapter roots, so no path syntax may reach them."""
-    if not ADAPTER_ID.fullmatch(adapter_id) or ".." in adapter_id:
+    """An adapter id is a folder name under the adapter roots, a hub id or a URL; no other
+    path syntax may reach the stores. Whether its source is allowed is the sources' call."""
+    if "://" in adapter_id:
+        return _check_adapter_url(adapter_id, field)
+    if (
+        not ADAPTER_ID.fullmatch(adapter_id)
+        or ".." in adapter_id
+        or len(adapter_id) > MAX_ADAPTER_ID_CHARS
+    ):
         raise InvalidRequest(
             field,
-            f"{adapter_id!r} is not an adapter id: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, without '..'",
+            f"{adapter_id!r} is not an adapter id: use a folder name under the adapter roots "
+            "(letters, digits, '.', '_' or '-', parts joined by '/', without '..'), a hub id "
+            "org/name[@revision], or an http(s):// or s3:// URL",
         )
     return adapter_id
+
+
+def _check_adapter_url(url: str, field: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ADAPTER_URL_SCHEMES:
+        raise InvalidRequest(
+            field,
+            f"unknown adapter source scheme {parts.scheme!r}: use "
+            f"{', '.join(ADAPTER_URL_SCHEMES)} URLs, hub ids or adapter folder names",
+        )
+    bad_chars = any(c.isspace() or not c.isprintable() for c in url)
+    if not parts.netloc or bad_chars or len(url) > MAX_ADAPTER_URL_CHARS:
+        raise InvalidRequest(
+            field,
+            f"{url[:100]!r} is not an adapter URL: scheme://host/folder, printable, at most "
+            f"{MAX_ADAPTER_URL_CHARS} characters",
+        )
+    return url
 
 
 def check_request_id(request_id: str) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -22,6 +23,9 @@ from loraplex.server.errors import InvalidRequest
 from loraplex.server.metrics import Metrics
 from loraplex.server.scheduler import RequestHandle, Scheduler, Submission
 from loraplex.server.status import status_for
+
+if TYPE_CHECKING:
+    from loraplex.adapters.sources import AdapterSources
 
 SEEDS = 1 << 64  # seeds are uint64 on the wire
 
@@ -61,8 +65,12 @@ class Frontend:
         description: ServerDescription,
         chat: convert.ChatTemplating | None = None,
         metrics: Metrics | None = None,
+        sources: AdapterSources | None = None,
     ) -> None:
+        """`sources` downloads remote adapters (hub ids, URLs) on the caller's thread before
+        a request or command reaches the loop, so no download ever holds up a step."""
         self.scheduler = scheduler
+        self.sources = sources
         self.engine = engine
         self.adapters = adapters
         self.description = description
@@ -77,7 +85,7 @@ class Frontend:
         """`submit` for each of the request's choices, the prompt tokenized once; a seeded
         request's choice i draws with seed + i. All are queued, or none."""
         if request.adapter_id:
-            convert.check_adapter_id(request.adapter_id)
+            self.fetch(convert.check_adapter_id(request.adapter_id))
         convert.check_prompt_size(
             request.prompt, request.messages, self.description.max_prompt_chars
         )
@@ -129,9 +137,16 @@ class Frontend:
             raise InvalidRequest("adapter_id", "this server runs without an adapter store")
         return self.adapters
 
+    def fetch(self, adapter_id: str, refresh: bool = False) -> None:
+        """Download a remote adapter unless the cache holds it (`refresh`: again)."""
+        if self.sources is not None:
+            self.sources.fetch(adapter_id, refresh=refresh)
+
     def load_adapter(self, adapter_id: str) -> tuple[AdapterInfo, float]:
-        """The loaded adapter and the seconds the load took."""
+        """The loaded adapter and the seconds the load took (a remote one's download
+        included: a load fetches its files again)."""
         store, started = self.store(), time.perf_counter()
+        self.fetch(adapter_id, refresh=True)
         info = self.scheduler.call(lambda: store.load(adapter_id))
         return info, time.perf_counter() - started
 
@@ -149,6 +164,8 @@ class Frontend:
 
     def pin_adapter(self, adapter_id: str, pinned: bool) -> AdapterInfo:
         store = self.store()
+        if pinned:
+            self.fetch(adapter_id)
         return self.scheduler.call(lambda: store.pin(adapter_id, pinned=pinned))
 
 

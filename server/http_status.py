@@ -9,6 +9,8 @@ from loraplex.adapters.errors import (
     AdapterInUse,
     AdapterNotFound,
     AdapterPinned,
+    AdapterSourceRefused,
+    AdapterSourceUnavailable,
     InvalidAdapter,
 )
 from loraplex.server.errors import (
@@ -30,6 +32,8 @@ HTTP_BY_ERROR: dict[type[BaseException], tuple[int, str]] = {
     InvalidAdapter: (400, "invalid_request_error"),  # its files cannot be served
     AdapterInUse: (409, "conflict_error"),
     AdapterPinned: (409, "conflict_error"),  # unpin first, or unload with force
+    AdapterSourceRefused: (403, "permission_error"),  # outside --adapter-sources
+    AdapterSourceUnavailable: (503, "service_unavailable_error"),  # hub or URL unreachable now
     AdapterCapacityExceeded: (429, "rate_limit_error"),  # all resident ones busy
     AdapterError: (400, "invalid_request_error"),
     Overloaded: (429, "rate_limit_error"),

@@ -45,6 +45,7 @@ from loraplex.server.service import SERVICE_NAME, LoraplexService
 from loraplex.server.tls import server_credentials
 
 if TYPE_CHECKING:
+    from loraplex.adapters.sources import AdapterSources
     from loraplex.adapters.store import AdapterStore
     from loraplex.server.engine.gguf import GGUFEngine
     from loraplex.server.engine.hf import HFEngine
@@ -105,6 +106,20 @@ class ServeConfig(ModelConfig):
     )
     pinned_adapters: list[str] = Field(
         default_factory=list, description="adapter ids loaded at start and never evicted"
+    )
+    adapter_sources: list[str] = Field(
+        default_factory=lambda: ["local"],
+        description="where adapters may come from besides the adapter roots: 'hf' (hub ids "
+        "org/name[@revision]; HF_TOKEN and HF_HUB_OFFLINE honoured) and URL prefixes "
+        "(https://host/adapters/, s3://bucket/; S3 credentials and AWS_ENDPOINT_URL as "
+        "botocore finds them); default: local only",
+    )
+    adapter_cache: Path | None = Field(
+        default=None,
+        description="where downloaded adapters are kept (default: <cache-dir>/adapter-downloads)",
+    )
+    max_adapter_download_bytes: int = Field(
+        default=1 << 30, ge=1, description="largest adapter file a source may send"
     )
     max_resident_adapters: int = Field(default=64, ge=1, description="adapters kept loaded")
     max_resident_bytes: int = Field(default=4 << 30, ge=1, description="adapter bytes kept loaded")
@@ -205,6 +220,17 @@ def adapter_roots(config: ServeConfig) -> list[Path]:
     return roots
 
 
+def adapter_sources(config: ServeConfig) -> AdapterSources:
+    from loraplex.adapters.sources import AdapterSources, parse_allowed
+
+    try:
+        allowed = parse_allowed(config.adapter_sources)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    cache = config.adapter_cache or config.cache_dir / "adapter-downloads"
+    return AdapterSources(adapter_roots(config), cache, allowed, config.max_adapter_download_bytes)
+
+
 def packaged_adapter_ids(config: ServeConfig) -> list[str]:
     if not offers_packaged_adapters(config):
         return []
@@ -284,12 +310,13 @@ def build_gguf(config: ServeConfig) -> tuple[GGUFEngine, AdapterStore]:
     return build_gguf_backend(source.path, source.sha256, limits, runtime, config.cache_dir)
 
 
-def prepare_adapters(store: AdapterAdmin, config: ServeConfig) -> None:
+def prepare_adapters(store: AdapterAdmin, config: ServeConfig, sources: AdapterSources) -> None:
     preload = config.preload_adapters or packaged_adapter_ids(config)
     if not preload and not config.pinned_adapters:
         roots = ", ".join(str(r) for r in adapter_roots(config))
         log.warning("no adapters preloaded; adapters under %s load on first use", roots)
     for adapter_id in dict.fromkeys([*preload, *config.pinned_adapters]):
+        sources.fetch(adapter_id)
         info = store.load(adapter_id)
         log.info(
             "adapter %s v%d ready (%s, rank %d)",
@@ -353,6 +380,7 @@ def start(
     chat: ChatTemplating | None = None,
     *,
     loop_thread: bool = True,
+    sources: AdapterSources | None = None,
 ) -> RunningServer:
     """Start the gRPC server, the HTTP server (with --http-port) and the metrics endpoint
     around a built engine, and the scheduler's loop on a thread of its own unless
@@ -374,7 +402,8 @@ def start(
         drain_requested.set()
         return sum(scheduler.counts())
 
-    frontend = Frontend(scheduler, engine, store, describe(config, engine), chat, metrics)
+    description = describe(config, engine)
+    frontend = Frontend(scheduler, engine, store, description, chat, metrics, sources)
     tokens = load_tokens(config.auth_tokens_file)
     service = LoraplexService(frontend, request_drain)
     server, port = _grpc_server(config, service, health_servicer, tokens)
@@ -519,10 +548,12 @@ def serve(config: ServeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     engine, store, chat = build_backend(config)
-    prepare_adapters(store, config)
+    sources = adapter_sources(config)
+    store.locate = sources.locate
+    prepare_adapters(store, config, sources)
     warm_up(engine)
     log.info("%d start-up objects exempt from garbage collection", freeze_startup_objects())
-    running = start(config, engine, store, chat, loop_thread=False)
+    running = start(config, engine, store, chat, loop_thread=False, sources=sources)
     log.info(
         "serving %s on %s:%d (metrics on port %d)",
         config.model, config.host, running.port, running.metrics_port,

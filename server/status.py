@@ -12,6 +12,8 @@ from loraplex.adapters.errors import (
     AdapterInUse,
     AdapterNotFound,
     AdapterPinned,
+    AdapterSourceRefused,
+    AdapterSourceUnavailable,
     InvalidAdapter,
 )
 from loraplex.server.errors import (
@@ -33,6 +35,8 @@ STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
     InvalidAdapter: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterInUse: grpc.StatusCode.FAILED_PRECONDITION,
     AdapterPinned: grpc.StatusCode.FAILED_PRECONDITION,  # unpin first, or unload with force
+    AdapterSourceRefused: grpc.StatusCode.PERMISSION_DENIED,  # outside --adapter-sources
+    AdapterSourceUnavailable: grpc.StatusCode.UNAVAILABLE,  # hub or URL unreachable now
     AdapterCapacityExceeded: grpc.StatusCode.RESOURCE_EXHAUSTED,  # all resident ones busy
     AdapterError: grpc.StatusCode.FAILED_PRECONDITION,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,

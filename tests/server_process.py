@@ -19,7 +19,7 @@ START_TIMEOUT_S = 300
 class ServerProcess:
     """`python -m loraplex.server.cli serve ...`; always stop() it (fixtures do, in teardown)."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
@@ -27,7 +27,7 @@ class ServerProcess:
         command += ["--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         self.log_path = log_path
         self._log = log_path.open("wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         env.pop("LORAPLEX_CONFIG", None)
         # Served tokens are compared with exact in-process oracles; the default output head
         # (auto) may time int8 faster on this machine (a flag in `args` still wins).

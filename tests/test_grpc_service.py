@@ -123,7 +123,9 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 BAD_REQUESTS = [
     ({"adapter": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
     ({"adapter": "../a"}, INVALID, "adapter_id"),
-    ({"adapter": "a/b"}, INVALID, "adapter_id"),
+    ({"adapter": "a/b"}, grpc.StatusCode.NOT_FOUND, "a/b"),  # a folder below a root, or none
+    ({"adapter": "a//b"}, INVALID, "adapter_id"),
+    ({"adapter": "file:///etc/passwd"}, INVALID, "adapter_id"),
     ({"adapter": "/etc/passwd"}, INVALID, "adapter_id"),
     ({"prompt": ""}, INVALID, "prompt"),
     ({"prompt": "x" * 500}, INVALID, "prompt"),

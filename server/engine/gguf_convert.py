@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,10 @@ def gguf_lora_file(
     if ready is not None:
         return ready
     digest = _fingerprint(adapter_id, source, base_identity)
-    target = cache_dir / "gguf-lora" / f"{adapter_id}-{digest}.gguf"
+    # ids may be hub ids or URLs: only a tame form of the id names the file (the digest,
+    # which covers the id, keeps names apart)
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", adapter_id)[-80:]
+    target = cache_dir / "gguf-lora" / f"{name}-{digest}.gguf"
     if not target.is_file():
         _write_atomically(target, lambda out: (export or _default_exporter)(source, base_gguf, out))
     return target
