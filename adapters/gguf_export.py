@@ -7,8 +7,11 @@ layer, Λb·B·Λd·A with B and A the shared projections sliced to the layer's 
 exact LoRA B_eff = Λb·B, A_eff = Λd·A of the same rank.
 
 Tensor names follow llama.cpp: `blk.N.attn_q.weight.lora_a` holds A (rank × in) and
-`.lora_b` holds B (out × rank). Only Gemma 3 bases are mapped: other architectures need
-their own weight permutations (llama's q/k rotary layout), which this module does not do.
+`.lora_b` holds B (out × rank), named through gguf-py's own map for the base's architecture.
+Each architecture's weights are laid out as llama.cpp's convert_hf_to_gguf.py lays them out:
+for `llama` (Llama and Mistral checkpoints) it permutes the rows of q and k for its rotary
+embedding, so B's rows are permuted alike (A, which meets the input, is not); Qwen 2/3,
+Phi-3 (fused qkv and gate-up, targeted as they are) and Gemma 2/3 keep transformers' layout.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from tqdm import tqdm
 
 from loraplex.adapters.errors import InvalidAdapter
 
-SUPPORTED_ARCHITECTURES = {"gemma3"}
+SUPPORTED_ARCHITECTURES = {"llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"}
+ROTARY_PERMUTED = {"llama"}  # convert_hf_to_gguf.py's LlamaModel.permute on q and k
 _LAYER_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\."
     r"(?P<kind>lora_A\.weight|lora_B\.weight|vera_lambda_b|vera_lambda_d)$"
@@ -145,6 +149,7 @@ class BaseLayout:
     architecture: str
     block_count: int
     shapes: dict[str, tuple[int, int]]  # GGUF tensor name -> (in, out)
+    heads: tuple[int, int] = (0, 0)  # attention heads, key-value heads
 
     @classmethod
     def read(cls, base_gguf: Path) -> BaseLayout:
@@ -161,7 +166,11 @@ class BaseLayout:
         shapes = {
             t.name: (int(t.shape[0]), int(t.shape[1])) for t in reader.tensors if len(t.shape) == 2
         }
-        return cls(arch, blocks, shapes)
+        heads = [
+            reader.get_field(f"{arch}.attention.{key}") for key in ("head_count", "head_count_kv")
+        ]
+        n_head, n_kv = (int(f.contents()) if f is not None else 0 for f in heads)
+        return cls(arch, blocks, shapes, (n_head, n_kv or n_head))
 
     @functools.cached_property
     def _name_map(self) -> Any:
@@ -178,6 +187,26 @@ class BaseLayout:
 
     def in_features(self, module: str) -> int:
         return self.shapes[self.gguf_name(module)][0]
+
+    def lora_b(self, name: str, b: torch.Tensor) -> torch.Tensor:
+        """B's rows in the order the base's tensor `name` keeps its output rows."""
+        if self.architecture not in ROTARY_PERMUTED:
+            return b
+        n_head, n_kv = self.heads
+        if name.endswith("attn_q.weight"):
+            return _rotary_permute(b, n_head)
+        if name.endswith("attn_k.weight"):
+            return _rotary_permute(b, n_kv)
+        return b
+
+
+def _rotary_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """convert_hf_to_gguf.py's LlamaModel.permute: each head's two rotary halves
+    interleaved, as llama.cpp's rope expects."""
+    shape = rows.shape
+    return (
+        rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -219,7 +248,7 @@ def _write(
         name = layout.gguf_name(pair.module)
         _check_shape(name, pair, layout.shapes[name])
         writer.add_tensor(f"{name}.lora_a", pair.a.numpy().astype(dtype))
-        writer.add_tensor(f"{name}.lora_b", pair.b.numpy().astype(dtype))
+        writer.add_tensor(f"{name}.lora_b", layout.lora_b(name, pair.b).numpy().astype(dtype))
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

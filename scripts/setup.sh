@@ -61,6 +61,22 @@ if [ "$(cat "$INSTALLED_PATCH" 2>/dev/null)" != "$PATCH_HASH" ]; then
   echo "$PATCH_HASH" > "$INSTALLED_PATCH"
 fi
 
+# llama.cpp's own converters (HF -> GGUF, PEFT -> GGUF-LoRA) from the same source release:
+# the tests build tiny GGUF bases with them and check loraplex's GGUF export against them.
+CONVERT=.venv/share/llama.cpp-convert-$LLAMA_VERSION
+if [ ! -f "$CONVERT/convert_lora_to_gguf.py" ]; then
+  step "keeping llama.cpp's conversion scripts from llama-cpp-python $LLAMA_VERSION"
+  src=$(mktemp -d)
+  .venv/bin/python -m pip download -q --no-deps --no-binary :all: \
+    "llama-cpp-python==$LLAMA_VERSION" -d "$src"
+  tar xzf "$src"/llama_cpp_python-"$LLAMA_VERSION".tar.gz -C "$src" --wildcards \
+    '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' \
+    '*/vendor/llama.cpp/conversion/*' '*/vendor/llama.cpp/gguf-py/*'
+  rm -rf "$CONVERT" && mkdir -p "$(dirname "$CONVERT")"
+  mv "$src/llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp" "$CONVERT"
+  rm -rf "$src"
+fi
+
 step "installing loraplex and its dependencies"
 "${PIP[@]}" --find-links "$LLAMA_WHEELS" -e ".[gguf,bench,dev,fleet,s3]"
 

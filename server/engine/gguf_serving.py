@@ -24,10 +24,11 @@ from loraplex.server.engine.gguf_convert import gguf_lora_file, ready_file
 from loraplex.server.engine.gguf_runtime import RuntimeConfig
 from loraplex.server.errors import ModelUnavailable
 
-# transformers' names for the all-linear set of llama-style blocks (Gemma, Llama, Mistral...)
+# transformers' names for the all-linear set of llama-style blocks (Gemma, Llama, Mistral,
+# Qwen), and Phi-3's fused ones (one GGUF tensor each: attn_qkv, and ffn_up holding gate and up)
 PROJECTIONS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.qkv_proj", "mlp.gate_up_proj",
 )  # fmt: skip
 
 
@@ -36,18 +37,22 @@ def gguf_base_spec(model_path: Path, max_rank: int) -> tuple[BaseSpec, dict[str,
     module name of each adaptable GGUF weight (blk.0.attn_q.weight)."""
     layout = BaseLayout.read(model_path)
     modules_by_tensor: dict[str, str] = {}
+    shapes: dict[str, tuple[int, int]] = {}
     for block in range(layout.block_count):
         for projection in PROJECTIONS:
             module = f"model.layers.{block}.{projection}"
             try:
-                modules_by_tensor[layout.gguf_name(module)] = module
+                name = layout.gguf_name(module)
             except InvalidAdapter:
                 continue  # this architecture has no such layer
+            # gguf-py maps both Phi-3's gate_up_proj and others' up_proj to ffn_up: either
+            # name is accepted, and the shape decides whether an adapter fits
+            modules_by_tensor.setdefault(name, module)
+            shapes[module] = layout.shapes[name]
     if not modules_by_tensor:
         raise ModelUnavailable(
             f"{model_path}: no adaptable layers found for architecture {layout.architecture!r}"
         )
-    shapes = {module: layout.shapes[name] for name, module in modules_by_tensor.items()}
     return BaseSpec(layout.architecture, shapes, max_rank), modules_by_tensor
 
 
