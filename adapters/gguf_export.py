@@ -69,8 +69,14 @@ def _read_config(adapter_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InvalidAdapter(adapter_dir.name, f"{path} is missing (not a PEFT adapter)")
     config: dict[str, Any] = json.loads(path.read_text())
-    if config.get("use_dora") or config.get("modules_to_save"):
-        raise InvalidAdapter(adapter_dir.name, "DoRA and modules_to_save have no GGUF-LoRA form")
+    if config.get("use_dora"):
+        raise InvalidAdapter(
+            adapter_dir.name,
+            "use_dora is set: llama.cpp has no DoRA (the magnitude vector has no GGUF-LoRA "
+            "form); serve this adapter with --backend hf",
+        )
+    if config.get("modules_to_save"):
+        raise InvalidAdapter(adapter_dir.name, "modules_to_save has no GGUF-LoRA form")
     return config
 
 

@@ -80,7 +80,6 @@ READ_FIELDS = frozenset(PeftConfigFields.model_fields)
 # Fields that select another forward (PEFT's LoRA variants) or change the model around the
 # adapter: refused whenever they hold a value.
 MATH_FIELDS = {
-    "use_dora": "DoRA scales each output by a learned magnitude",
     "alora_invocation_tokens": "activated LoRA (aLoRA) applies its delta only from the "
     "invocation tokens on",
     "layer_replication": "it duplicates decoder layers of the base",

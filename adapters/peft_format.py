@@ -35,6 +35,7 @@ PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 MAX_CONFIG_BYTES = 1 << 20
 KEY_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
+DORA_SUFFIXES = {**LORA_SUFFIXES, ".lora_magnitude_vector": "m"}
 VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
 VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 LOADABLE_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -262,10 +263,15 @@ def _parse_lora(
     _refuse_unsupported_lora(adapter_id, config)
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
+    dora = bool(config.get("use_dora"))
+    parts_needed = {"a", "b", "m"} if dora else {"a", "b"}
+    suffixes = DORA_SUFFIXES if dora else LORA_SUFFIXES
     modules: dict[str, LoraModule] = {}
-    for name, parts in _group_by_module(adapter_id, tensors, LORA_SUFFIXES, ()).items():
-        if set(parts) != {"a", "b"}:
-            raise InvalidAdapter(adapter_id, f"{name} needs both lora_A and lora_B")
+    for name, parts in _group_by_module(adapter_id, tensors, suffixes, ()).items():
+        if set(parts) != parts_needed:
+            needs = "lora_A, lora_B and lora_magnitude_vector (use_dora)" if dora else (
+                "both lora_A and lora_B")  # fmt: skip
+            raise InvalidAdapter(adapter_id, f"{name} needs {needs}")
         in_features, out_features = _base_shape(adapter_id, name, base)
         rank = int(_pattern_value(rank_pattern, name, config.get("r", 8)))
         if not 1 <= rank <= base.max_rank:
@@ -274,9 +280,11 @@ def _parse_lora(
             )
         _check_shape(adapter_id, f"{name}.lora_A", parts["a"], (rank, in_features))
         _check_shape(adapter_id, f"{name}.lora_B", parts["b"], (out_features, rank))
+        if dora:
+            _check_shape(adapter_id, f"{name}.lora_magnitude_vector", parts["m"], (out_features,))
         alpha = float(_pattern_value(alpha_pattern, name, config.get("lora_alpha", 8)))
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-        modules[name] = LoraModule(a=parts["a"], b=parts["b"], scaling=scaling)
+        modules[name] = LoraModule(parts["a"], parts["b"], scaling, parts.get("m"))
     return LoraWeights(modules=modules)
 
 

@@ -187,6 +187,12 @@ class AdapterStore:
             adapter = self._current.get(adapter_id)
         if adapter is None:
             adapter = self._load(adapter_id, reuse_unchanged=False)
+        if scale != 1.0 and getattr(adapter.weights, "uses_dora", False):
+            raise InvalidAdapter(
+                adapter_id,
+                "use_dora: a DoRA adapter runs at adapter_scale 1 only (its magnitude is "
+                f"normalised for its weights at scale 1), got {scale}",
+            )
         with self._lock:
             self._current.move_to_end(adapter_id)
             key = (adapter_id, adapter.version)

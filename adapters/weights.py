@@ -17,11 +17,20 @@ MAX_DELTA_GAIN = math.sqrt(torch.finfo(torch.float32).max)
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One LoRA pair: delta W = scaling · B @ A."""
+    """One LoRA pair: delta W = scaling · B @ A. A DoRA layer also has a magnitude m: its
+    output is m / ||W + delta W|| (row norms) times (W + delta W) x."""
 
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scaling: float  # alpha/r, or alpha/sqrt(r) for rsLoRA, after rank/alpha patterns
+    magnitude: torch.Tensor | None = None  # [out]: DoRA's, None for plain LoRA
+
+    def dora_gain(self, weight: torch.Tensor) -> torch.Tensor:
+        """m / ||W + delta W|| per output row, for the dense base weight W [out, in] (fp32),
+        as PEFT's DoRA computes it (the norm over each row's inputs)."""
+        assert self.magnitude is not None
+        norm = torch.linalg.norm(weight.float() + self.delta_weight(), dim=1)
+        return self.magnitude.float() / norm
 
     def delta_weight(self) -> torch.Tensor:
         return (self.b.float() @ self.a.float()) * self.scaling
@@ -60,6 +69,10 @@ class LoraWeights:
     modules: dict[str, LoraModule]
 
     peft_type = "LORA"
+
+    @property
+    def uses_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
 
     @property
     def rank(self) -> int:

@@ -67,7 +67,7 @@ def test_a_config_saved_by_peft_with_defaults_loads(saved: Path, tiny_llama_spec
     ("field", "value"),
     [
         ("alora_invocation_tokens", [5, 6, 7]),
-        ("use_dora", True),
+        ("use_dora", True),  # served, but a plain LoRA's tensors lack its magnitude vectors
         ("layer_replication", [[0, 2], [1, 2]]),
         ("lora_bias", True),
         ("use_qalora", True),

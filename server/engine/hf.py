@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
-from loraplex.adapters.weights import LoadedAdapter
+from loraplex.adapters.weights import LoadedAdapter, LoraWeights
 from loraplex.server.device import pick_device, torch_threads
 from loraplex.server.engine import grammar, packed_attention
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan, TokenEvent
@@ -303,7 +303,8 @@ class HFEngine:
         owner = next(iter(refs)) if len(refs) == 1 else None
         self._owned_forwards = self._owned_forwards + 1 if owner == self._owner else 1
         self._owner = owner
-        if owner is not None and self._should_merge():
+        # DoRA's gain scales the base's output too: no weight merge expresses it per slot
+        if owner is not None and self._should_merge() and not _uses_dora(active[0].adapter):
             owner_seq = active[0]
             assert owner_seq.adapter is not None
             self.merges.merge(owner, owner_seq.adapter)
@@ -369,3 +370,11 @@ def _layer_windows(model_config: object) -> dict[str, int | None] | None:
         return None
     window = int(getattr(model_config, "sliding_window"))  # noqa: B009
     return {kind: window if kind == "sliding_attention" else None for kind in kinds}
+
+
+def _uses_dora(adapter: LoadedAdapter | None) -> bool:
+    return (
+        isinstance(adapter, LoadedAdapter)
+        and isinstance(adapter.weights, LoraWeights)
+        and (adapter.weights.uses_dora)
+    )

@@ -9,11 +9,15 @@ adapters in use, reading their stacks in place (Punica's SGMV, padded to a grid:
 `loraplex bench lora` measures both. A packed prefill (one row, prompts back to back) adds
 each prompt's delta to its own span of tokens with plain matmuls, the SGMV idea unpadded.
 VeRA:  y_i += scale_i · lambda_b[s_i] ⊙ (B (lambda_d[s_i] ⊙ (A x_i))), A/B shared by all slots.
+DoRA:  a LoRA slot that also has a gain g = m / ||W + ΔW|| (per output row, computed when the
+adapter takes its slot) scales its rows after the delta: y_i = g[s_i] ⊙ (W x_i + ΔW x_i) + bias.
+Other slots' gain is 1, so one multiply covers a mixed batch.
 """
 
 from __future__ import annotations
 
 import torch
+from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 
 from loraplex.adapters.weights import LoraModule, VeraModule, VeraProjection
@@ -49,6 +53,8 @@ class MultiAdapterLinear(nn.Module):
         self.vera_b: torch.Tensor | None = None  # [out, r]
         self.vera_d: torch.Tensor | None = None  # [slots, r]
         self.vera_lb: torch.Tensor | None = None  # [slots, out]
+        self.dora_slots: set[int] = set()
+        self.dora_gain: torch.Tensor | None = None  # [slots, out], 1 where no DoRA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
@@ -65,7 +71,18 @@ class MultiAdapterLinear(nn.Module):
                 y = y.add_(self._lora_delta(x, routing).to(y.dtype))
         if routing.used_slots & self.vera_slots:
             y = y.add_(self._vera_delta(x, routing).to(y.dtype))
+        if routing.used_slots & self.dora_slots:
+            assert self.dora_gain is not None and routing.slots is not None
+            y = self._scaled(y, self.dora_gain.index_select(0, routing.slots)[:, None, :])
         return y
+
+    def _scaled(self, y: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+        """gain ⊙ (y - bias) + bias: DoRA scales the weight's output, not the bias."""
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            return y.mul_(gain.to(y.dtype))
+        bias = bias.to(y.dtype)
+        return y.sub_(bias).mul_(gain.to(y.dtype)).add_(bias)
 
     def _lora_delta(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         assert routing.slots is not None
@@ -99,6 +116,9 @@ class MultiAdapterLinear(nn.Module):
             if span.slot in self.lora_slots:
                 h = xs @ self.lora_a[span.slot, :rank].T
                 _add_product(ys, h, self.lora_b[span.slot, :rank], span.scale)
+            if span.slot in self.dora_slots:
+                assert self.dora_gain is not None
+                self._scaled(ys, self.dora_gain[span.slot])  # in place: ys is a view of y
             if span.slot in self.vera_slots:
                 assert self.vera_a is not None and self.vera_b is not None
                 assert self.vera_d is not None and self.vera_lb is not None
@@ -131,6 +151,23 @@ class MultiAdapterLinear(nn.Module):
         self.lora_a[slot, :rank] = module.a.to(self.dtype)
         self.lora_b[slot, :rank] = (module.b.float() * module.scaling).T.to(self.dtype)
         self.lora_slots.add(slot)
+        self._set_dora(slot, module)
+
+    def _set_dora(self, slot: int, module: LoraModule) -> None:
+        """The slot's DoRA gain, from the dense base weight (dequantized as PEFT does)."""
+        if module.magnitude is None:
+            self._clear_dora(slot)
+            return
+        if self.dora_gain is None:
+            self.dora_gain = torch.ones((self.num_slots, self.out_features), device=self._device())
+        weight = dequantize_module_weight(self.base_layer)
+        self.dora_gain[slot] = module.dora_gain(weight.to(self.dora_gain.device))
+        self.dora_slots.add(slot)
+
+    def _clear_dora(self, slot: int) -> None:
+        if slot in self.dora_slots and self.dora_gain is not None:
+            self.dora_gain[slot] = 1.0
+        self.dora_slots.discard(slot)
 
     def set_vera(self, slot: int, module: VeraModule, projection: VeraProjection) -> None:
         rank = projection.rank
@@ -158,6 +195,7 @@ class MultiAdapterLinear(nn.Module):
         if slot in self.vera_slots and self.vera_d is not None and self.vera_lb is not None:
             self.vera_d[slot].zero_()
             self.vera_lb[slot].zero_()
+        self._clear_dora(slot)
         self.lora_slots.discard(slot)
         self.vera_slots.discard(slot)
 
