@@ -10,7 +10,7 @@ import pytest
 import torch
 from engine_driver import run
 from peft import LoraConfig, get_peft_model
-from peft_adapters import greedy_reference, load_reference
+from peft_adapters import Reference, greedy_reference, load_reference
 from test_engine_oracle import LOGPROB_TOLERANCE, NEW_TOKENS, make_engine, prompts, request
 from transformers import AutoModelForCausalLM
 
@@ -63,7 +63,7 @@ def dora_roots(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempP
 
 
 def references(checkpoint: Path, roots: list[Path], engine: HFEngine,
-               plan: list[tuple[str, list[int], str | None]]) -> dict[str, object]:  # fmt: skip
+               plan: list[tuple[str, list[int], str | None]]) -> dict[str, Reference]:  # fmt: skip
     kwargs = quantization_kwargs(engine.config, engine.device)
     fused = uses_fused_kernel(engine.config)
     found = {}
@@ -97,13 +97,13 @@ def test_dora_rows_equal_peft_in_a_batch_mixed_with_lora_vera_and_base(
     results = run(engine, arrivals)
     expected = references(checkpoint, roots, engine, plan + late)
     for seq_id, reference in expected.items():
-        assert results[seq_id].tokens == reference.tokens, seq_id  # type: ignore[attr-defined]
+        assert results[seq_id].tokens == reference.tokens, seq_id
         assert results[seq_id].logprobs == pytest.approx(
-            reference.logprobs, abs=TOLERANCE[quantization]  # type: ignore[attr-defined]
+            reference.logprobs, abs=TOLERANCE[quantization]
         ), seq_id
-    base = expected["None-0"].logprobs  # type: ignore[attr-defined]
+    base = expected["None-0"].logprobs
     for name in DORA_CONFIGS:  # each DoRA adapter changes the answer
-        assert expected[f"{name}-0"].logprobs != pytest.approx(base, abs=1e-2), name  # type: ignore[attr-defined]
+        assert expected[f"{name}-0"].logprobs != pytest.approx(base, abs=1e-2), name
 
 
 def test_a_dora_adapter_is_never_merged_and_still_matches_peft(
@@ -115,8 +115,8 @@ def test_a_dora_adapter_is_never_merged_and_still_matches_peft(
     results = run(engine, {0: [request(engine, s, pr, a) for s, pr, a in plan]})
     assert engine.merges.merged is None
     reference = references(checkpoint, [root], engine, plan)["dora"]
-    assert results["dora"].tokens == reference.tokens  # type: ignore[attr-defined]
-    assert results["dora"].logprobs == pytest.approx(reference.logprobs, abs=1e-4)  # type: ignore[attr-defined]
+    assert results["dora"].tokens == reference.tokens
+    assert results["dora"].logprobs == pytest.approx(reference.logprobs, abs=1e-4)
 
 
 def test_dora_refuses_other_scales_and_the_gguf_form(
