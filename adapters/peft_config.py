@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_RANK_FIELD = 1 << 16  # the loader's own --max-lora-rank check gives the useful message
+MAX_VIRTUAL_TOKENS = 1024  # a soft prompt's length; PEFT's own examples use 8-100
 
 
 class PeftConfigFields(BaseModel):
@@ -33,6 +34,9 @@ class PeftConfigFields(BaseModel):
     target_modules: list[str] | str | None = None
     projection_prng_key: int | None = Field(default=None, ge=0, lt=1 << 63)
     save_projection: bool | None = None
+    num_virtual_tokens: int | None = Field(default=None, ge=1, le=MAX_VIRTUAL_TOKENS)
+    token_dim: int | None = Field(default=None, ge=1)
+    num_transformer_submodules: int | None = Field(default=None, ge=1)
 
     @field_validator("lora_alpha")
     @classmethod
@@ -75,6 +79,10 @@ INERT_FIELDS = frozenset({
     "layers_pattern", "megatron_config", "megatron_core", "runtime_config", "loftq_config",
     "eva_config", "corda_config", "lora_ga_config", "qalora_group_size", "ensure_weight_tying",
     "d_initial", "init_weights",
+    # prompt tuning: how the virtual tokens were initialised, and the base's shape (read from
+    # the tensors and the base itself)
+    "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+    "tokenizer_kwargs", "num_attention_heads", "num_layers",
 })  # fmt: skip
 READ_FIELDS = frozenset(PeftConfigFields.model_fields)
 # Fields that select another forward (PEFT's LoRA variants) or change the model around the

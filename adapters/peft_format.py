@@ -23,6 +23,7 @@ from loraplex.adapters.weights import (
     AdapterWeights,
     LoraModule,
     LoraWeights,
+    PromptWeights,
     VeraModule,
     VeraProjection,
     VeraWeights,
@@ -40,6 +41,8 @@ VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
 VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 LOADABLE_DTYPES = ("F32", "F16", "BF16", "F64")
 UNADAPTABLE_TARGETS = ("embed_tokens", "lm_head")
+SERVED_TYPES = ("LORA", "VERA", "PROMPT_TUNING")
+PROMPT_KEY = "prompt_embeddings"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class BaseSpec:
     model_type: str
     linear_shapes: Mapping[str, tuple[int, int]]  # module name -> (in_features, out_features)
     max_rank: int
+    hidden_size: int = 0  # the token embeddings' width (a soft prompt's); 0: soft prompts refused
 
 
 def read_adapter(adapter_id: str, path: Path, base: BaseSpec) -> AdapterWeights:
@@ -84,7 +88,10 @@ def _parse(
     adapter_id: str, config: dict[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
 ) -> AdapterWeights:
     """The weights of a validated LoRA or VeRA config and its tensors."""
-    if str(config.get("peft_type", "")).upper() == "LORA":
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type == "PROMPT_TUNING":
+        return _parse_prompt(adapter_id, config, tensors, base)
+    if peft_type == "LORA":
         weights: AdapterWeights = _parse_lora(adapter_id, config, tensors, base)
     else:
         weights = _parse_vera(adapter_id, config, tensors, base)
@@ -101,8 +108,10 @@ def _check_kind(adapter_id: str, config: dict[str, Any]) -> None:
             "it is a reward model (a sequence classifier, task_type SEQ_CLS): it scores text "
             "for training and `eval-adapter`, and generates nothing",
         )
-    if peft_type not in ("LORA", "VERA"):
-        raise InvalidAdapter(adapter_id, f"peft_type {peft_type!r} is not supported (LORA or VERA)")
+    if peft_type not in SERVED_TYPES:
+        raise InvalidAdapter(
+            adapter_id, f"peft_type {peft_type!r} is not supported ({', '.join(SERVED_TYPES)})"
+        )
     problem = unsupported_field(config)
     if problem is not None:
         raise InvalidAdapter(adapter_id, f"{CONFIG_FILE}: {problem}")
@@ -286,6 +295,24 @@ def _parse_lora(
         scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         modules[name] = LoraModule(parts["a"], parts["b"], scaling, parts.get("m"))
     return LoraWeights(modules=modules)
+
+
+def _parse_prompt(
+    adapter_id: str, config: Mapping[str, Any], tensors: dict[str, torch.Tensor], base: BaseSpec
+) -> PromptWeights:
+    """A causal LM's soft prompt: one [virtual tokens, hidden size] embedding table."""
+    if base.hidden_size < 1:
+        raise InvalidAdapter(adapter_id, "soft prompts (PROMPT_TUNING) need --backend hf")
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise InvalidAdapter(
+            adapter_id, "num_transformer_submodules must be 1 (a decoder-only model's prompt)"
+        )
+    if set(tensors) != {PROMPT_KEY}:
+        raise InvalidAdapter(adapter_id, f"{WEIGHTS_FILE} must hold only {PROMPT_KEY!r}")
+    embeddings = tensors[PROMPT_KEY]
+    virtual = int(config.get("num_virtual_tokens") or embeddings.shape[0])
+    _check_shape(adapter_id, PROMPT_KEY, embeddings, (virtual, base.hidden_size))
+    return PromptWeights(embeddings.float())
 
 
 def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:

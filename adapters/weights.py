@@ -91,7 +91,28 @@ class VeraWeights:
         return self.projection.rank
 
 
-AdapterWeights = LoraWeights | VeraWeights
+@dataclass(frozen=True)
+class PromptWeights:
+    """PEFT prompt tuning (a soft prompt): learned embeddings of virtual tokens, put before
+    each prompt's own token embeddings. It changes no layer, so `modules` is empty."""
+
+    embeddings: torch.Tensor  # [virtual tokens, hidden size]
+    modules: dict[str, LoraModule] = field(default_factory=dict)
+
+    peft_type = "PROMPT_TUNING"
+    rank = 0  # no low-rank delta, no adapter slot
+
+    @property
+    def virtual_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+AdapterWeights = LoraWeights | VeraWeights | PromptWeights
+
+
+def virtual_tokens(weights: AdapterWeights | None) -> int:
+    """How many virtual tokens an adapter puts before each prompt (0 but for soft prompts)."""
+    return weights.virtual_tokens if isinstance(weights, PromptWeights) else 0
 
 
 @dataclass(frozen=True)
@@ -115,9 +136,12 @@ class LoadedAdapter:
 
 def tensors_nbytes(weights: AdapterWeights) -> int:
     tensors: list[torch.Tensor] = []
+    if isinstance(weights, PromptWeights):
+        tensors.append(weights.embeddings)
     for module in weights.modules.values():
         if isinstance(module, LoraModule):
             tensors += [module.a, module.b]
+            tensors += [] if module.magnitude is None else [module.magnitude]
         else:
             tensors += [module.lambda_d, module.lambda_b]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -140,6 +164,8 @@ def delta_gain(weights: AdapterWeights) -> tuple[str, float]:
         else:
             vectors = module.lambda_b.double().abs().max() * module.lambda_d.double().abs().max()
             gains[name] = float(vectors) * shared
+    if not gains:
+        return "", 0.0  # a soft prompt: no delta
     name = max(gains, key=gains.__getitem__)
     return name, gains[name]
 

@@ -49,7 +49,15 @@ class TrainConfig(BaseModelConfig):
         "(reinforcement learning against --reward-model and/or rule rewards, with a KL "
         "penalty of --beta to the base)",
     )
-    adapter_type: Literal["lora", "vera"] = Field(default="lora", description="adapter type")
+    adapter_type: Literal["lora", "dora", "vera", "prompt"] = Field(
+        default="lora",
+        description="lora; dora (LoRA with a learned magnitude per output, hf backend only); "
+        "vera; or prompt (a soft prompt: --virtual-tokens learned embeddings put before each "
+        "prompt, SFT only, hf backend only)",
+    )
+    virtual_tokens: int = Field(
+        default=20, ge=1, le=1024, description="--adapter-type prompt: the soft prompt's length"
+    )
     rank: int = Field(default=8, ge=1, description="adapter rank")
     alpha: float = Field(default=16.0, gt=0, description="LoRA alpha (scale = alpha / rank)")
     rslora: bool = Field(default=False, description="rank-stabilized LoRA: alpha / sqrt(rank)")
@@ -152,6 +160,15 @@ class TrainConfig(BaseModelConfig):
             raise ValueError(
                 "GRPO adapters are scored after training (eval-adapter), not during it: "
                 "drop --eval-data and --eval-split"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _soft_prompts_are_for_sft(self) -> TrainConfig:
+        if self.adapter_type == "prompt" and self.method != "sft":
+            raise ValueError(
+                "--adapter-type prompt trains with --method sft only (a soft prompt has no "
+                "layers for DPO's reference, a reward head or GRPO's engine rollouts to use)"
             )
         return self
 

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
-from loraplex.adapters.weights import LoadedAdapter, LoraWeights
+from loraplex.adapters.weights import LoadedAdapter, LoraWeights, PromptWeights, VeraWeights
 from loraplex.server.device import pick_device, torch_threads
 from loraplex.server.engine import grammar, packed_attention
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan, TokenEvent
@@ -91,6 +91,17 @@ class _Sequence:
     @property
     def ref(self) -> AdapterRef | None:
         return self.request.adapter
+
+    @property
+    def soft_prompt(self) -> torch.Tensor | None:
+        """The adapter's virtual-token embeddings, if it is a soft prompt."""
+        weights = self.adapter.weights if self.adapter else None
+        return weights.embeddings if isinstance(weights, PromptWeights) else None
+
+    @property
+    def cached(self) -> int:
+        """Positions this sequence holds in the cache: its virtual tokens, then its tokens."""
+        return self.row.virtual + len(self.row.tokens)
 
 
 class HFEngine:
@@ -209,7 +220,7 @@ class HFEngine:
             return []
         pairs = list(zip(self._sequences, active, strict=True))
         tokens = [[s.tokens[-1] if a else 0] for s, a in pairs]
-        positions = [[len(s.tokens) - 1 if a else NO_TOKEN] for s, a in pairs]
+        positions = [[s.cached - 1 if a else NO_TOKEN] for s, a in pairs]
         rows = [s for s, a in zip(self._sequences, active, strict=True) if a]
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -233,8 +244,9 @@ class HFEngine:
                 events.append(error_event(request.seq_id, str(err)))
         if not fresh:
             return events
-        lengths = [len(s.tokens) for s in fresh]
+        lengths = [s.cached for s in fresh]
         ids = torch.tensor([[t for s in fresh for t in s.tokens]], device=self.device)
+        embeds = self._soft_prompted(ids, fresh) if any(s.row.virtual for s in fresh) else None
         pos = packed_positions(lengths, self.device)
         last = torch.tensor(list(accumulate(lengths)), device=self.device) - 1
         masks = self._masks(
@@ -245,7 +257,7 @@ class HFEngine:
         cache.begin(pos)
         try:
             self._route(fresh, fresh, [True] * len(fresh), packed=lengths)
-            logits = self._forward(cache, ids, pos, masks, last, packed_lengths=lengths)[0]
+            logits = self._forward(cache, ids, pos, masks, last, lengths, embeds)[0]
         except Exception:
             for s in fresh:
                 self.slots.drop(s.slot)
@@ -255,26 +267,49 @@ class HFEngine:
         return events + advance_all([s.row for s in fresh], logits, self.model_info)
 
     def _admit(self, request: SequenceRequest, fresh: list[_Sequence]) -> _Sequence:
-        """Validate a new request and give it an adapter slot."""
+        """Validate a new request and give it an adapter slot (a soft prompt needs none)."""
         running = {s.request.seq_id for s in self._sequences + fresh}
         check_request(request, self.model_info, running, self.max_batch_size)
         adapter = self.store.get(request.adapter) if request.adapter else None
-        slot = self.slots.hold(adapter) if adapter else 0
-        return _Sequence(Row.start(request, self.model_info), adapter, slot)
+        weights = adapter.weights if adapter else None
+        virtual = weights.virtual_tokens if isinstance(weights, PromptWeights) else 0
+        if virtual and len(request.prompt_ids) + virtual >= self.max_context:
+            raise InvalidRequest(
+                "prompt_ids", f"{len(request.prompt_ids)} tokens and the adapter's {virtual} "
+                f"virtual tokens do not fit {self.max_context}",
+            )  # fmt: skip
+        slot = self.slots.hold(adapter) if adapter and weights and weights.modules else 0
+        return _Sequence(Row.start(request, self.model_info, virtual), adapter, slot)
+
+    def _soft_prompted(self, ids: torch.Tensor, fresh: list[_Sequence]) -> torch.Tensor:
+        """The packed row's input embeddings with each soft prompt's virtual tokens before its
+        prompt's tokens ([1, positions, hidden]), as PEFT's prompt tuning feeds them."""
+        tokens = self.model.get_input_embeddings()(ids)[0]
+        pieces, start = [], 0
+        for seq in fresh:
+            prompt = seq.soft_prompt
+            if prompt is not None:
+                pieces.append(prompt.to(tokens.device, tokens.dtype))
+            pieces.append(tokens[start : start + len(seq.tokens)])
+            start += len(seq.tokens)
+        return torch.cat(pieces)[None]
 
     # ---- forward ------------------------------------------------------------------------
 
     def _forward(
         self, cache: BatchKVCache, ids: torch.Tensor, pos: torch.Tensor, masks: object,
         keep: int | torch.Tensor, packed_lengths: list[int] | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """One forward through the routing just set; returns the logits of the columns that
         `keep` names (transformers' logits_to_keep) [rows, kept, vocab]. `packed_lengths`:
-        the prompts of a packed row, which attention keeps apart (packed_attention.py)."""
+        the prompts of a packed row, which attention keeps apart (packed_attention.py).
+        `embeds`, when soft prompts are in the row, replaces `ids` as the input."""
+        inputs = {"input_ids": ids} if embeds is None else {"inputs_embeds": embeds}
         try:
             with torch.inference_mode():
                 out = self.model(
-                    input_ids=ids,
+                    **inputs,
                     position_ids=pos.clamp(min=0),
                     attention_mask=masks,
                     past_key_values=cache,
@@ -284,7 +319,7 @@ class HFEngine:
                 )
         finally:
             self.routing.clear()
-        cache.commit(ids.shape[1])
+        cache.commit(pos.shape[1])
         return out.logits.float()
 
     def _masks(self, build: Callable[[int | None], torch.Tensor]) -> object:
@@ -303,8 +338,7 @@ class HFEngine:
         owner = next(iter(refs)) if len(refs) == 1 else None
         self._owned_forwards = self._owned_forwards + 1 if owner == self._owner else 1
         self._owner = owner
-        # DoRA's gain scales the base's output too: no weight merge expresses it per slot
-        if owner is not None and self._should_merge() and not _uses_dora(active[0].adapter):
+        if owner is not None and self._should_merge() and _mergeable(active[0].adapter):
             owner_seq = active[0]
             assert owner_seq.adapter is not None
             self.merges.merge(owner, owner_seq.adapter)
@@ -372,9 +406,10 @@ def _layer_windows(model_config: object) -> dict[str, int | None] | None:
     return {kind: window if kind == "sliding_attention" else None for kind in kinds}
 
 
-def _uses_dora(adapter: LoadedAdapter | None) -> bool:
-    return (
-        isinstance(adapter, LoadedAdapter)
-        and isinstance(adapter.weights, LoraWeights)
-        and (adapter.weights.uses_dora)
-    )
+def _mergeable(adapter: LoadedAdapter | None) -> bool:
+    """LoRA and VeRA merge into the weights; DoRA's gain also scales the base's output, and a
+    soft prompt changes no weight."""
+    weights = adapter.weights if adapter else None
+    if isinstance(weights, LoraWeights):
+        return not weights.uses_dora
+    return isinstance(weights, VeraWeights)

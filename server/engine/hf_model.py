@@ -118,7 +118,9 @@ def prepare_base(
     install_output_head(config, model, tokenizer)
     shapes = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
     model_type = str(getattr(model.config, "model_type", "unknown"))
-    spec = BaseSpec(model_type=model_type, linear_shapes=shapes, max_rank=config.max_lora_rank)
+    embeddings: Any = model.get_input_embeddings()
+    hidden = int(embeddings.embedding_dim)
+    spec = BaseSpec(model_type, shapes, config.max_lora_rank, hidden_size=hidden)
     return LoadedBase(model, tokenizer, layers, spec, dtype)
 
 

@@ -87,9 +87,10 @@ class Row:
     tokens: list[int]  # the prompt, then each chosen token
     matcher: Matcher | None = None  # where the output stands in its format, if it has one
     finish: FinishReason | None = None
+    virtual: int = 0  # a soft prompt's virtual tokens before the prompt, in the cache too
 
     @classmethod
-    def start(cls, request: SequenceRequest, model: ModelInfo) -> Row:
+    def start(cls, request: SequenceRequest, model: ModelInfo, virtual: int = 0) -> Row:
         """A row for a request `check_request` passed."""
         params = request.sampling
         sampler = TokenSampler(params, request.prompt_ids, model.device)
@@ -98,7 +99,7 @@ class Row:
         if params.output_format is not None:
             assert model.grammars is not None  # check_request refuses the format otherwise
             matcher = model.grammars.matcher(params.output_format)
-        return cls(request, sampler, stream, list(request.prompt_ids), matcher)
+        return cls(request, sampler, stream, list(request.prompt_ids), matcher, virtual=virtual)
 
     def fail(self, problem: str) -> TokenEvent:
         self.finish = FinishReason.ERROR
@@ -137,7 +138,7 @@ class Row:
             self.finish = FinishReason.STOP
         elif generated >= params.max_new_tokens:
             self.finish = FinishReason.LENGTH
-        elif len(self.tokens) >= model.max_context:
+        elif len(self.tokens) + self.virtual >= model.max_context:
             self.finish = FinishReason.CONTEXT
         return text + self.stream.flush() if self.finish else text
 
