@@ -221,7 +221,8 @@ def server(
     args = ["--model", str(tiny_checkpoints["llama"]), "--quantization", "fp32",
             "--adapter-roots", str(adapter_dir.parent), "--adapter-cache", str(cache),
             "--adapter-sources", "hf", "--adapter-sources", f"{http_root}/",
-            "--adapter-sources", "s3://adapters/"]  # fmt: skip
+            "--adapter-sources", "s3://adapters/",
+            "--preload-adapters", "s3://adapters/team/good"]  # fmt: skip
     process = ServerProcess(args, work / "server.log", env=env)
     yield process, cache
     process.stop()
@@ -238,6 +239,8 @@ def test_remote_adapters_are_served_as_their_local_copy(
     process, cache = server
     remote = (f"{HUB_REPO}", f"{HUB_REPO}@main", f"{http_root}/good", "s3://adapters/team/good")
     with Client(process.target, timeout=120) as client:
+        preloaded = {a.adapter_id for a in client.list_adapters() if a.resident}
+        assert "s3://adapters/team/good" in preloaded  # --preload-adapters fetched it at start
         local = greedy(client, "local")
         assert local != greedy(client, "")
         for adapter_id in remote:
