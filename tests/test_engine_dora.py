@@ -119,6 +119,30 @@ def test_a_dora_adapter_is_never_merged_and_still_matches_peft(
     assert results["dora"].logprobs == pytest.approx(reference.logprobs, abs=1e-4)
 
 
+def test_a_dora_row_joining_a_merged_batch_takes_its_gain_from_the_unmerged_base(
+    tiny_checkpoints: dict[str, Path], tiny_adapter_roots: dict[str, Path],
+    dora_roots: dict[str, Path],
+) -> None:  # fmt: skip
+    checkpoint = tiny_checkpoints["llama"]
+    roots = [dora_roots["llama"], tiny_adapter_roots["llama"]]
+    config = EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_mode="merged",
+                          max_lora_rank=16)  # fmt: skip
+    engine = HFEngine.from_config(config, AdapterStore(roots))
+    p = prompts(checkpoint)
+    plan = [("lora", p[0], "rslora-all-r8")]  # owns the batch: merged into the weights
+    late = [("dora", p[1], "dora-all-rslora")]
+    merged_at_join: list[bool] = []
+    results = run(engine, {0: [request(engine, s, pr, a) for s, pr, a in plan],
+                           3: [request(engine, s, pr, a) for s, pr, a in late]},
+                  on_step=lambda step: merged_at_join.append(engine.merges.merged is not None)
+                  )  # fmt: skip
+    assert merged_at_join[2]  # the LoRA adapter was merged when the DoRA row arrived
+    reference = references(checkpoint, roots, engine, plan + late)
+    for seq_id in ("lora", "dora"):
+        assert results[seq_id].tokens == reference[seq_id].tokens, seq_id
+        assert results[seq_id].logprobs == pytest.approx(reference[seq_id].logprobs, abs=1e-4)
+
+
 def test_dora_refuses_other_scales_and_the_gguf_form(
     tiny_checkpoints: dict[str, Path], dora_roots: dict[str, Path]
 ) -> None:

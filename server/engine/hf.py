@@ -278,6 +278,8 @@ class HFEngine:
                 "prompt_ids", f"{len(request.prompt_ids)} tokens and the adapter's {virtual} "
                 f"virtual tokens do not fit {self.max_context}",
             )  # fmt: skip
+        if isinstance(weights, LoraWeights) and weights.uses_dora:
+            self.merges.unmerge()  # its gain is computed from the base's own weights
         slot = self.slots.hold(adapter) if adapter and weights and weights.modules else 0
         return _Sequence(Row.start(request, self.model_info, virtual), adapter, slot)
 

@@ -16,6 +16,8 @@ Other slots' gain is 1, so one multiply covers a mixed batch.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
@@ -55,6 +57,8 @@ class MultiAdapterLinear(nn.Module):
         self.vera_lb: torch.Tensor | None = None  # [slots, out]
         self.dora_slots: set[int] = set()
         self.dora_gain: torch.Tensor | None = None  # [slots, out], 1 where no DoRA
+        # each DoRA version's gain while its weights live, by its magnitude tensor's identity
+        self._gains: dict[int, tuple[weakref.ref[torch.Tensor], torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
@@ -154,15 +158,29 @@ class MultiAdapterLinear(nn.Module):
         self._set_dora(slot, module)
 
     def _set_dora(self, slot: int, module: LoraModule) -> None:
-        """The slot's DoRA gain, from the dense base weight (dequantized as PEFT does)."""
+        """The slot's DoRA gain, from the dense base weight (dequantized as PEFT does; the
+        engine unmerges before a DoRA adapter takes a slot). Computed once per adapter
+        version: about 1 ms a layer, which a loop step should not pay again."""
         if module.magnitude is None:
             self._clear_dora(slot)
             return
         if self.dora_gain is None:
             self.dora_gain = torch.ones((self.num_slots, self.out_features), device=self._device())
-        weight = dequantize_module_weight(self.base_layer)
-        self.dora_gain[slot] = module.dora_gain(weight.to(self.dora_gain.device))
+        self.dora_gain[slot] = self._gain_of(module)
         self.dora_slots.add(slot)
+
+    def _gain_of(self, module: LoraModule) -> torch.Tensor:
+        assert module.magnitude is not None and self.dora_gain is not None
+        key = id(module.magnitude)
+        cached = self._gains.get(key)
+        if cached is not None and cached[0]() is module.magnitude:
+            return cached[1]
+        weight = dequantize_module_weight(self.base_layer).to(self.dora_gain.device)
+        gain = module.dora_gain(weight)
+        # drop the gains of versions whose weights are gone, then keep this one's
+        self._gains = {k: v for k, v in self._gains.items() if v[0]() is not None}
+        self._gains[key] = (weakref.ref(module.magnitude), gain)
+        return gain
 
     def _clear_dora(self, slot: int) -> None:
         if slot in self.dora_slots and self.dora_gain is not None:
