@@ -121,7 +121,7 @@ class AdapterSources:
                 raise AdapterSourceRefused(
                     adapter_id, f"unknown source scheme {scheme!r}: use {', '.join(URL_SCHEMES)}"
                 )
-            if not any(e not in (LOCAL, HUB) and adapter_id.startswith(e) for e in self.allowed):
+            if not any(_within(adapter_id, e) for e in self.allowed if e not in (LOCAL, HUB)):
                 raise AdapterSourceRefused(
                     adapter_id, "this URL is outside the server's --adapter-sources allow-list"
                 )
@@ -150,6 +150,17 @@ class AdapterSources:
             _replace_folder(partial, self.cache / _cache_key(adapter_id))
         finally:
             shutil.rmtree(partial, ignore_errors=True)
+
+
+def _within(url: str, prefix: str) -> bool:
+    """Whether `url` lies under the allowed `prefix`: the same scheme and host (so a prefix
+    without its slash cannot admit another host or port), and the prefix's path on a segment
+    boundary."""
+    asked, allowed = urlsplit(url), urlsplit(prefix)
+    if (asked.scheme, asked.netloc.lower()) != (allowed.scheme, allowed.netloc.lower()):
+        return False
+    folder = allowed.path.rstrip("/")
+    return asked.path == folder or asked.path.startswith(folder + "/")
 
 
 def _cache_key(adapter_id: str) -> str:

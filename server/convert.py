@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Callable
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import jinja2
 
@@ -65,11 +65,13 @@ def _check_adapter_url(url: str, field: str) -> str:
             f"{', '.join(ADAPTER_URL_SCHEMES)} URLs, hub ids or adapter folder names",
         )
     bad_chars = any(c.isspace() or not c.isprintable() for c in url)
-    if not parts.netloc or bad_chars or len(url) > MAX_ADAPTER_URL_CHARS:
+    # dot segments (plain or percent-encoded) would step out of an allowed folder
+    dots = any(part in (".", "..") for part in unquote(parts.path).split("/"))
+    if not parts.netloc or bad_chars or dots or len(url) > MAX_ADAPTER_URL_CHARS:
         raise InvalidRequest(
             field,
-            f"{url[:100]!r} is not an adapter URL: scheme://host/folder, printable, at most "
-            f"{MAX_ADAPTER_URL_CHARS} characters",
+            f"{url[:100]!r} is not an adapter URL: scheme://host/folder, printable, no '.' or "
+            f"'..' segments, at most {MAX_ADAPTER_URL_CHARS} characters",
         )
     return url
 

@@ -171,6 +171,11 @@ def test_sources_outside_the_allow_list_are_refused_before_any_transfer(
     other_prefix = AdapterSources([], tmp_path / "cache", [f"{http_root}/other/"])
     with pytest.raises(AdapterSourceRefused, match="allow-list"):
         other_prefix.fetch(f"{http_root}/good")
+    no_slash = AdapterSources([], tmp_path / "cache", ["http://127.0.0.1:80", "s3://adapters"])
+    for elsewhere in ("http://127.0.0.1:8080/good", "http://127.0.0.1:80.evil.example/good",
+                      "s3://adapters-other/good"):  # fmt: skip
+        with pytest.raises(AdapterSourceRefused, match="allow-list"):
+            no_slash.fetch(elsewhere)
     assert cached_entries(tmp_path / "cache") == []
 
 
@@ -197,6 +202,8 @@ def test_ids_and_allow_list_entries_are_checked() -> None:
         ("../x", "not an adapter"),
         ("http:///nohost", "not an adapter URL"),
         ("a b", "not an adapter"),
+        ("https://h/ok/../../secret", "segments"),
+        ("https://h/ok/%2e%2e/secret", "segments"),
     ):
         with pytest.raises(InvalidRequest, match=match):
             convert.check_adapter_id(bad)  # fmt: skip
