@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ from loraplex.server.engine.gguf_serving import AdapterLimits, build_gguf_backen
 
 pytestmark = pytest.mark.gguf
 
-LLAMA_CPP = Path(sys.prefix) / "share" / "llama.cpp-convert-0.3.36"
+# where scripts/setup.sh keeps the converters of the llama-cpp-python release it installed
+LLAMA_CPP = Path(sys.prefix) / "share" / f"llama.cpp-convert-{version('llama-cpp-python')}"
 RANK, ALPHA = 4, 8
 COMMON: dict[str, Any] = {
     "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
