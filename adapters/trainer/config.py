@@ -31,7 +31,8 @@ class TrainConfig(BaseModelConfig):
     data: Path | None = Field(default=None, description="training JSONL file")
     task: str | None = Field(
         default=None,
-        description="a built-in task (json-extract, date-iso, concise) instead of --data",
+        description="a built-in task (json-extract, date-iso, concise, short-answer) instead of "
+        "--data",
     )
     output: Path | None = Field(
         default=None, description="adapter directory to write (its name is the adapter id)"

@@ -130,6 +130,11 @@ def concise_row(rng: random.Random) -> Row:
     }
 
 
+def short_answer_row(rng: random.Random) -> Row:
+    question, answer = _question(rng)
+    return {"prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}."}
+
+
 def _question(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(3)
     if kind == 0:
@@ -181,6 +186,14 @@ TASKS = {
             300,
             60,
             "prefer a short direct answer over a rambling one",
+        ),
+        Task(
+            "short-answer",
+            "sft",
+            short_answer_row,
+            3000,
+            60,
+            "answer a question in one short line, then stop",
         ),
     ]
 }

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from bad_inputs import BAD_GENERATIONS, write_bad_adapters
 from server_process import ServerProcess
 
+from loraplex.adapters.trainer import evaluate
+from loraplex.adapters.trainer.config import EvalConfig
 from loraplex.adapters.trainer.defaults import DEFAULTS_DIR, default_adapter_ids
 from loraplex.adapters.trainer.tasks import TASKS as TASKS_BY_NAME
 from loraplex.clients import Client
@@ -57,6 +60,23 @@ def test_each_shipped_adapter_answers_its_task(server: tuple[ServerProcess, str]
 
 
 TASKS_DATA = {task: TASKS_BY_NAME[task].path("test") for task in TASKS}
+OUTSIDE = Path(__file__).parents[1] / "outside_questions.jsonl"  # none is in its data
+
+
+@pytest.mark.parametrize("data", ["held-out", "outside"])
+def test_short_answer_ends_by_itself_within_ten_words(
+    server: tuple[ServerProcess, str], data: str
+) -> None:
+    """Greedy, 24 new tokens, as served with default flags: the adapter's answer ends with
+    the model's own end token within 10 words on >= 90% of the prompts; the base's do not."""
+    config = EvalConfig(
+        adapter=DEFAULTS_DIR / "short-answer", server=server[0].target, metric="stops",
+        max_new_tokens=24, **({"task": "short-answer", "limit": 20} if data == "held-out"
+                              else {"data": OUTSIDE}),
+    )  # fmt: skip
+    scores = evaluate.run(config)
+    assert scores["adapter_stops"] >= 0.9, scores
+    assert scores["base_stops"] < scores["adapter_stops"], scores
 
 
 @pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
