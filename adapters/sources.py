@@ -39,6 +39,7 @@ HUB_ID = re.compile(
 REMOTE_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # a remote adapter is a PEFT folder
 CHUNK_BYTES = 1 << 20
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10.0, 60.0
+FETCH_LOCKS = 64
 
 
 def is_url(adapter_id: str) -> bool:
@@ -77,8 +78,9 @@ class AdapterSources:
         self.cache = Path(cache)
         self.allowed = parse_allowed(allowed)
         self.max_download_bytes = max_download_bytes
-        self._locks: dict[str, threading.Lock] = {}
-        self._locks_guard = threading.Lock()
+        # fetches of one id wait for each other; a fixed set of locks, so that ids that are
+        # asked once (a typo, a 404) leave nothing behind
+        self._locks = [threading.Lock() for _ in range(FETCH_LOCKS)]
 
     def locate(self, adapter_id: str) -> Path:
         """The folder the store reads the adapter from; never downloads."""
@@ -128,12 +130,8 @@ class AdapterSources:
         elif HUB not in self.allowed:
             raise AdapterSourceRefused(adapter_id, "hub ids need 'hf' in --adapter-sources")
 
-    @contextmanager
-    def _lock_for(self, adapter_id: str) -> Iterator[None]:
-        with self._locks_guard:
-            lock = self._locks.setdefault(adapter_id, threading.Lock())
-        with lock:
-            yield
+    def _lock_for(self, adapter_id: str) -> threading.Lock:
+        return self._locks[int(_cache_key(adapter_id), 16) % FETCH_LOCKS]
 
     def _download(self, adapter_id: str) -> None:
         """Into a hidden partial folder, checked, then renamed into place."""

@@ -10,12 +10,15 @@ give its greedy tokens exactly (and differ from the base's).
 
 from __future__ import annotations
 
+import collections
 import functools
 import http.server
 import shutil
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from grpc_helpers import free_port
@@ -42,10 +45,17 @@ PROMPT = "Hello there"
 
 
 class LyingHandler(http.server.SimpleHTTPRequestHandler):
-    """A static file server whose HEAD replies under /liar/ declare half the file's size."""
+    """A static file server whose HEAD replies under /liar/ declare half the file's size;
+    it counts the GETs of each path."""
+
+    gets: ClassVar[collections.Counter[str]] = collections.Counter()
 
     def log_message(self, *args: object) -> None:
         pass
+
+    def do_GET(self) -> None:
+        LyingHandler.gets[self.path] += 1
+        super().do_GET()
 
     def send_header(self, keyword: str, value: str) -> None:
         if (
@@ -135,6 +145,27 @@ def test_an_http_folder_is_downloaded_once_with_its_files_intact(
         assert (folder / name).read_bytes() == (adapter_dir / name).read_bytes()
     assert (folder / "source.txt").read_text().strip() == url
     assert len(cached_entries(tmp_path / "cache")) == 1  # no partial folder left beside it
+
+
+def test_requests_for_one_new_adapter_at_once_download_it_once(
+    adapter_dir: Path, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(adapter_dir, served / "twice")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(LyingHandler, directory=str(served))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{server.server_address[1]}/"
+    sources = AdapterSources([], tmp_path / "cache", [root])
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda _: sources.fetch(root + "twice"), range(4)))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert LyingHandler.gets["/twice/adapter_model.safetensors"] == 1
+    assert len(cached_entries(tmp_path / "cache")) == 1
 
 
 def test_an_s3_folder_is_downloaded(adapter_dir: Path, s3_env: None, tmp_path: Path) -> None:
