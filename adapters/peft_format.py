@@ -37,6 +37,10 @@ MAX_CONFIG_BYTES = 1 << 20
 KEY_PREFIX = "base_model.model."
 LORA_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b"}
 DORA_SUFFIXES = {**LORA_SUFFIXES, ".lora_magnitude_vector": "m"}
+LORA_PARTS = {  # by use_dora: what each adapted module must hold
+    False: "both lora_A and lora_B",
+    True: "lora_A, lora_B and lora_magnitude_vector (use_dora)",
+}
 VERA_SUFFIXES = {".vera_lambda_d": "lambda_d", ".vera_lambda_b": "lambda_b"}
 VERA_PROJECTION_KEYS = ("base_model.vera_A", "base_model.vera_B")
 LOADABLE_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -278,9 +282,7 @@ def _parse_lora(
     modules: dict[str, LoraModule] = {}
     for name, parts in _group_by_module(adapter_id, tensors, suffixes, ()).items():
         if set(parts) != parts_needed:
-            needs = "lora_A, lora_B and lora_magnitude_vector (use_dora)" if dora else (
-                "both lora_A and lora_B")  # fmt: skip
-            raise InvalidAdapter(adapter_id, f"{name} needs {needs}")
+            raise InvalidAdapter(adapter_id, f"{name} needs {LORA_PARTS[dora]}")
         in_features, out_features = _base_shape(adapter_id, name, base)
         rank = int(_pattern_value(rank_pattern, name, config.get("r", 8)))
         if not 1 <= rank <= base.max_rank:

@@ -96,10 +96,12 @@ class AdapterSources:
             return True
         if hub["revision"]:
             return False
+        if HUB not in self.allowed:
+            return True  # no disk look-up on each request of a server without hub sources
         try:
             resolve_adapter_dir(adapter_id, self.roots)
         except AdapterError:
-            return HUB not in self.allowed
+            return False
         return True
 
     def _check_allowed(self, adapter_id: str) -> None:

@@ -30,7 +30,7 @@ from loraplex.adapters.gguf_lora import GGUF_LORA_FILE
 from loraplex.adapters.paths import resolve_adapter_dir, scan_adapter_ids
 from loraplex.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, BaseSpec, read_adapter
 from loraplex.adapters.types import AdapterInfo, AdapterRef, StoreEvents
-from loraplex.adapters.weights import AdapterWeights, LoadedAdapter, tensors_nbytes
+from loraplex.adapters.weights import AdapterWeights, LoadedAdapter, LoraWeights, tensors_nbytes
 
 Key = tuple[str, int]  # (adapter id, version)
 AdapterReader = Callable[[str, Path, BaseSpec], AdapterWeights]  # (id, directory, base)
@@ -187,7 +187,7 @@ class AdapterStore:
             adapter = self._current.get(adapter_id)
         if adapter is None:
             adapter = self._load(adapter_id, reuse_unchanged=False)
-        if scale != 1.0 and getattr(adapter.weights, "uses_dora", False):
+        if scale != 1.0 and isinstance(adapter.weights, LoraWeights) and adapter.weights.uses_dora:
             raise InvalidAdapter(
                 adapter_id,
                 "use_dora: a DoRA adapter runs at adapter_scale 1 only (its magnitude is "

@@ -11,13 +11,20 @@ import torch
 from engine_driver import run
 from peft import LoraConfig, get_peft_model
 from peft_adapters import Reference, greedy_reference, load_reference
-from test_engine_oracle import LOGPROB_TOLERANCE, NEW_TOKENS, make_engine, prompts, request
+from test_engine_oracle import (
+    LOGPROB_TOLERANCE,
+    NEW_TOKENS,
+    Plan,
+    adapter_folder,
+    make_engine,
+    prompts,
+    request,
+    run_plan,
+)
 from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.errors import InvalidAdapter
 from loraplex.adapters.gguf_export import adapter_as_lora
-from loraplex.adapters.store import AdapterStore
-from loraplex.server.engine.config import EngineConfig
 from loraplex.server.engine.hf import HFEngine
 from loraplex.server.engine.hf_model import quantization_kwargs, uses_fused_kernel
 
@@ -62,14 +69,14 @@ def dora_roots(tiny_checkpoints: dict[str, Path], tmp_path_factory: pytest.TempP
     return roots
 
 
-def references(checkpoint: Path, roots: list[Path], engine: HFEngine,
-               plan: list[tuple[str, list[int], str | None]]) -> dict[str, Reference]:  # fmt: skip
+def references(
+    checkpoint: Path, roots: list[Path], engine: HFEngine, plan: Plan
+) -> dict[str, Reference]:
     kwargs = quantization_kwargs(engine.config, engine.device)
     fused = uses_fused_kernel(engine.config)
     found = {}
     for seq_id, prompt, adapter in plan:
-        folder = next((r / adapter for r in roots if adapter and (r / adapter).is_dir()), None)
-        model = load_reference(checkpoint, folder, fused, **kwargs)
+        model = load_reference(checkpoint, adapter_folder(roots, adapter), fused, **kwargs)
         found[seq_id] = greedy_reference(model, prompt, NEW_TOKENS)
     return found
 
@@ -83,18 +90,12 @@ def test_dora_rows_equal_peft_in_a_batch_mixed_with_lora_vera_and_base(
 ) -> None:  # fmt: skip
     checkpoint = tiny_checkpoints[family]
     roots = [dora_roots[family], tiny_adapter_roots[family]]
-    engine = HFEngine.from_config(
-        EngineConfig(checkpoint=checkpoint, quantization=quantization, adapter_mode="batched",
-                     max_lora_rank=16),
-        AdapterStore(roots),
-    )  # fmt: skip
+    engine = make_engine(checkpoint, roots, quantization)
     p = prompts(checkpoint)
     names: list[str | None] = [None, *DORA_CONFIGS, *OTHERS]
     plan = [(f"{name}-{i}", p[i], name) for i in (0, 1) for name in names]
-    late = [("dora-late", p[2], "dora-all-rslora")]  # joins mid-run: a packed prefill
-    arrivals = {0: [request(engine, s, pr, a) for s, pr, a in plan],
-                3: [request(engine, s, pr, a) for s, pr, a in late]}  # fmt: skip
-    results = run(engine, arrivals)
+    late: Plan = [("dora-late", p[2], "dora-all-rslora")]  # joins mid-run: a packed prefill
+    results = run_plan(engine, plan, late)
     expected = references(checkpoint, roots, engine, plan + late)
     for seq_id, reference in expected.items():
         assert results[seq_id].tokens == reference.tokens, seq_id
@@ -125,9 +126,7 @@ def test_a_dora_row_joining_a_merged_batch_takes_its_gain_from_the_unmerged_base
 ) -> None:  # fmt: skip
     checkpoint = tiny_checkpoints["llama"]
     roots = [dora_roots["llama"], tiny_adapter_roots["llama"]]
-    config = EngineConfig(checkpoint=checkpoint, quantization="fp32", adapter_mode="merged",
-                          max_lora_rank=16)  # fmt: skip
-    engine = HFEngine.from_config(config, AdapterStore(roots))
+    engine = make_engine(checkpoint, roots, "fp32", mode="merged")
     p = prompts(checkpoint)
     plan = [("lora", p[0], "rslora-all-r8")]  # owns the batch: merged into the weights
     late = [("dora", p[1], "dora-all-rslora")]

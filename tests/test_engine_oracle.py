@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_driver import record_grouping, run
+from engine_driver import Result, record_grouping, run
 from peft_adapters import ADAPTER_CONFIGS, greedy_reference, load_reference
 from transformers import AutoTokenizer
 
@@ -22,11 +22,27 @@ NEW_TOKENS = 12
 LOGPROB_TOLERANCE = {"fp32": 1e-4, "nf4": 3e-3}
 
 
-def make_engine(checkpoint: Path, root: Path, quantization: str, mode: str = "batched") -> HFEngine:
+Plan = list[tuple[str, list[int], str | None]]  # (sequence id, prompt, adapter or None)
+
+
+def make_engine(
+    checkpoint: Path, roots: Path | list[Path], quantization: str, mode: str = "batched"
+) -> HFEngine:
     config = EngineConfig(
         checkpoint=checkpoint, quantization=quantization, adapter_mode=mode, max_lora_rank=16
     )
-    return HFEngine.from_config(config, AdapterStore([root]))
+    return HFEngine.from_config(config, AdapterStore(roots if isinstance(roots, list) else [roots]))
+
+
+def run_plan(engine: HFEngine, plan: Plan, late: Plan) -> dict[str, Result]:
+    """`plan` joins at the first step, `late` at the fourth (a packed prefill of its own)."""
+    return run(engine, {0: [request(engine, s, pr, a) for s, pr, a in plan],
+                        3: [request(engine, s, pr, a) for s, pr, a in late]})  # fmt: skip
+
+
+def adapter_folder(roots: list[Path], adapter: str | None) -> Path | None:
+    """The folder PEFT loads an adapter id from (None: the base)."""
+    return next((r / adapter for r in roots if adapter and (r / adapter).is_dir()), None)
 
 
 def prompts(checkpoint: Path) -> list[list[int]]:

@@ -19,7 +19,15 @@ import torch
 from engine_driver import run
 from peft import PromptTuningConfig, TaskType, get_peft_model
 from peft_adapters import Reference, linear_spec, load_reference
-from test_engine_oracle import LOGPROB_TOLERANCE, prompts, request
+from test_engine_oracle import (
+    LOGPROB_TOLERANCE,
+    Plan,
+    adapter_folder,
+    make_engine,
+    prompts,
+    request,
+    run_plan,
+)
 from transformers import AutoModelForCausalLM
 
 from loraplex.adapters.errors import InvalidAdapter
@@ -82,24 +90,17 @@ def test_soft_prompt_rows_equal_peft_in_a_batch_mixed_with_lora_and_base(
 ) -> None:  # fmt: skip
     checkpoint = tiny_checkpoints[family]
     roots = [soft_roots[family], tiny_adapter_roots[family]]
-    engine = HFEngine.from_config(
-        EngineConfig(checkpoint=checkpoint, quantization=quantization, adapter_mode="batched",
-                     max_lora_rank=16),
-        AdapterStore(roots),
-    )  # fmt: skip
+    engine = make_engine(checkpoint, roots, quantization)
     p = prompts(checkpoint)
     names: list[str | None] = [None, *SOFT_PROMPTS, "lora-qv-r4"]
     plan = [(f"{name}-{i}", p[i], name) for i in (0, 1) for name in names]
-    late = [("soft-late", p[2], "soft-12"), ("lora-late", p[2], "lora-qv-r4")]  # packed together
-    arrivals = {0: [request(engine, s, pr, a) for s, pr, a in plan],
-                3: [request(engine, s, pr, a) for s, pr, a in late]}  # fmt: skip
-    results = run(engine, arrivals)
+    late: Plan = [("soft-late", p[2], "soft-12"), ("lora-late", p[2], "lora-qv-r4")]
+    results = run_plan(engine, plan, late)  # the late ones share a packed prefill
 
     kwargs = quantization_kwargs(engine.config, engine.device)
     fused = uses_fused_kernel(engine.config)
     for seq_id, prompt, adapter in plan + late:
-        folder = next((r / adapter for r in roots if adapter and (r / adapter).is_dir()), None)
-        model = load_reference(checkpoint, folder, fused, **kwargs)
+        model = load_reference(checkpoint, adapter_folder(roots, adapter), fused, **kwargs)
         reference = forward_reference(model, prompt, results[seq_id].tokens)
         assert results[seq_id].tokens == reference.tokens, seq_id
         tolerance = LOGPROB_TOLERANCE[quantization]

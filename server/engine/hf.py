@@ -23,7 +23,13 @@ from transformers import PreTrainedModel
 from loraplex.adapters.errors import AdapterError
 from loraplex.adapters.store import AdapterStore
 from loraplex.adapters.types import AdapterRef
-from loraplex.adapters.weights import LoadedAdapter, LoraWeights, PromptWeights, VeraWeights
+from loraplex.adapters.weights import (
+    LoadedAdapter,
+    LoraWeights,
+    PromptWeights,
+    VeraWeights,
+    virtual_tokens,
+)
 from loraplex.server.device import pick_device, torch_threads
 from loraplex.server.engine import grammar, packed_attention
 from loraplex.server.engine.api import SamplingParams, SequenceRequest, StepPlan, TokenEvent
@@ -272,7 +278,7 @@ class HFEngine:
         check_request(request, self.model_info, running, self.max_batch_size)
         adapter = self.store.get(request.adapter) if request.adapter else None
         weights = adapter.weights if adapter else None
-        virtual = weights.virtual_tokens if isinstance(weights, PromptWeights) else 0
+        virtual = virtual_tokens(weights)
         if virtual and len(request.prompt_ids) + virtual >= self.max_context:
             raise InvalidRequest(
                 "prompt_ids", f"{len(request.prompt_ids)} tokens and the adapter's {virtual} "
