@@ -16,8 +16,9 @@ for task in "${tasks[@]}"; do
     date-iso) args=(--method sft --max-steps 16 --batch-size 8 --learning-rate 2e-3); gen=16; limit=0 ;;
     json-extract) args=(--method sft --max-steps 12 --batch-size 8 --learning-rate 2e-3); gen=40; limit=30 ;;
     concise) args=(--method dpo --max-steps 8 --batch-size 4 --learning-rate 8e-4 --beta 0.1); gen=24; limit=30 ;;
-    short-answer) args=(--method sft --max-steps 300 --batch-size 8 --learning-rate 2e-3 --rank 16 --alpha 32
-                        --max-length 64 --logging-steps 20); gen=24; limit=0 ;;
+    short-answer) args=(--method sft --max-steps 280 --batch-size 16 --learning-rate 1e-3 --warmup-ratio 0.1
+                        --optimizer adamw_torch --rank 16 --alpha 32 --max-length 64 --logging-steps 20)
+                  gen=24; limit=0 ;;
     *) echo "unknown task $task" >&2; exit 2 ;;
   esac
   /usr/bin/time -v -o "$out/$task.time.txt" .venv/bin/loraplex train-adapter --task "$task" \

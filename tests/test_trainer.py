@@ -248,3 +248,16 @@ def test_packing_and_report_to_are_checked(tmp_path: Path) -> None:
     config = make_config(tmp_path, tmp_path / "o", tmp_path / "c", report_to="tensorboard, wandb")
     args = train._trl_args(config, torch.device("cpu"), has_eval=False)
     assert args.report_to == ["tensorboard", "wandb"] and args.eval_strategy == "no"
+
+
+@pytest.mark.parametrize(
+    ("choice", "device", "expected"),
+    [("auto", "cpu", False), ("auto", "cuda", True), ("on", "cpu", True), ("off", "cuda", False)],
+)
+def test_gradient_checkpointing_is_on_where_memory_is_short(
+    tmp_path: Path, choice: str, device: str, expected: bool
+) -> None:
+    """TRL turns it on by default; on the CPU it only slows each step."""
+    config = make_config(tmp_path, tmp_path / "o", tmp_path / "c", gradient_checkpointing=choice)
+    common = train._common_args(config, torch.device(device), has_eval=False)
+    assert common["gradient_checkpointing"] is expected

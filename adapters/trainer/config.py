@@ -145,6 +145,11 @@ class TrainConfig(BaseModelConfig):
         description="SFT: pack several examples into each --max-length sequence (fewer, "
         "fuller batches on short rows; the loss still covers completions only)",
     )
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="recompute activations in the backward pass to save memory (auto: on "
+        "CUDA only; on the CPU memory is seldom short and it costs about a sixth of each step)",
+    )
 
     @model_validator(mode="after")
     def _grpo_has_rewards_and_whole_groups(self) -> TrainConfig:

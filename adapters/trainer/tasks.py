@@ -131,15 +131,21 @@ def concise_row(rng: random.Random) -> Row:
 
 
 def short_answer_row(rng: random.Random) -> Row:
-    question, answer = _question(rng)
+    # Sums are most of the rows: the base recalls capitals and opposites already, but has to
+    # learn to add (its held-out rows are all sums, the prompts that never repeat).
+    question, answer = _sum_question(rng) if rng.random() < 0.6 else _question(rng)
     return {"prompt": f"Question: {question}\nAnswer:", "completion": f" {answer}."}
+
+
+def _sum_question(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(2, 49), rng.randint(2, 49)
+    return f"What is {a} plus {b}?", str(a + b)
 
 
 def _question(rng: random.Random) -> tuple[str, str]:
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randint(2, 49), rng.randint(2, 49)
-        return f"What is {a} plus {b}?", str(a + b)
+        return _sum_question(rng)
     if kind == 1:
         country = rng.choice(sorted(COUNTRIES))
         return f"What is the capital of {country}?", COUNTRIES[country]

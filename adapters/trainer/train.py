@@ -235,11 +235,16 @@ def _common_args(config: TrainConfig, device: torch.device, has_eval: bool) -> d
         "report_to": [name.strip() for name in config.report_to.split(",") if name.strip()],
         "disable_tqdm": not config.progress,
         "bf16": compute_dtype(device) == torch.bfloat16,
+        "gradient_checkpointing": _gradient_checkpointing(config.gradient_checkpointing, device),
         "use_cpu": device.type == "cpu",
         "max_length": config.max_length,
         "dataset_num_proc": None,
     }
     return common
+
+
+def _gradient_checkpointing(choice: str, device: torch.device) -> bool:
+    return choice == "on" or (choice == "auto" and device.type == "cuda")
 
 
 def checkpoint_dir(config: TrainConfig) -> Path:

@@ -79,6 +79,17 @@ def test_short_answer_ends_by_itself_within_ten_words(
     assert scores["base_stops"] < scores["adapter_stops"], scores
 
 
+def test_short_answer_adds(server: tuple[ServerProcess, str]) -> None:
+    """Its held-out prompts are two-digit sums none of its rows holds; the base gets few."""
+    config = EvalConfig(
+        adapter=DEFAULTS_DIR / "short-answer", server=server[0].target, metric="exact",
+        max_new_tokens=24, task="short-answer", limit=20,
+    )  # fmt: skip
+    scores = evaluate.run(config)
+    assert scores["adapter_exact"] >= 0.8, scores
+    assert scores["base_exact"] < 0.5, scores
+
+
 @pytest.mark.parametrize(("options", "code", "named"), BAD_GENERATIONS)
 def test_bad_generation_requests(
     server: tuple[ServerProcess, str], options: dict, code: grpc.StatusCode, named: str
