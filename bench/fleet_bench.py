@@ -22,23 +22,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.clients import AsyncClient, Client
 
 PROXY = "127.0.0.1:9000"
+HTTP_PROXY = "http://127.0.0.1:8000"  # the OpenAI API through Serve's HTTP proxy
 
 
 @dataclass(frozen=True)
@@ -57,18 +60,33 @@ def zipf_trace(adapters: list[str], n: int, seed: int, alpha: float = 1.1) -> li
     return [adapters[order[i]] for i in picks]
 
 
+SendOne = Callable[[str], Awaitable[Sent]]  # one request for an adapter ("" for the base)
+
+
+@contextlib.asynccontextmanager
+async def sender(target: str, new_tokens: int, prompt: str = "Hi") -> AsyncIterator[SendOne]:
+    """Requests to `target`: streamed over gRPC, or, for an http:// target, OpenAI
+    completions over HTTP (`model` naming the adapter)."""
+    if target.startswith("http://"):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+            yield lambda adapter_id: send_http(session, target, adapter_id, new_tokens, prompt)
+    else:
+        async with AsyncClient(target, timeout=300) as client:
+            yield lambda adapter_id: send(client, adapter_id, new_tokens, prompt)
+
+
 async def run_trace(
     target: str, adapters: list[str], concurrency: int, new_tokens: int, prompt: str = "Hi"
 ) -> list[Sent]:
-    """Closed-loop clients streaming one request each at a time, in trace order."""
+    """Closed-loop clients sending one request each at a time, in trace order."""
     queue = list(enumerate(adapters))
     sent: list[Sent] = []
-    async with AsyncClient(target, timeout=300) as client:
+    async with sender(target, new_tokens, prompt) as send_one:
 
         async def worker() -> None:
             while queue:
                 _, adapter_id = queue.pop(0)
-                sent.append(await send(client, adapter_id, new_tokens, prompt))
+                sent.append(await send_one(adapter_id))
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     return sent
@@ -80,12 +98,12 @@ async def run_open_loop(
     """Requests arriving as a seeded Poisson process of `rate` a second, in trace order,
     each sent at its arrival whatever is still running (as users arrive)."""
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, size=len(adapters))
-    async with AsyncClient(target, timeout=300) as client:
+    async with sender(target, new_tokens, prompt) as send_one:
         started = time.perf_counter()
         tasks = []
         for arrival, adapter_id in zip(np.cumsum(gaps), adapters, strict=True):
             await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(send(client, adapter_id, new_tokens, prompt)))
+            tasks.append(asyncio.ensure_future(send_one(adapter_id)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -104,6 +122,32 @@ async def send(
         tokens += len(chunk.token_ids)
     end = time.perf_counter()
     return Sent(adapter_id, (first or end) - started, end - started, tokens)
+
+
+async def send_http(
+    session: aiohttp.ClientSession, url: str, adapter_id: str, new_tokens: int, prompt: str
+) -> Sent:
+    """One OpenAI completion, whole, retried after a 503 as the openai SDK retries it; the
+    base model is asked for by its listed name."""
+    started = time.perf_counter()
+    model = adapter_id or await _base_model_name(session, url)
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens}
+    while True:
+        async with session.post(f"{url}/v1/completions", json=body) as reply:
+            if reply.status == 503:
+                await asyncio.sleep(float(reply.headers.get("retry-after", "1")))
+                continue
+            reply.raise_for_status()
+            tokens = int((await reply.json())["usage"]["completion_tokens"])
+            break
+    took = time.perf_counter() - started
+    return Sent(adapter_id, took, took, tokens)
+
+
+async def _base_model_name(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(f"{url}/v1/models") as reply:
+        reply.raise_for_status()
+        return str((await reply.json())["data"][0]["id"])
 
 
 def adapter_loads(metrics_ports: Sequence[int]) -> int:
@@ -153,11 +197,15 @@ class DuplicateWatch:
 
 def placement(
     config: Any, adapters: list[str], requests: int, seed: int, clients: int = 4,
-    rate: float = 0.0,
+    rate: float = 0.0, via: str = "grpc",
 ) -> dict[str, Any]:  # fmt: skip
-    """The Zipf trace through the proxy, on the fleet `config` describes, sent by `clients`
-    closed-loop clients or, given a `rate`, as Poisson arrivals: cold loads and duplicates
-    seen."""
+    """The Zipf trace through Serve's gRPC proxy, or its HTTP proxy as OpenAI completions, on
+    the fleet `config` describes, sent by `clients` closed-loop clients or, given a `rate`, as
+    Poisson arrivals: cold loads and duplicates seen.
+
+    Over gRPC one router (the proxy's) places every request. Over HTTP the proxy hands each
+    request to any replica, whose own handle then routes it by adapter: each replica's
+    router places on its own, with its own memory of recent placements."""
     from loraplex.server.fleet.registry import Registry
 
     replicas = Registry.named(config.registry).replicas()
@@ -165,12 +213,13 @@ def placement(
     before = adapter_loads(ports)
     trace = zipf_trace(adapters, requests, seed)
     targets = [r.grpc for r in replicas.values()]
+    proxy = HTTP_PROXY if via == "http" else PROXY
     with DuplicateWatch(targets, config.max_resident_adapters) as watch:
         if rate > 0:
-            sent = asyncio.run(run_open_loop(PROXY, trace, rate, seed, new_tokens=4))
+            sent = asyncio.run(run_open_loop(proxy, trace, rate, seed, new_tokens=4))
         else:
-            sent = asyncio.run(run_trace(PROXY, trace, concurrency=clients, new_tokens=4))
-    return {"router": config.router, "requests": len(sent),
+            sent = asyncio.run(run_trace(proxy, trace, concurrency=clients, new_tokens=4))
+    return {"router": config.router, "via": via, "requests": len(sent),
             "cold_loads": adapter_loads(ports) - before,
             "duplicates": sorted(watch.duplicates), "polls": watch.polls}  # fmt: skip
 
@@ -257,6 +306,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.0,
         help="send the trace as Poisson arrivals of this many a second instead of by clients",
     )
+    add(
+        "--via",
+        choices=("grpc", "http"),
+        default="grpc",
+        help="send the placement trace over gRPC or as OpenAI completions over HTTP",
+    )
     add("--max-batch-sequences", type=int, default=4, help="per replica (the fleet's: 16)")
     add("--max-queue", type=int, default=4, help="per replica, beyond a batch (the fleet's: 64)")
     add("--rounds", type=int, default=3, help="overhead rounds (alternating order)")
@@ -297,7 +352,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if "placement" in parts:
             seeds = [int(s) for s in args.seeds.split(",")]
             results["placement"] = placements(
-                base, adapters, args.requests, seeds, args.clients, args.rate
+                base, adapters, args.requests, seeds, args.clients, args.rate, args.via
             )
         if "holder" in parts:
             affinity = replace(base, registry="fleet-bench-holder")
@@ -318,6 +373,7 @@ def placements(
     seeds: list[int],
     clients: int,
     rate: float = 0.0,
+    via: str = "grpc",
 ) -> dict[str, Any]:
     """The placement trace once per seed and router, each on fresh replicas: cold loads
     summed over the seeds, and their ratio."""
@@ -329,7 +385,7 @@ def placements(
             config = replace(base, router=router, registry=f"fleet-bench-{router}-{seed}")
             app.deploy(config)  # a new registry name: a new version, fresh replicas
             seen.append(
-                {"seed": seed, **placement(config, adapters, requests, seed, clients, rate)}
+                {"seed": seed, **placement(config, adapters, requests, seed, clients, rate, via)}
             )
             print(f"placement seed {seed} {router}: {seen[-1]['cold_loads']} cold loads, "
                   f"duplicates {seen[-1]['duplicates']}", flush=True)  # fmt: skip

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from openai import APIStatusError, OpenAI
+from openai import APIStatusError, APITimeoutError, OpenAI
 
 from loraplex.bench.fleet_bench import PROXY, full_holder, placement, resident
 from loraplex.clients import Client
@@ -111,7 +113,32 @@ def http_checks(replicas: dict[str, ReplicaAddress]) -> dict[str, Any]:
     seen["http_loaded_on"] = sum("a06" in resident(r.grpc) for r in replicas.values())
     admin.post("/unload_lora_adapter", body=load, cast_to=object)
     seen["http_after_unload_on"] = sum("a06" in resident(r.grpc) for r in replicas.values())
+    seen["http_burst_answered"] = http_burst(fleet_url)
     return seen
+
+
+def http_burst(fleet_url: str, requests: int = 48, deadline_s: float = 90) -> int:
+    """Three times as many requests at once as the fleet has Serve slots (2 x 8), on all 16
+    adapters: how many are answered within the deadline, a 503 retried after its
+    Retry-After as the openai SDK retries it."""
+    client = OpenAI(base_url=fleet_url, api_key=GENERATE_TOKEN, max_retries=0, timeout=30)
+    end = time.monotonic() + deadline_s
+
+    def ask(i: int) -> bool:
+        while time.monotonic() < end:
+            try:
+                client.completions.create(model=f"a{i % 16:02d}", prompt="Hi", max_tokens=4)
+                return True
+            except APIStatusError as err:
+                if err.status_code != 503:
+                    return False
+                time.sleep(float(err.response.headers.get("retry-after", "1")))
+            except APITimeoutError:
+                return False
+        return False
+
+    with ThreadPoolExecutor(max_workers=requests) as pool:
+        return sum(pool.map(ask, range(requests)))
 
 
 def http_error(call: Any) -> int:

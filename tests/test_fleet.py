@@ -199,5 +199,11 @@ def test_the_openai_api_through_the_fleet(scenario: dict[str, Any]) -> None:
     assert checks["http_loaded_on"] == 2 and checks["http_after_unload_on"] == 0
 
 
+def test_an_http_burst_past_every_slot_is_answered(scenario: dict[str, Any]) -> None:
+    """A request routed by adapter holds its first replica's slot while the routed one runs;
+    had such waiters taken every slot, none would start: the burst would hang."""
+    assert scenario["checks"]["http_burst_answered"] == 48
+
+
 def test_a_full_holder_sends_the_request_to_the_other_replica(scenario: dict[str, Any]) -> None:
     assert scenario["full_holder"]["served_by_other"]

@@ -107,7 +107,11 @@ def build(config: FleetConfig) -> Any:
             "batch": config.max_batch_sequences}  # fmt: skip
     replica: Any = serve.deployment(LoraplexReplica, **options)
     return replica.bind(
-        config.server_args, config.max_resident_adapters, config.tokens, config.registry
+        config.server_args,
+        config.max_resident_adapters,
+        config.tokens,
+        config.registry,
+        max(1, config.max_ongoing // 2),
     )
 
 

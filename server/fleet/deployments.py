@@ -37,7 +37,7 @@ from loraplex.server.auth import ADMIN_METHODS, HTTP_ROLES, Role, role_of
 from loraplex.server.fleet import http_relay
 from loraplex.server.fleet.http_relay import HttpRequest, ReplyHead
 from loraplex.server.fleet.registry import Registry, ReplicaAddress
-from loraplex.server.http_guard import refusal
+from loraplex.server.http_guard import error_response, refusal
 
 APP = "loraplex"
 DEPLOYMENT = "LoraplexReplica"
@@ -65,9 +65,14 @@ class LoraplexReplica:
     here, since Serve's proxy checks none."""
 
     def __init__(
-        self, serve_args: list[str], max_adapters: int, tokens: Mapping[str, Role], registry: str
-    ) -> None:
+        self, serve_args: list[str], max_adapters: int, tokens: Mapping[str, Role], registry: str,
+        max_ingress: int,
+    ) -> None:  # fmt: skip
+        """`max_ingress`: OpenAI requests this replica takes in at once to route on (see
+        `__call__`); fewer than Serve's `max_ongoing_requests`, so that routed ones always
+        find room."""
         self.tokens = dict(tokens)
+        self.max_ingress, self.ingress = max_ingress, 0
         self.port, self.metrics_port, http_port = _free_port(), _free_port(), _free_port()
         self.target, self.http_url = f"127.0.0.1:{self.port}", f"http://127.0.0.1:{http_port}"
         # the server's output, for when it fails to start; kept after the replica ends
@@ -206,15 +211,39 @@ class LoraplexReplica:
         if request.url.path in http_relay.ROUTED_PATHS:
             adapter = http_relay.requested_model(http.body)
             adapter = "" if adapter == await self._base_model() else adapter
-        reply: AsyncIterator[Any]
-        if adapter:  # through Serve again, now that the router can see the adapter
+        if not adapter:
+            reply: AsyncIterator[Any] = self.relay_http(http)
+            head = await anext(reply)
+            return StreamingResponse(reply, status_code=head.status, headers=dict(head.headers))
+        return await self._route(http, adapter)
+
+    async def _route(self, http: HttpRequest, adapter: str) -> Response:
+        """Through Serve again, now that the router can see the adapter. The request holds
+        one of this replica's Serve slots while it waits for the routed one, so only
+        `max_ingress` may: were every slot held by such waiters, no routed request could
+        start anywhere and none would ever finish. Past that, 503 (the openai SDK retries)."""
+        if self.ingress >= self.max_ingress:
+            busy = error_response(503, "server_error", "the fleet is at capacity; retry shortly")
+            busy.headers["retry-after"] = "1"
+            return busy
+        self.ingress += 1
+        try:
             handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
             streamed = handle.options(multiplexed_model_id=adapter, stream=True)
-            reply = streamed.relay_http.remote(http)  # type: ignore[assignment]
-        else:
-            reply = self.relay_http(http)
-        head = await anext(reply)
-        return StreamingResponse(reply, status_code=head.status, headers=dict(head.headers))
+            reply: AsyncIterator[Any] = streamed.relay_http.remote(http)  # type: ignore
+            head = await anext(reply)
+        except BaseException:
+            self.ingress -= 1
+            raise
+        body = self._released_at_end(reply)
+        return StreamingResponse(body, status_code=head.status, headers=dict(head.headers))
+
+    async def _released_at_end(self, reply: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        try:
+            async for part in reply:
+                yield part
+        finally:
+            self.ingress -= 1
 
     async def relay_http(self, request: HttpRequest) -> AsyncIterator[ReplyHead | bytes]:
         adapter_id = serve.get_multiplexed_model_id()
