@@ -261,3 +261,28 @@ def test_gradient_checkpointing_is_on_where_memory_is_short(
     config = make_config(tmp_path, tmp_path / "o", tmp_path / "c", gradient_checkpointing=choice)
     common = train._common_args(config, torch.device(device), has_eval=False)
     assert common["gradient_checkpointing"] is expected
+
+
+def test_the_fused_head_scores_only_labelled_positions_with_the_same_loss(
+    tiny_checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU TRL's fused LM head scored every position, prompt tokens included; the
+    trainer has it score the labelled ones only, for the same loss."""
+    import trl.trainer.utils as trl_utils
+    from trl.kernels import chunked_logprob
+
+    config = make_config(tiny_checkpoints["llama"], tmp_path / "o", tmp_path / "c")
+    base = train.resolve_base(config)
+    trainer = train.build_trainer(config, train.load_data(config), base, torch.device("cpu"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    scored: list[int] = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                        lambda *args: scored.append(len(args[0])) or apply(*args))  # fmt: skip
+    compact = trainer.model(**batch, fused_lm_head=True).loss
+    monkeypatch.setattr(trl_utils, "_use_triton", chunked_logprob._use_triton)  # TRL's own
+    every = trainer.model(**batch, fused_lm_head=True).loss
+    labels = batch["labels"][:, 1:]
+    assert scored == [int((labels != -100).sum()), labels.numel()]
+    assert scored[0] < scored[1]
+    torch.testing.assert_close(compact, every, atol=1e-5, rtol=1e-5)
