@@ -69,7 +69,10 @@ async def sender(target: str, new_tokens: int, prompt: str = "Hi") -> AsyncItera
     completions over HTTP (`model` naming the adapter)."""
     if target.startswith("http://"):
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-            yield lambda adapter_id: send_http(session, target, adapter_id, new_tokens, prompt)
+            base = await _base_model_name(session, target)  # the `model` of a base request
+            yield lambda adapter_id: send_http(
+                session, target, adapter_id, adapter_id or base, new_tokens, prompt
+            )
     else:
         async with AsyncClient(target, timeout=300) as client:
             yield lambda adapter_id: send(client, adapter_id, new_tokens, prompt)
@@ -125,12 +128,11 @@ async def send(
 
 
 async def send_http(
-    session: aiohttp.ClientSession, url: str, adapter_id: str, new_tokens: int, prompt: str
-) -> Sent:
-    """One OpenAI completion, whole, retried after a 503 as the openai SDK retries it; the
-    base model is asked for by its listed name."""
+    session: aiohttp.ClientSession, url: str, adapter_id: str, model: str, new_tokens: int,
+    prompt: str,
+) -> Sent:  # fmt: skip
+    """One OpenAI completion, whole, retried after a 503 as the openai SDK retries it."""
     started = time.perf_counter()
-    model = adapter_id or await _base_model_name(session, url)
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens}
     while True:
         async with session.post(f"{url}/v1/completions", json=body) as reply:
